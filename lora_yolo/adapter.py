@@ -1,0 +1,200 @@
+"""The adapter file: one `.safetensors` with the trained tensors and, in its metadata, what they fit.
+
+Tensors
+  `<conv>.lora_A.weight`  (r, in, kh, kw)   for every adapted conv, e.g. `model.16.cv1.conv.lora_A.weight`
+  `<conv>.lora_B.weight`  (out, r, 1, 1)
+  `<param>`               any tensor trained in full, under its model name (the class layers when the class count
+                          changed, e.g. `model.23.cv3.0.2.weight`)
+Metadata (safetensors' string map, values JSON)
+  format, format_version, task, lora_config (LoraConfig.to_dict), layers ({conv: [r, lora_alpha]}),
+  full (names of tensors trained in full), nc, names, base (fingerprint of the base the adapter fits).
+
+Loading never unpickles: safetensors parses a JSON header and raw tensor bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save, save_file
+from torch import nn
+
+from lora_yolo.atomic import atomic_path
+from lora_yolo.checkpoint import build_for_classes, class_count
+from lora_yolo.config import LoraConfig
+from lora_yolo.errors import LoraYoloError
+from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_plan
+
+FORMAT = "lora-yolo-adapter"
+FORMAT_VERSION = 1
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """Identify a base: `arch` hashes parameter names and shapes, `weights` hashes their fp32 values.
+
+    Integer buffers (BatchNorm's `num_batches_tracked`) are left out of `weights`: they never change outputs.
+    """
+    arch, weights = hashlib.sha256(), hashlib.sha256()
+    for name, t in model.state_dict().items():
+        arch.update(f"{name}:{tuple(t.shape)};".encode())
+        if t.is_floating_point():
+            weights.update(name.encode())
+            weights.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return {
+        "arch": arch.hexdigest()[:16],
+        "weights": weights.hexdigest()[:16],
+        "yaml": str(getattr(model, "yaml", {}).get("yaml_file", "")),
+        "nc": class_count(model),
+    }
+
+
+@dataclass
+class Adapter:
+    """An adapter in memory: tensors plus what they fit."""
+
+    tensors: dict[str, torch.Tensor]
+    config: LoraConfig
+    layers: dict[str, tuple[int, float]]  # conv name -> (r, lora_alpha)
+    full: list[str]  # tensors trained in full
+    nc: int
+    names: dict[int, str]
+    base: dict  # fingerprint() of the base
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors header metadata (string values only)."""
+        return {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "task": "detect",
+            "lora_config": json.dumps(self.config.to_dict()),
+            "layers": json.dumps({k: list(v) for k, v in self.layers.items()}),
+            "full": json.dumps(self.full),
+            "nc": str(self.nc),
+            "names": json.dumps({str(k): v for k, v in self.names.items()}),
+            "base": json.dumps(self.base),
+        }
+
+
+def save_adapter(adapter: Adapter, path: str | Path) -> Path:
+    """Write the adapter atomically; returns the path.
+
+    Example:
+        >>> save_adapter(adapter, "runs/detect/train/adapter.safetensors")
+    """
+    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=adapter.metadata())
+    return Path(path)
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read and validate an adapter file; any damage or inconsistency is a `LoraYoloError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraYoloError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise LoraYoloError(f"{path} is not a lora-yolo adapter (no '{FORMAT}' metadata)")
+            if meta.get("format_version") != str(FORMAT_VERSION):
+                raise LoraYoloError(
+                    f"{path} has adapter format version {meta.get('format_version')!r}, "
+                    f"this lora-yolo reads version {FORMAT_VERSION}"
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        layers = {k: (int(r), float(a)) for k, (r, a) in json.loads(meta["layers"]).items()}
+        adapter = Adapter(
+            tensors=tensors,
+            config=LoraConfig.from_dict(json.loads(meta["lora_config"])),
+            layers=layers,
+            full=list(json.loads(meta["full"])),
+            nc=int(meta["nc"]),
+            names={int(k): v for k, v in json.loads(meta["names"]).items()},
+            base=dict(json.loads(meta["base"])),
+        )
+    except LoraYoloError:
+        raise
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise LoraYoloError(f"{path} is not a readable adapter file ({type(e).__name__}: {e})") from None
+    _check_consistent(adapter, path)
+    return adapter
+
+
+def _check_consistent(adapter: Adapter, path: Path) -> None:
+    """The tensors must be exactly what the metadata promises, with shapes that agree with the ranks."""
+    expected = {f"{layer}{s}" for layer in adapter.layers for s in LORA_SUFFIXES} | set(adapter.full)
+    if set(adapter.tensors) != expected:
+        odd = sorted(set(adapter.tensors) ^ expected)[:3]
+        raise LoraYoloError(f"{path} is inconsistent: tensors and metadata disagree on {odd}")
+    for layer, (r, _) in adapter.layers.items():
+        a, b = adapter.tensors[f"{layer}.lora_A.weight"], adapter.tensors[f"{layer}.lora_B.weight"]
+        if a.ndim != 4 or b.ndim != 4 or a.shape[0] != r or b.shape[1] != r or b.shape[2:] != (1, 1):
+            raise LoraYoloError(f"{path} is inconsistent: {layer} has A {tuple(a.shape)}, B {tuple(b.shape)}, r={r}")
+    if any(not t.is_floating_point() or not torch.isfinite(t).all() for t in adapter.tensors.values()):
+        raise LoraYoloError(f"{path} holds non-float or non-finite tensors")
+
+
+def check_fits(adapter: Adapter, base: nn.Module, allow_other_weights: bool = False) -> None:
+    """Refuse an adapter made for another base, naming both fingerprints.
+
+    A different architecture is always refused; different weights of the same architecture (another training
+    of the same model) only with `allow_other_weights`, since the adapter then runs on weights it never saw.
+    """
+    have = fingerprint(base)
+    want = adapter.base
+    if have["arch"] != want["arch"]:
+        raise LoraYoloError(
+            f"adapter does not fit this base: it was trained on architecture {want['arch']} ({want['yaml']}, "
+            f"nc={want['nc']}), the base is {have['arch']} ({have['yaml']}, nc={have['nc']})"
+        )
+    if have["weights"] != want["weights"] and not allow_other_weights:
+        raise LoraYoloError(
+            f"adapter was trained on other weights of this architecture (base weights {want['weights']}, "
+            f"given {have['weights']}); pass the original base, or allow a weights mismatch explicitly"
+        )
+
+
+def attach_adapter(base: nn.Module, adapter: Adapter, allow_other_weights: bool = False) -> nn.Module:
+    """A new model: `base` rebuilt for the adapter's classes, with the adapter attached (unmerged). `base` is untouched.
+
+    Example:
+        >>> model = attach_adapter(load_model("base.pt"), load_adapter("adapter.safetensors"))
+    """
+    check_fits(adapter, base, allow_other_weights)
+    model = build_for_classes(base, adapter.nc, adapter.names)
+    add_lora(model, adapter.layers, use_rslora=adapter.config.use_rslora)
+    state = model.state_dict()
+    for name, t in adapter.tensors.items():
+        if name not in state or state[name].shape != t.shape:
+            got = tuple(state[name].shape) if name in state else "missing"
+            raise LoraYoloError(f"adapter tensor {name} {tuple(t.shape)} does not fit the model ({got})")
+    model.load_state_dict(adapter.tensors, strict=False)
+    return model
+
+
+def extract_adapter(model: nn.Module, config: LoraConfig, base: dict, full: list[str]) -> Adapter:
+    """The adapter of a LoRA model: its LoRA tensors plus the tensors in `full`, for the base fingerprinted `base`."""
+    state = model.state_dict()
+    tensors = {k: v.detach().float().cpu() for k, v in state.items() if k.endswith(LORA_SUFFIXES)}
+    tensors.update({k: state[k].detach().float().cpu() for k in full})
+    return Adapter(
+        tensors=tensors,
+        config=config,
+        layers=lora_plan(model),
+        full=list(full),
+        nc=class_count(model),
+        names=dict(model.names),
+        base=base,
+    )
+
+
+def adapter_bytes(adapter: Adapter) -> int:
+    """Exact size of the adapter's file, computed in memory."""
+    tensors = {k: v.contiguous() for k, v in adapter.tensors.items()}
+    return len(save(tensors, metadata=adapter.metadata()))

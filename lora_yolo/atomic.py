@@ -1,0 +1,44 @@
+"""Atomic file writes: a reader (or a crash) sees either the old file or the complete new one, never half of it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lora_yolo.errors import LoraYoloError
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` with one `os.replace`.
+
+    The temporary file lives in the destination folder so the final rename never crosses filesystems.
+    On any error the temporary file is removed and `path` is left as it was.
+
+    Example:
+        >>> with atomic_path("adapter.safetensors") as tmp:
+        ...     save_file(tensors, tmp)
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise LoraYoloError(f"output folder does not exist: {path.parent}")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise LoraYoloError(f"cannot write to {path.parent}: {e.strerror}") from e
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LoraYoloError(f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

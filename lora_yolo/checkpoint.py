@@ -1,0 +1,120 @@
+"""Load base models from `.pt` checkpoints or model YAMLs, and write plain Ultralytics checkpoints.
+
+Everything written here is an ordinary Ultralytics checkpoint (a pickled dict with `model`, `train_args`, ...), so
+`ultralytics.YOLO(path)` loads it without lora_yolo installed. Pickles can run code when loaded: only load
+checkpoints you trust; share adapters (safetensors) instead.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+from ultralytics import __version__ as ULTRALYTICS_VERSION
+from ultralytics.nn.tasks import DetectionModel, guess_model_task, load_checkpoint, yaml_model_load
+from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
+
+from lora_yolo.atomic import atomic_path
+from lora_yolo.errors import LoraYoloError
+
+SUPPORTED_TASKS = ("detect",)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0].replace("ERROR ❌️ ", "") if text else type(e).__name__
+
+
+def load_model(source: str | Path) -> nn.Module:
+    """A detection model in fp32 from a `.pt` checkpoint or an Ultralytics model YAML (e.g. `yolo11n.yaml`).
+
+    A bare official name such as `yolo11n.pt` downloads the usual Ultralytics way when it is not on disk; offline,
+    that fails with a message saying how to pass a local checkpoint.
+
+    Example:
+        >>> model = load_model("yolo11n.yaml")
+    """
+    text = str(source)
+    if text.endswith((".yaml", ".yml")):
+        try:
+            cfg = yaml_model_load(text)
+            task = guess_model_task(cfg)
+            if task not in SUPPORTED_TASKS:
+                raise LoraYoloError(f"{text} is a {task} model; supported tasks: {', '.join(SUPPORTED_TASKS)}")
+            model = DetectionModel(cfg, verbose=False)
+        except FileNotFoundError:
+            raise LoraYoloError(f"model YAML not found: {text}") from None
+        except LoraYoloError:
+            raise
+        except Exception as e:
+            raise LoraYoloError(f"{text} is not an Ultralytics model YAML ({_first_line(e)})") from None
+        model.args = {}
+        return model
+    if not text.endswith(".pt"):
+        raise LoraYoloError(f"model must be a .pt checkpoint or a model .yaml, got {text}")
+    local = Path(text).exists()
+    if not local and text not in GITHUB_ASSETS_NAMES:  # only official names download
+        raise LoraYoloError(f"model file not found: {text}")
+    try:
+        model, _ = load_checkpoint(text)
+    except Exception as e:
+        if not local:
+            raise LoraYoloError(
+                f"{text} is not on disk and could not be downloaded ({_first_line(e)}); "
+                "pass a local checkpoint with --model path/to/model.pt or a model YAML such as yolo11n.yaml"
+            ) from None
+        raise LoraYoloError(f"{text} is not an Ultralytics checkpoint ({_first_line(e)})") from None
+    task = getattr(model, "task", None) or guess_model_task(model)
+    if task not in SUPPORTED_TASKS:
+        raise LoraYoloError(f"{text} is a {task} model; supported tasks: {', '.join(SUPPORTED_TASKS)}")
+    return model
+
+
+def class_count(model: nn.Module) -> int:
+    """Number of classes the model's head predicts."""
+    return int(model.model[-1].nc)
+
+
+def build_for_classes(base: nn.Module, nc: int, names: dict[int, str]) -> DetectionModel:
+    """A fresh model of `base`'s architecture with `nc` classes, holding every base weight that fits.
+
+    This is exactly how Ultralytics' DetectionTrainer.get_model builds a fine-tuning model (YAML, then
+    `model.load(base)`, which rebuilds the class branch at the base's width when nc changes), so the trainer and
+    `merge` reconstruct the same module tree.
+    """
+    model = DetectionModel(deepcopy(base.yaml), nc=nc, ch=base.yaml.get("channels", 3), verbose=False)
+    model.load(base, verbose=False)
+    model.names = dict(names)
+    model.args = dict(getattr(base, "args", {}) or {})
+    return model
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, train_args: dict | None = None) -> Path:
+    """Write `model` (fp32) as a plain Ultralytics checkpoint, atomically.
+
+    fp32 rather than Ultralytics' usual fp16, so base + adapter reproduce the file's weights exactly.
+    """
+    snapshot = deepcopy(model).float().eval()
+    for p in snapshot.parameters():
+        p.requires_grad_(False)
+    snapshot.criterion = None  # training-only state
+    args = dict(train_args if train_args is not None else getattr(model, "args", {}) or {})
+    ckpt = {
+        "date": datetime.now().astimezone().isoformat(),
+        "version": ULTRALYTICS_VERSION,
+        "license": "AGPL-3.0 (https://ultralytics.com/license)",
+        "docs": "https://docs.ultralytics.com",
+        "epoch": -1,
+        "best_fitness": None,
+        "model": snapshot,
+        "ema": None,
+        "updates": None,
+        "optimizer": None,
+        "train_args": args,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return Path(path)

@@ -1,0 +1,133 @@
+"""The `lora-yolo` command: parse, call one library function, print. Every command is a library call too."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, Optional
+
+import typer
+
+from lora_yolo.errors import LoraYoloError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune Ultralytics YOLO detectors with LoRA adapters.",
+)
+_state = {"debug": False}
+
+# Shared LoRA selection options (the `hf` CLI style: one Annotated alias per option).
+ConfigOpt = Annotated[
+    Optional[str], typer.Option("--config", "-c", help="Preset name (default, high_capacity, head_only) or YAML path.")
+]
+RankOpt = Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA rank r.")]
+AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha (scale = alpha / r).")]
+DropoutOpt = Annotated[Optional[float], typer.Option("--dropout", help="Dropout on the adapter input, in [0, 1).")]
+RsloraOpt = Annotated[Optional[bool], typer.Option("--rslora/--no-rslora", help="Scale by alpha / sqrt(r).")]
+TargetsOpt = Annotated[
+    Optional[str], typer.Option("--targets", help="Comma list of presets: backbone,neck,head,attention,all.")
+]
+IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Regex on conv names to add (repeatable).")]
+ExcludeOpt = Annotated[
+    Optional[list[str]], typer.Option("--exclude", help="Regex on conv names to remove (repeatable).")
+]
+RankPatternOpt = Annotated[
+    Optional[list[str]], typer.Option("--rank-pattern", help="REGEX=R per-layer rank (repeatable).")
+]
+AlphaPatternOpt = Annotated[
+    Optional[list[str]], typer.Option("--alpha-pattern", help="REGEX=A per-layer alpha (repeatable).")
+]
+
+
+def _pairs(items: list[str] | None, cast: Callable[[str], Any], option: str) -> dict[str, Any] | None:
+    """Parse repeated REGEX=VALUE options."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        pattern, sep, value = item.rpartition("=")
+        try:
+            out[pattern] = cast(value)
+        except ValueError:
+            sep = ""
+        if not sep or not pattern:
+            raise typer.BadParameter(f"expected REGEX=VALUE, got {item!r}", param_hint=option)
+    return out
+
+
+def lora_options(config, rank, alpha, dropout, rslora, targets, include, exclude, rank_pattern, alpha_pattern):
+    """Turn the shared selection options into (LoraConfig, train args); a bad value is a usage error (exit 2)."""
+    from lora_yolo.presets import resolve_config
+
+    try:
+        return resolve_config(
+            config,
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            use_rslora=rslora,
+            targets=[t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None,
+            include=include or None,
+            exclude=exclude or None,
+            rank_pattern=_pairs(rank_pattern, int, "--rank-pattern"),
+            alpha_pattern=_pairs(alpha_pattern, float, "--alpha-pattern"),
+        )
+    except LoraYoloError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
+    """Fine-tune Ultralytics YOLO detectors with LoRA adapters."""
+    _state["debug"] = debug
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="A .pt checkpoint or a model YAML such as yolo11n.yaml.")],
+    config: ConfigOpt = None,
+    rank: RankOpt = None,
+    alpha: AlphaOpt = None,
+    dropout: DropoutOpt = None,
+    rslora: RsloraOpt = None,
+    targets: TargetsOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    rank_pattern: RankPatternOpt = None,
+    alpha_pattern: AlphaPatternOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Dry run: every conv layer, whether LoRA would adapt it (or why not), and the adapter's cost."""
+    from lora_yolo.inspect import inspect_model
+
+    lora, _ = lora_options(config, rank, alpha, dropout, rslora, targets, include, exclude, rank_pattern, alpha_pattern)
+    report = inspect_model(model, lora)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
+
+
+def run() -> None:
+    """Console entry point: known errors become one line on stderr and exit 1 (usage errors exit 2)."""
+    os.environ.setdefault("YOLO_VERBOSE", "False")  # Ultralytics' own logging stays out of our output
+    try:
+        app(standalone_mode=False)
+    except LoraYoloError as e:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except typer.TyperException as e:  # click's usage errors: they print themselves and carry exit code 2
+        e.show()
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    run()

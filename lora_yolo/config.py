@@ -1,0 +1,103 @@
+"""`LoraConfig`: what LoRA adds to a YOLO model, saved beside the weights in every adapter file.
+
+Field names follow PEFT's `LoraConfig` (`r`, `lora_alpha`, `lora_dropout`, `use_rslora`, `rank_pattern`,
+`alpha_pattern`) so PEFT users recognise them. Ultralytics' own training arguments are not repeated here:
+they pass through to the trainer unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from lora_yolo.errors import LoraYoloError
+
+# Named groups of conv layers, derived from the model's own YAML (see lora_yolo.targets).
+PRESETS = ("backbone", "neck", "head", "attention", "all")
+DEFAULT_TARGETS = ["neck", "head", "attention"]  # the backbone stays frozen and untouched
+
+
+@dataclass
+class LoraConfig:
+    """LoRA hyper-parameters and the layers they apply to.
+
+    Example:
+        >>> LoraConfig(r=8, lora_alpha=16, targets=["head"], exclude=[r"cv2\\.0"])
+    """
+
+    r: int = 8  # rank of every adapter unless rank_pattern says otherwise
+    lora_alpha: float = 16.0  # scale = lora_alpha / r (or / sqrt(r) with use_rslora)
+    lora_dropout: float = 0.0  # dropout on the adapter's input, training only
+    use_rslora: bool = False  # rank-stabilised scaling (Kalajdzievski 2023): alpha / sqrt(r)
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # presets, see PRESETS
+    include: list[str] = field(default_factory=list)  # regexes (re.search on conv names) added to the presets
+    exclude: list[str] = field(default_factory=list)  # regexes removed from the selection, applied last
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> rank, first match wins
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha, first match wins
+
+    def __post_init__(self) -> None:
+        _check_rank("r", self.r)
+        _check_alpha("lora_alpha", self.lora_alpha)
+        for pattern, alpha in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)):
+            raise LoraYoloError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise LoraYoloError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        # One canonical form, so a preset's `16` and a default's `16.0` give identical adapter metadata.
+        self.lora_alpha, self.lora_dropout = float(self.lora_alpha), float(self.lora_dropout)
+        self.alpha_pattern = {p: float(a) for p, a in self.alpha_pattern.items()}
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        unknown = [t for t in self.targets if t not in PRESETS]
+        if unknown:
+            raise LoraYoloError(f"unknown target preset {unknown[0]!r}; choose from {', '.join(PRESETS)}")
+        for name in ("include", "exclude"):
+            for pattern in getattr(self, name):
+                _compile(name, pattern)
+        for pattern, r in self.rank_pattern.items():
+            _compile("rank_pattern", pattern)
+            _check_rank(f"rank_pattern[{pattern!r}]", r)
+        for pattern in self.alpha_pattern:
+            _compile("alpha_pattern", pattern)
+        if not self.targets and not self.include:
+            raise LoraYoloError("no targets: give at least one preset or an include pattern")
+
+    def rank_for(self, name: str) -> int:
+        """Rank of the adapter on conv `name`: the first matching rank_pattern, else `r`."""
+        return next((r for p, r in self.rank_pattern.items() if re.search(p, name)), self.r)
+
+    def alpha_for(self, name: str) -> float:
+        """Alpha of the adapter on conv `name`: the first matching alpha_pattern, else `lora_alpha`."""
+        return next((a for p, a in self.alpha_pattern.items() if re.search(p, name)), self.lora_alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable form (stored in adapter metadata and run folders)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Build from a dict such as a parsed `configs/*.yaml`; unknown keys are an error naming the key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LoraYoloError(f"unknown LoRA config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LoraYoloError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise LoraYoloError(f"{name} must be a number > 0, got {value!r}")
+
+
+def _compile(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise LoraYoloError(f"{name} pattern {pattern!r} is not a valid regular expression: {e}") from None

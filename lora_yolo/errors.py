@@ -1,0 +1,9 @@
+"""The project's one error type.
+
+Everything a user can cause (a bad path, a bad option, an adapter that does not fit its base) raises
+`LoraYoloError` with a message meant to be printed as is; the CLI turns it into one line and a non-zero exit.
+"""
+
+
+class LoraYoloError(Exception):
+    """A failure the user can act on; the message says what went wrong and, where possible, what to do."""

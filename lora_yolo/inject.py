@@ -1,0 +1,65 @@
+"""Put adapters into a model, take them out, and read their weights (minLoRA's verbs, PEFT's names).
+
+A selected conv `model.16.cv1.conv` becomes a `LoraConv2d` at the same path, so its weights are named
+`model.16.cv1.conv.base_layer.weight`, `model.16.cv1.conv.lora_A.weight` and `model.16.cv1.conv.lora_B.weight`.
+The modules are plain `nn.Module`s (not torch parametrizations), so they survive `copy.deepcopy` (Ultralytics' EMA),
+`.half()` and whole-module `torch.save` (Ultralytics' checkpoints), and cloudpickle (Ultralytics' DDP launcher).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lora_yolo.layer import LoraConv2d
+
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+def add_lora(
+    model: nn.Module, plan: dict[str, tuple[int, float]], lora_dropout: float = 0.0, use_rslora: bool = False
+) -> nn.Module:
+    """Wrap each conv named in `plan` (name -> (r, lora_alpha)) in a `LoraConv2d`, in place.
+
+    Example:
+        >>> add_lora(model, select_targets(model, LoraConfig()))
+    """
+    for name, (r, alpha) in plan.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, LoraConv2d(getattr(parent, attr), r, alpha, lora_dropout, use_rslora))
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraConv2d]:
+    """Every adapter in the model, by the name of the conv it wraps."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraConv2d)}
+
+
+def lora_plan(model: nn.Module) -> dict[str, tuple[int, float]]:
+    """The plan that `add_lora` would need to rebuild this model's adapters (name -> (r, lora_alpha))."""
+    return {name: (m.r, m.lora_alpha) for name, m in lora_layers(model).items()}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter weights (`<conv>.lora_A.weight`, `<conv>.lora_B.weight`), detached and in fp32."""
+    return {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k.endswith(LORA_SUFFIXES)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its conv and put the plain `nn.Conv2d` back, in place.
+
+    Afterwards the model holds no trace of LoRA: Ultralytics' conv+BN fusion, export and pickling work unchanged,
+    and inference costs exactly what the base costs.
+    """
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, layer.base_layer)
+    return model
+
+
+def set_trainable(model: nn.Module, names: set[str]) -> None:
+    """Let exactly the parameters in `names` require gradients; freeze everything else."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)

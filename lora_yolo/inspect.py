@@ -1,0 +1,83 @@
+"""`inspect`: a dry run that shows every conv layer, what LoRA would do to it, and what the adapter would cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_yolo.adapter import adapter_bytes, extract_adapter, fingerprint
+from lora_yolo.checkpoint import load_model
+from lora_yolo.config import LoraConfig
+from lora_yolo.inject import add_lora
+from lora_yolo.targets import ConvLayer, describe_convs, select_targets
+
+
+@dataclass
+class InspectReport:
+    """What `inspect` prints: one row per conv, then totals."""
+
+    model: str
+    layers: list[ConvLayer] = field(default_factory=list)
+    base_params: int = 0
+    lora_params: int = 0
+    adapter_bytes: int = 0
+
+    @property
+    def trainable_pct(self) -> float:
+        """LoRA parameters as a share of everything the adapted model holds."""
+        return 100 * self.lora_params / (self.base_params + self.lora_params)
+
+    def to_dict(self) -> dict:
+        """JSON form for `inspect --json`."""
+        return {
+            "model": self.model,
+            "layers": [row.to_dict() for row in self.layers],
+            "totals": {
+                "base_params": self.base_params,
+                "lora_params": self.lora_params,
+                "trainable_pct": round(self.trainable_pct, 4),
+                "adapter_bytes": self.adapter_bytes,
+                "selected_layers": sum(row.selected for row in self.layers),
+            },
+        }
+
+    def table(self) -> str:
+        """Human-readable table, one conv per line."""
+        head = f"{'layer':<28} {'kind':<10} {'section':<8} {'in':>5} {'out':>5} {'k':>2} {'s':>2} {'r':>3} {'lora':>7}"
+        head += "  note"
+        lines = [head, "-" * len(head)]
+        for row in self.layers:
+            note = "selected" if row.selected else row.reason
+            lines.append(
+                f"{row.name:<28} {row.kind:<10} {row.section:<8} {row.in_channels:>5} {row.out_channels:>5} "
+                f"{row.kernel:>2} {row.stride:>2} {row.r or '-':>3} {row.lora_params or '-':>7}  {note}"
+            )
+        lines += [
+            "",
+            f"selected layers: {sum(row.selected for row in self.layers)} of {len(self.layers)} convs",
+            f"base params:     {self.base_params:,}",
+            f"LoRA params:     {self.lora_params:,} ({self.trainable_pct:.2f}% of the adapted model)",
+            f"adapter file:    {self.adapter_bytes:,} bytes",
+        ]
+        return "\n".join(lines)
+
+
+def inspect_model(source: str | Path, config: LoraConfig) -> InspectReport:
+    """Describe what `config` would do to the model at `source` (`.pt` or model YAML), without training.
+
+    Example:
+        >>> print(inspect_model("yolo11n.yaml", LoraConfig(targets=["head"])).table())
+    """
+    model = load_model(source)
+    rows = describe_convs(model, config)
+    base = fingerprint(model)
+    base_params = sum(p.numel() for p in model.parameters())
+    add_lora(model, select_targets(model, config), config.lora_dropout, config.use_rslora)
+    adapter = extract_adapter(model, config, base, full=[])
+    return InspectReport(
+        model=str(source),
+        layers=rows,
+        base_params=base_params,
+        lora_params=sum(row.lora_params for row in rows),
+        adapter_bytes=adapter_bytes(adapter),
+    )

@@ -1,0 +1,111 @@
+"""`LoraConv2d`: a frozen `nn.Conv2d` plus a trainable low-rank update (Hu et al. 2021, arXiv:2106.09685).
+
+For a base conv W (out, in, k, k) the update is delta W = scale * B A, with
+  A = `lora_A`: a conv in -> r carrying the base kernel size, stride, padding and dilation,
+  B = `lora_B`: a 1x1 conv r -> out,
+so conv(x, W) + scale * B(A(x)) = conv(x, W + delta W) exactly, by linearity. A starts Kaiming-uniform and B at
+zero, so a freshly injected model computes exactly what the base computes (as in PEFT and loralib).
+
+Unlike loralib, `train()`/`eval()` never merge: Ultralytics switches modes every epoch and for every validation.
+Merging is explicit (`merge`, `unmerge`), done in fp32 whatever the module's dtype, and refuses non-finite weights
+(PEFT's safe_merge).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lora_yolo.errors import LoraYoloError
+
+
+def lora_param_count(conv: nn.Conv2d, r: int) -> int:
+    """Closed form of an adapter's size: A has r * in * kh * kw weights, B has out * r."""
+    kh, kw = conv.kernel_size
+    return r * conv.in_channels * kh * kw + conv.out_channels * r
+
+
+def max_rank(conv: nn.Conv2d) -> int:
+    """Largest rank that still adds information: rank(delta W) <= min(out, in * kh * kw)."""
+    kh, kw = conv.kernel_size
+    return min(conv.out_channels, conv.in_channels * kh * kw)
+
+
+class LoraConv2d(nn.Module):
+    """A conv with a low-rank adapter beside it; `base_layer` keeps the original module, untouched until merge.
+
+    Example:
+        >>> layer = LoraConv2d(nn.Conv2d(16, 32, 3, padding=1, bias=False), r=4, lora_alpha=8)
+        >>> layer(torch.zeros(1, 16, 8, 8)).shape
+        torch.Size([1, 32, 8, 8])
+    """
+
+    def __init__(
+        self, base_layer: nn.Conv2d, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False
+    ) -> None:
+        super().__init__()
+        if base_layer.groups != 1:
+            raise LoraYoloError(f"LoRA supports ungrouped convs only, this one has groups={base_layer.groups}")
+        if base_layer.padding_mode != "zeros":
+            raise LoraYoloError(f"LoRA supports zero padding only, this conv uses {base_layer.padding_mode!r}")
+        self.base_layer = base_layer
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        # Dropout on A's input only, so the base path sees the clean input (as in PEFT).
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        w = base_layer.weight
+        self.lora_A = nn.Conv2d(
+            base_layer.in_channels,
+            r,
+            base_layer.kernel_size,
+            base_layer.stride,
+            base_layer.padding,
+            base_layer.dilation,
+            bias=False,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        self.lora_B = nn.Conv2d(r, base_layer.out_channels, 1, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Conv2d's own init, as in PEFT
+        nn.init.zeros_(self.lora_B.weight)  # B = 0: the fresh adapter changes nothing
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Base output plus the scaled low-rank path (skipped once merged, where W already holds it)."""
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """delta W in fp32, shaped like the base weight (out, in, kh, kw)."""
+        a = self.lora_A.weight.float().flatten(1)  # (r, in * kh * kw)
+        b = self.lora_B.weight.float().flatten(1)  # (out, r)
+        return (b @ a).view(self.base_layer.weight.shape) * self.scaling
+
+    def merge(self) -> None:
+        """Fold delta W into the base weight (in fp32); the module then costs exactly a plain conv."""
+        if not self.merged:
+            self._add_to_base(self.delta_weight())
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Take delta W back out of the base weight, restoring it to within fp32 rounding."""
+        if self.merged:
+            self._add_to_base(-self.delta_weight())
+            self.merged = False
+
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        new = w.detach().float() + delta.to(w.device)
+        if not torch.isfinite(new).all():
+            raise LoraYoloError("merging would make the weights non-finite (NaN or Inf in the adapter)")
+        with torch.no_grad():
+            w.copy_(new.to(w.dtype))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"

@@ -1,0 +1,56 @@
+"""Read LoRA presets: `configs/*.yaml` by name or any YAML file by path, with command-line values on top.
+
+A preset file holds LoraConfig fields at the top level and, optionally, a `train:` mapping of Ultralytics training
+arguments (lr0, epochs, ...) that pass through to the trainer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_yolo.config import LoraConfig
+from lora_yolo.errors import LoraYoloError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def read_preset(source: str | Path) -> dict[str, Any]:
+    """The raw mapping of a preset name (`default`) or a YAML path; errors name the file and the problem."""
+    path = Path(source)
+    if not path.suffix:
+        if str(source) not in preset_names():
+            raise LoraYoloError(f"unknown preset {str(source)!r}; presets: {', '.join(preset_names())}")
+        path = CONFIG_DIR / f"{source}.yaml"
+    if not path.is_file():
+        raise LoraYoloError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LoraYoloError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise LoraYoloError(f"{path} must hold a mapping of LoRA settings, got {type(data).__name__}")
+    return data
+
+
+def resolve_config(source: str | Path | None, **overrides: Any) -> tuple[LoraConfig, dict[str, Any]]:
+    """LoraConfig and Ultralytics train arguments from a preset, with non-None `overrides` taking precedence.
+
+    Example:
+        >>> config, train_args = resolve_config("head_only", r=4)
+    """
+    data = read_preset(source or "default")
+    train_args = data.pop("train", None) or {}
+    if not isinstance(train_args, dict):
+        raise LoraYoloError(f"'train' in {source} must be a mapping of Ultralytics arguments")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return LoraConfig.from_dict(data), train_args

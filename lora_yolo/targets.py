@@ -1,0 +1,140 @@
+"""Which conv layers get an adapter, and why the others do not.
+
+Presets come from the model's own YAML rather than hard-coded layer indices, so they fit every YOLO11 scale and
+YOLOv8 alike: layers listed under `backbone:` are the backbone, the last layer is the head (Detect), the rest of the
+`head:` section is the neck, and `attention` is every conv inside an Ultralytics `Attention` module (C2PSA).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import asdict, dataclass
+
+from torch import nn
+from ultralytics.nn.modules.block import DFL, Attention
+
+from lora_yolo.config import LoraConfig
+from lora_yolo.errors import LoraYoloError
+from lora_yolo.layer import LoraConv2d, lora_param_count, max_rank
+
+
+@dataclass
+class ConvLayer:
+    """One conv of the model as `inspect` shows it, with the selection decision."""
+
+    name: str
+    kind: str  # pointwise | kxk | strided | depthwise | grouped | attention
+    section: str  # backbone | neck | head
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    groups: int
+    params: int
+    selected: bool = False
+    reason: str = ""  # why it is not selected
+    r: int = 0
+    lora_alpha: float = 0.0
+    lora_params: int = 0
+
+    def to_dict(self) -> dict:
+        """JSON form for `inspect --json`."""
+        return asdict(self)
+
+
+def _section(name: str, n_backbone: int, n_layers: int) -> str:
+    index = int(name.split(".")[1])  # "model.16.cv1.conv" -> 16
+    return "backbone" if index < n_backbone else "head" if index == n_layers - 1 else "neck"
+
+
+def _kind(conv: nn.Conv2d, attention: bool) -> str:
+    if conv.groups > 1:
+        return "depthwise" if conv.groups == conv.in_channels == conv.out_channels else "grouped"
+    if attention:
+        return "attention"
+    if max(conv.stride) > 1:
+        return "strided"
+    return "pointwise" if conv.kernel_size == (1, 1) else "kxk"
+
+
+def _presets(layer: ConvLayer, in_attention: bool) -> set[str]:
+    return {"all", layer.section} | ({"attention"} if in_attention else set())
+
+
+def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = frozenset()) -> list[ConvLayer]:
+    """Every conv of an Ultralytics model with what `config` does to it; `full` names convs trained in full instead.
+
+    Example:
+        >>> rows = describe_convs(DetectionModel("yolo11n.yaml"), LoraConfig())
+        >>> sum(row.lora_params for row in rows)
+    """
+    if any(isinstance(m, LoraConv2d) for m in model.modules()):
+        raise LoraYoloError("this model already carries LoRA adapters; start from a plain base model")
+    yaml = getattr(model, "yaml", None)
+    if not isinstance(yaml, dict) or "backbone" not in yaml:
+        raise LoraYoloError("the model has no Ultralytics YAML (backbone/head), so LoRA presets cannot be derived")
+    n_backbone, n_layers = len(yaml["backbone"]), len(model.model)
+    attention = [n for n, m in model.named_modules() if isinstance(m, Attention)]
+    fixed = [n for n, m in model.named_modules() if isinstance(m, DFL)]
+    rows = []
+    for name, conv in model.named_modules():
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        in_attention = any(name.startswith(a + ".") for a in attention)
+        row = ConvLayer(
+            name=name,
+            kind=_kind(conv, in_attention),
+            section=_section(name, n_backbone, n_layers),
+            in_channels=conv.in_channels,
+            out_channels=conv.out_channels,
+            kernel=conv.kernel_size[0],
+            stride=conv.stride[0],
+            groups=conv.groups,
+            params=sum(p.numel() for p in conv.parameters()),
+        )
+        wanted = bool(set(config.targets) & _presets(row, in_attention)) or any(
+            re.search(p, name) for p in config.include
+        )
+        if not wanted:
+            row.reason = "not in targets"
+        elif any(re.search(p, name) for p in config.exclude):
+            row.reason = "excluded"
+        elif any(name.startswith(f + ".") for f in fixed):
+            row.reason = "fixed DFL projection, never trained"
+        elif name in full:
+            row.reason = "trained in full (new classes)"
+        elif conv.groups > 1:
+            row.reason = (
+                f"{row.kind} (groups={conv.groups}) not supported: a per-group adapter would hold "
+                f"{lora_param_count(conv, config.rank_for(name))} params vs the layer's {row.params}"
+            )
+        else:
+            row.selected = True
+            row.r, row.lora_alpha = config.rank_for(name), config.alpha_for(name)
+            if row.r > max_rank(conv):
+                raise LoraYoloError(
+                    f"rank {row.r} is larger than layer {name} can use (at most {max_rank(conv)} for a "
+                    f"{conv.in_channels}->{conv.out_channels} conv with kernel {row.kernel}); lower r or "
+                    "set a smaller rank for it with rank_pattern"
+                )
+            row.lora_params = lora_param_count(conv, row.r)
+        rows.append(row)
+    return rows
+
+
+def select_targets(model: nn.Module, config: LoraConfig, full: frozenset[str] = frozenset()) -> dict[str, tuple]:
+    """Map each selected conv name to its (r, lora_alpha); an empty selection is an error naming nearby layers."""
+    rows = describe_convs(model, config, full)
+    plan = {row.name: (row.r, row.lora_alpha) for row in rows if row.selected}
+    if not plan:
+        names = [row.name for row in rows]
+        hints = sorted({n for p in config.include for n in difflib.get_close_matches(p, names, n=3, cutoff=0.3)})
+        hint = (
+            f"; nearest layer names: {', '.join(hints)}" if hints else f"; layers look like: {names[len(names) // 2]}"
+        )
+        raise LoraYoloError(
+            f"the selection (targets={config.targets}, include={config.include}, exclude={config.exclude}) "
+            f"matches no trainable conv layer{hint}"
+        )
+    return plan

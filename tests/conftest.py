@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny offline base checkpoints built from Ultralytics model YAMLs, and the shared COCO8 data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+
+from lora_yolo.checkpoint import load_model, save_checkpoint  # noqa: E402
+
+COCO8 = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "coco8" / "coco8.yaml"
+
+
+def make_base(path: Path, cfg: str = "yolo11n.yaml", seed: int = 0) -> Path:
+    """A base checkpoint built from a model YAML (random weights, fixed seed): no download needed."""
+    torch.manual_seed(seed)
+    model = load_model(cfg)
+    # Non-trivial BatchNorm statistics, so tests notice if anything touches them.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return save_checkpoint(model, path, train_args={})
+
+
+@pytest.fixture(scope="session")
+def base_pt(tmp_path_factory) -> Path:
+    """yolo11n with 80 classes, from yolo11n.yaml."""
+    return make_base(tmp_path_factory.mktemp("base") / "yolo11n-base.pt")
+
+
+@pytest.fixture(scope="session")
+def coco8() -> Path:
+    """The real COCO8 images beside the project (../shared); tests that need them skip when it is absent."""
+    if not COCO8.is_file():
+        pytest.skip(f"COCO8 not found at {COCO8} (the shared/ folder beside the project root)")
+    return COCO8
+
+
+def head_output(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Raw Detect output (boxes and class scores before NMS) in eval mode."""
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    return y[0] if isinstance(y, (list, tuple)) else y

@@ -1,0 +1,38 @@
+"""`lora-yolo inspect`: table and JSON agree with the library; bad options are usage errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from lora_yolo import LoraConfig, inspect_model
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lora_yolo.cli", *args], capture_output=True, text=True)
+
+
+def test_inspect_json_totals(base_pt):
+    out = cli("inspect", str(base_pt), "--json", "--targets", "head", "--rank", "4")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    report = inspect_model(base_pt, LoraConfig(targets=["head"], r=4))
+    assert data["totals"]["lora_params"] == report.lora_params == sum(r["lora_params"] for r in data["layers"])
+    assert data["totals"]["adapter_bytes"] == report.adapter_bytes
+
+
+def test_inspect_table_on_yaml():
+    out = cli("inspect", "yolo11n.yaml")
+    assert out.returncode == 0, out.stderr
+    assert "model.10.m.0.attn.qkv.conv" in out.stdout and "LoRA params:" in out.stdout
+
+
+def test_bad_rank_is_usage_error():
+    out = cli("inspect", "yolo11n.yaml", "--rank", "0")
+    assert out.returncode == 2 and "r must be a positive integer" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_missing_model_is_one_line_error():
+    out = cli("inspect", "no/such/model.pt")
+    assert out.returncode == 1 and out.stderr.strip() == "error: model file not found: no/such/model.pt"

@@ -1,0 +1,104 @@
+"""Target selection: presets from the model YAML, regexes, per-layer ranks, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_yolo import LoraConfig, LoraYoloError, describe_convs, load_model, select_targets
+from lora_yolo.targets import ConvLayer
+
+
+@pytest.fixture(scope="module")
+def yolo11n():
+    return load_model("yolo11n.yaml")
+
+
+def names(rows: list[ConvLayer]) -> set[str]:
+    return {r.name for r in rows if r.selected}
+
+
+def test_default_selects_neck_head_attention_and_leaves_backbone(yolo11n):
+    rows = describe_convs(yolo11n, LoraConfig())
+    chosen = names(rows)
+    assert {"model.13.cv1.conv", "model.23.cv2.0.2", "model.10.m.0.attn.qkv.conv"} <= chosen
+    assert not any(r.section == "backbone" and r.selected and r.kind != "attention" for r in rows)
+    assert "model.23.dfl.conv" not in chosen
+    depthwise = [r for r in rows if r.kind == "depthwise"]
+    assert depthwise and all(not r.selected and "not supported" in r.reason for r in depthwise)
+
+
+@pytest.mark.parametrize("cfg", ["yolo11n.yaml", "yolo11s.yaml", "yolov8n.yaml"])
+def test_presets_fit_other_scales_and_yolov8(cfg):
+    model = load_model(cfg)
+    n_backbone = len(model.yaml["backbone"])
+    for preset in ("backbone", "neck", "head"):
+        rows = [r for r in describe_convs(model, LoraConfig(targets=[preset])) if r.selected]
+        assert rows, preset
+        for r in rows:
+            index = int(r.name.split(".")[1])
+            assert {
+                "backbone": index < n_backbone,
+                "neck": n_backbone <= index < len(model.model) - 1,
+                "head": index == len(model.model) - 1,
+            }[preset]
+    attention = [r for r in describe_convs(model, LoraConfig(targets=["attention"], include=["x^"])) if r.selected]
+    assert bool(attention) == cfg.startswith("yolo11")  # YOLOv8 has no C2PSA
+
+
+def test_include_exclude_and_patterns(yolo11n):
+    config = LoraConfig(
+        targets=["head"],
+        include=[r"^model\.9\."],
+        exclude=[r"cv3"],
+        rank_pattern={r"cv2\.0": 4},
+        alpha_pattern={r"model\.9\.": 3.0},
+    )
+    rows = {r.name: r for r in describe_convs(yolo11n, config)}
+    assert rows["model.9.cv1.conv"].selected and rows["model.9.cv1.conv"].lora_alpha == 3.0
+    assert not rows["model.23.cv3.0.2"].selected and rows["model.23.cv3.0.2"].reason == "excluded"
+    assert rows["model.23.cv2.0.0.conv"].r == 4 and rows["model.23.cv2.1.0.conv"].r == 8
+
+
+def test_empty_selection_names_nearest_layers(yolo11n):
+    with pytest.raises(LoraYoloError, match=r"matches no .*nearest layer names: .*model\.1"):
+        select_targets(yolo11n, LoraConfig(targets=[], include=[r"model\.1\.cnv"]))
+
+
+def test_rank_above_layer_capacity_is_an_error(yolo11n):
+    with pytest.raises(LoraYoloError, match="model.23.cv2.0.2"):
+        select_targets(yolo11n, LoraConfig(targets=["head"], rank_pattern={r"cv2\.0\.2": 65}))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"r": 0},
+        {"r": -1},
+        {"r": 2.5},
+        {"lora_alpha": 0},
+        {"lora_dropout": 1.0},
+        {"lora_dropout": -0.1},
+        {"targets": ["neckk"]},
+        {"include": ["("]},
+    ],
+)
+def test_bad_config_values_name_the_field(kwargs):
+    with pytest.raises(LoraYoloError, match=next(iter(kwargs)).split("_")[0] if "targets" not in kwargs else "preset"):
+        LoraConfig(**kwargs)
+
+
+def test_inspect_totals_equal_sum_of_layers_and_real_params(yolo11n):
+    from lora_yolo import add_lora, inspect_model
+
+    report = inspect_model("yolo11n.yaml", LoraConfig())
+    assert report.lora_params == sum(r.lora_params for r in report.layers)
+    assert report.base_params == sum(p.numel() for p in yolo11n.parameters())
+    torch.manual_seed(0)
+    model = load_model("yolo11n.yaml")
+    add_lora(model, select_targets(model, LoraConfig()))
+    real = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert real == report.lora_params
+    for r in report.layers:
+        if r.selected:
+            assert r.lora_params == r.r * r.in_channels * r.kernel**2 + r.out_channels * r.r
