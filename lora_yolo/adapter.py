@@ -49,6 +49,7 @@ def fingerprint(model: nn.Module) -> dict:
         "arch": arch.hexdigest()[:16],
         "weights": weights.hexdigest()[:16],
         "yaml": str(getattr(model, "yaml", {}).get("yaml_file", "")),
+        "path": str(Path(model.pt_path).resolve()) if getattr(model, "pt_path", None) else "",  # a hint, not checked
         "nc": class_count(model),
     }
 
@@ -168,7 +169,7 @@ def attach_adapter(base: nn.Module, adapter: Adapter, allow_other_weights: bool 
     """
     check_fits(adapter, base, allow_other_weights)
     model = build_for_classes(base, adapter.nc, adapter.names)
-    add_lora(model, adapter.layers, use_rslora=adapter.config.use_rslora)
+    add_lora(model, adapter.layers, adapter.config.lora_dropout, adapter.config.use_rslora)
     state = model.state_dict()
     for name, t in adapter.tensors.items():
         if name not in state or state[name].shape != t.shape:

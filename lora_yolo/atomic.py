@@ -31,6 +31,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise LoraYoloError(f"cannot write to {path.parent}: {e.strerror}") from e
     os.close(fd)
     tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any other file we write
     try:
         yield tmp
         with open(tmp, "rb+") as f:

@@ -18,14 +18,9 @@ from ultralytics.nn.tasks import DetectionModel, guess_model_task, load_checkpoi
 from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
 
 from lora_yolo.atomic import atomic_path
-from lora_yolo.errors import LoraYoloError
+from lora_yolo.errors import LoraYoloError, first_line
 
 SUPPORTED_TASKS = ("detect",)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0].replace("ERROR ❌️ ", "") if text else type(e).__name__
 
 
 def load_model(source: str | Path) -> nn.Module:
@@ -50,7 +45,7 @@ def load_model(source: str | Path) -> nn.Module:
         except LoraYoloError:
             raise
         except Exception as e:
-            raise LoraYoloError(f"{text} is not an Ultralytics model YAML ({_first_line(e)})") from None
+            raise LoraYoloError(f"{text} is not an Ultralytics model YAML ({first_line(e)})") from None
         model.args = {}
         return model
     if not text.endswith(".pt"):
@@ -63,10 +58,10 @@ def load_model(source: str | Path) -> nn.Module:
     except Exception as e:
         if not local:
             raise LoraYoloError(
-                f"{text} is not on disk and could not be downloaded ({_first_line(e)}); "
+                f"{text} is not on disk and could not be downloaded ({first_line(e)}); "
                 "pass a local checkpoint with --model path/to/model.pt or a model YAML such as yolo11n.yaml"
             ) from None
-        raise LoraYoloError(f"{text} is not an Ultralytics checkpoint ({_first_line(e)})") from None
+        raise LoraYoloError(f"{text} is not an Ultralytics checkpoint ({first_line(e)})") from None
     task = getattr(model, "task", None) or guess_model_task(model)
     if task not in SUPPORTED_TASKS:
         raise LoraYoloError(f"{text} is a {task} model; supported tasks: {', '.join(SUPPORTED_TASKS)}")
@@ -86,8 +81,8 @@ def build_for_classes(base: nn.Module, nc: int, names: dict[int, str]) -> Detect
     `merge` reconstruct the same module tree.
     """
     model = DetectionModel(deepcopy(base.yaml), nc=nc, ch=base.yaml.get("channels", 3), verbose=False)
+    model.names = dict(names)  # before load(), which remaps class rows by name
     model.load(base, verbose=False)
-    model.names = dict(names)
     model.args = dict(getattr(base, "args", {}) or {})
     return model
 
@@ -101,6 +96,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, train_args: dict | None 
     for p in snapshot.parameters():
         p.requires_grad_(False)
     snapshot.criterion = None  # training-only state
+    if hasattr(snapshot, "lora_meta"):
+        del snapshot.lora_meta  # a plain checkpoint carries nothing of lora_yolo
     args = dict(train_args if train_args is not None else getattr(model, "args", {}) or {})
     ckpt = {
         "date": datetime.now().astimezone().isoformat(),

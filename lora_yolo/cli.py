@@ -109,6 +109,61 @@ def inspect(
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
 
 
+def _passthrough(tokens: list[str]) -> dict[str, Any]:
+    """Ultralytics-style `key=value` tokens, typed the way the `yolo` CLI types them."""
+    from ultralytics.cfg import smart_value
+
+    out = {}
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if not sep or not key or key.startswith("-"):
+            raise typer.BadParameter(f"unexpected argument {token!r}; extra Ultralytics arguments are key=value")
+        out[key] = smart_value(value)
+    return out
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    data: Annotated[Optional[str], typer.Argument(help="Ultralytics dataset YAML (train/val/names).")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Base .pt checkpoint or model YAML.")] = "yolo11n.pt",
+    config: ConfigOpt = None,
+    rank: RankOpt = None,
+    alpha: AlphaOpt = None,
+    dropout: DropoutOpt = None,
+    rslora: RsloraOpt = None,
+    targets: TargetsOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    rank_pattern: RankPatternOpt = None,
+    alpha_pattern: AlphaPatternOpt = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
+    imgsz: Annotated[Optional[int], typer.Option(help="Image size.")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, 0, 0,1 ...")] = None,
+    lr0: Annotated[Optional[float], typer.Option(help="Initial learning rate.")] = None,
+    project: Annotated[Optional[str], typer.Option(help="Runs folder.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run from its weights/last.pt.")] = None,
+) -> None:
+    """Train LoRA adapters on DATA; extra key=value arguments go to Ultralytics' trainer (e.g. mosaic=0.5)."""
+    from lora_yolo.train import check_train_args
+    from lora_yolo.train import train as train_lora
+
+    lora, preset_args = lora_options(
+        config, rank, alpha, dropout, rslora, targets, include, exclude, rank_pattern, alpha_pattern
+    )
+    flags = dict(epochs=epochs, imgsz=imgsz, batch=batch, device=device, lr0=lr0, project=project, name=name, seed=seed)
+    overrides = {**preset_args, **{k: v for k, v in flags.items() if v is not None}, **_passthrough(ctx.args)}
+    try:
+        check_train_args(overrides)  # a misspelled key is a usage error (exit 2), caught before any work
+    except LoraYoloError as e:
+        raise typer.BadParameter(str(e)) from None
+    result = train_lora(data, model=model, config=lora, resume=resume, **overrides)
+    typer.echo("\n" + result.table())
+
+
 def run() -> None:
     """Console entry point: known errors become one line on stderr and exit 1 (usage errors exit 2)."""
     os.environ.setdefault("YOLO_VERBOSE", "False")  # Ultralytics' own logging stays out of our output

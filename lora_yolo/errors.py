@@ -7,3 +7,9 @@ Everything a user can cause (a bad path, a bad option, an adapter that does not 
 
 class LoraYoloError(Exception):
     """A failure the user can act on; the message says what went wrong and, where possible, what to do."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of another library's error message, without its emoji prefix, to quote in ours."""
+    text = str(e).strip().splitlines()
+    return text[0].replace("ERROR ❌️ ", "").strip() if text else type(e).__name__

@@ -52,8 +52,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Afterwards the model holds no trace of LoRA: Ultralytics' conv+BN fusion, export and pickling work unchanged,
     and inference costs exactly what the base costs.
     """
+    return _unwrap(model, merge=True)
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging it (PEFT's `unload`), giving back the base convs, in place."""
+    return _unwrap(model, merge=False)
+
+
+def _unwrap(model: nn.Module, merge: bool) -> nn.Module:
     for name, layer in lora_layers(model).items():
-        layer.merge()
+        layer.merge() if merge else layer.unmerge()
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, layer.base_layer)
     return model

@@ -62,6 +62,18 @@ def _presets(layer: ConvLayer, in_attention: bool) -> set[str]:
     return {"all", layer.section} | ({"attention"} if in_attention else set())
 
 
+def class_layers(model: nn.Module) -> list[str]:
+    """Names of the head's class-prediction convs (the last conv of each `cv3` / `one2one_cv3` branch)."""
+    index = len(model.model) - 1
+    head = model.model[index]
+    return [
+        f"model.{index}.{attr}.{i}.{len(branch) - 1}"
+        for attr in ("cv3", "one2one_cv3")
+        for i, branch in enumerate(getattr(head, attr, None) or [])
+        if isinstance(branch[-1], nn.Conv2d)
+    ]
+
+
 def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = frozenset()) -> list[ConvLayer]:
     """Every conv of an Ultralytics model with what `config` does to it; `full` names convs trained in full instead.
 

@@ -25,6 +25,7 @@ def make_base(path: Path, cfg: str = "yolo11n.yaml", seed: int = 0) -> Path:
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
+    model.half().float()  # on the fp16 grid, like every released Ultralytics checkpoint
     return save_checkpoint(model, path, train_args={})
 
 

@@ -1,0 +1,141 @@
+"""Seeded synthetic detection datasets in Ultralytics format, so demos, tests and benchmarks need no download.
+
+Objects are filled shapes of varied size, colour and rotation, partly occluding each other, on textured or plain
+backgrounds with distractor blobs. A *domain* fixes the classes and the look:
+
+- `A`: the pretraining domain (circle, square, triangle on light noisy backgrounds);
+- `B1`: A's classes in another appearance (dark textured backgrounds, other colours, blur, smaller objects);
+- `B2`: classes A never had (star, cross, ring, diamond) on A-like backgrounds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from lora_yolo.errors import LoraYoloError
+
+
+@dataclass(frozen=True)
+class Domain:
+    """How a domain looks: its classes and its appearance ranges."""
+
+    classes: tuple[str, ...]
+    background: str  # "light" | "dark"
+    size: tuple[float, float]  # object size as a fraction of the image side
+    blur: float  # max Gaussian blur sigma
+    objects: tuple[int, int]  # objects per image
+    distractors: int  # max distractor blobs
+
+
+DOMAINS = {
+    "A": Domain(("circle", "square", "triangle"), "light", (0.10, 0.30), 0.0, (1, 5), 2),
+    "B1": Domain(("circle", "square", "triangle"), "dark", (0.06, 0.18), 1.5, (3, 8), 6),
+    "B2": Domain(("star", "cross", "ring", "diamond"), "light", (0.08, 0.22), 0.5, (2, 6), 4),
+}
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
+    """Outline points of a shape centred at (cx, cy) with circumradius r, rotated by angle."""
+    if kind == "star":
+        radii = [r if i % 2 == 0 else r * 0.45 for i in range(10)]
+        thetas = [angle + i * math.pi / 5 for i in range(10)]
+    elif kind == "cross":
+        w = r * 0.35
+        pts = [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
+        c, s = math.cos(angle), math.sin(angle)
+        return np.array([(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts], np.int32)
+    else:
+        n = {"square": 4, "triangle": 3, "diamond": 4}[kind]
+        stretch = 0.6 if kind == "diamond" else 1.0
+        radii = [r * (stretch if i % 2 else 1.0) for i in range(n)] if kind == "diamond" else [r] * n
+        thetas = [angle + i * 2 * math.pi / n for i in range(n)]
+    return np.array([(cx + q * math.cos(t), cy + q * math.sin(t)) for q, t in zip(radii, thetas)], np.int32)
+
+
+def _background(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
+    base = rng.uniform(150, 230) if kind == "light" else rng.uniform(20, 80)
+    img = np.full((size, size, 3), base, np.float32) + rng.normal(0, 12, (1, 1, 3))
+    # Low-frequency texture: upsampled noise, so the background is never flat.
+    coarse = rng.normal(0, 25 if kind == "dark" else 15, (8, 8, 3)).astype(np.float32)
+    img += cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+    img += rng.normal(0, 8, img.shape)
+    return img
+
+
+def render(rng: np.random.Generator, domain: Domain, size: int) -> tuple[np.ndarray, list[tuple[int, float, ...]]]:
+    """One image (uint8 BGR) and its labels (class, cx, cy, w, h), normalised."""
+    img = _background(rng, size, domain.background)
+    for _ in range(rng.integers(0, domain.distractors + 1)):  # blobs that look a little like objects
+        c = tuple(float(v) for v in rng.uniform(0, 255, 3))
+        center = tuple(int(v) for v in rng.uniform(0, size, 2))
+        axes = tuple(int(v) for v in rng.uniform(0.02, 0.08, 2) * size)
+        cv2.ellipse(img, center, axes, float(rng.uniform(0, 180)), 0, 360, c, -1)
+    labels = []
+    for _ in range(rng.integers(domain.objects[0], domain.objects[1] + 1)):
+        cls = int(rng.integers(len(domain.classes)))
+        kind = domain.classes[cls]
+        r = rng.uniform(*domain.size) * size / 2
+        cx, cy = rng.uniform(r, size - r, 2)
+        colour = tuple(float(v) for v in rng.uniform(0, 255, 3))
+        angle = float(rng.uniform(0, 2 * math.pi))
+        if kind == "circle":
+            cv2.circle(img, (int(cx), int(cy)), int(r), colour, -1)
+            box = (cx - r, cy - r, cx + r, cy + r)
+        elif kind == "ring":
+            cv2.circle(img, (int(cx), int(cy)), int(r), colour, max(2, int(r * 0.3)))
+            box = (cx - r, cy - r, cx + r, cy + r)
+        else:
+            pts = _polygon(kind, cx, cy, r, angle)
+            cv2.fillPoly(img, [pts], colour)
+            box = (*pts.min(0), *pts.max(0))
+        x0, y0, x1, y1 = (min(max(v, 0), size - 1) for v in box)
+        labels.append((cls, (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size))
+    if domain.blur:
+        sigma = rng.uniform(0, domain.blur)
+        if sigma > 0.3:
+            img = cv2.GaussianBlur(img, (0, 0), sigma)
+    return np.clip(img, 0, 255).astype(np.uint8), labels
+
+
+def make_dataset(root: str | Path, domain: str, n_train: int, n_val: int, imgsz: int = 160, seed: int = 0) -> Path:
+    """Write a dataset (images/, labels/, data.yaml) under `root`; returns the data.yaml path.
+
+    Example:
+        >>> make_dataset("datasets/shapes-b2", "B2", n_train=120, n_val=40)
+    """
+    if domain not in DOMAINS:
+        raise LoraYoloError(f"unknown domain {domain!r}; domains: {', '.join(DOMAINS)}")
+    spec, root = DOMAINS[domain], Path(root)
+    rng = np.random.default_rng([seed, list(DOMAINS).index(domain)])
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img, labels = render(rng, spec, imgsz)
+            cv2.imwrite(str(root / "images" / split / f"{i:05d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+            lines = [f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}" for c, x, y, w, h in labels]
+            (root / "labels" / split / f"{i:05d}.txt").write_text("\n".join(lines) + "\n")
+    data = {"train": "images/train", "val": "images/val", "names": dict(enumerate(spec.classes))}
+    path = root / "data.yaml"
+    header = f"# Synthetic domain {domain} from lora_yolo.synth (seed {seed}, {imgsz} px). No 'path': root is here.\n"
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    return path

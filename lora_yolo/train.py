@@ -1,0 +1,171 @@
+"""`train()`: one call from a dataset YAML to an adapter, a merged checkpoint and a summary of what it cost."""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ultralytics.data.utils import check_det_dataset
+from ultralytics.models.yolo.detect import DetectionValidator
+from ultralytics.utils import DEFAULT_CFG_DICT
+
+from lora_yolo.adapter import load_adapter
+from lora_yolo.checkpoint import load_model
+from lora_yolo.config import LoraConfig
+from lora_yolo.errors import LoraYoloError, first_line
+from lora_yolo.presets import resolve_config
+from lora_yolo.trainer import ADAPTER, ADAPTER_LAST, CONFIG_FILE, MERGED, LoraDetectionTrainer, base_file
+
+# Train arguments that LoRA owns: passing them would silently fight the adapter setup.
+RESERVED = {
+    "model": "--model",
+    "data": "DATA",
+    "resume": "--resume",
+    "freeze": "--targets/--include/--exclude",
+    "task": "(detect only)",
+    "mode": "(train)",
+}
+
+
+def check_train_args(overrides: dict[str, Any]) -> None:
+    """Refuse keys Ultralytics does not know (suggesting the closest) and keys LoRA training owns."""
+    for key in overrides:
+        if key in RESERVED:
+            raise LoraYoloError(f"'{key}' cannot be passed through; use {RESERVED[key]}")
+        if key not in DEFAULT_CFG_DICT:
+            close = difflib.get_close_matches(key, DEFAULT_CFG_DICT, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise LoraYoloError(f"'{key}' is not an Ultralytics training argument{hint}")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced and what it cost; `table()` is the summary printed at the end."""
+
+    save_dir: Path
+    metrics: dict[str, float]  # mAP50 / mAP50-95 of merged.pt
+    base_metrics: dict[str, float] | None  # the base, zero-shot, when its classes are the dataset's
+    trainable: int
+    total: int
+    epoch_seconds: float  # median over epochs
+
+    @property
+    def adapter(self) -> Path:
+        return self.save_dir / ADAPTER
+
+    @property
+    def adapter_last(self) -> Path:
+        return self.save_dir / ADAPTER_LAST
+
+    @property
+    def merged(self) -> Path:
+        return self.save_dir / MERGED
+
+    def table(self) -> str:
+        """Human-readable summary."""
+        base = self.base_metrics
+        rows = [
+            ("mAP50 / mAP50-95, fine-tuned", f"{self.metrics['mAP50']:.4f} / {self.metrics['mAP50-95']:.4f}"),
+            (
+                "mAP50 / mAP50-95, base zero-shot",
+                f"{base['mAP50']:.4f} / {base['mAP50-95']:.4f}" if base else "n/a (classes differ)",
+            ),
+            (
+                "trainable parameters",
+                f"{self.trainable:,} of {self.total:,} ({100 * self.trainable / self.total:.2f}%)",
+            ),
+            (
+                "adapter vs full checkpoint",
+                f"{self.adapter.stat().st_size:,} B vs {self.merged.stat().st_size:,} B "
+                f"({self.merged.stat().st_size / self.adapter.stat().st_size:.0f}x smaller)",
+            ),
+            ("time per epoch (median)", f"{self.epoch_seconds:.1f} s"),
+            ("adapter", str(self.adapter)),
+            ("adapter (last epoch)", str(self.adapter_last)),
+            ("merged model", str(self.merged)),
+            ("LoRA config", str(self.save_dir / CONFIG_FILE)),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _map(metrics: dict[str, float]) -> dict[str, float]:
+    return {"mAP50": float(metrics["metrics/mAP50(B)"]), "mAP50-95": float(metrics["metrics/mAP50-95(B)"])}
+
+
+def _epoch_seconds(results_csv: Path) -> float:
+    with open(results_csv, encoding="utf-8") as f:
+        times = [float(row["time"]) for row in csv.DictReader(f)]
+    return statistics.median(b - a for a, b in zip([0.0, *times], times)) if times else 0.0
+
+
+def train(
+    data: str | Path | None,
+    model: str | Path = "yolo11n.pt",
+    config: LoraConfig | None = None,
+    resume: str | Path | None = None,
+    callbacks: dict[str, list[Callable]] | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Fine-tune `model` on the Ultralytics dataset `data` with LoRA; `overrides` are Ultralytics train arguments.
+
+    `callbacks` maps Ultralytics trainer events (`on_train_epoch_end`, ...) to extra functions of the trainer.
+
+    Example:
+        >>> result = train("coco8.yaml", model="yolo11n.pt", config=LoraConfig(r=8), epochs=10, imgsz=640)
+        >>> print(result.table())
+    """
+    if config is None:  # the default preset, with its training arguments under the caller's
+        config, preset_args = resolve_config(None)
+        overrides = {**preset_args, **overrides}
+    check_train_args(overrides)
+    if resume is not None:
+        if not Path(resume).is_file():
+            raise LoraYoloError(f"resume checkpoint not found: {resume}")
+        trainer = LoraDetectionTrainer(overrides={**overrides, "resume": str(resume)})
+    else:
+        if data is None:
+            raise LoraYoloError("DATA is required (a dataset YAML) unless --resume is given")
+        if not Path(data).is_file():
+            raise LoraYoloError(f"dataset YAML not found: {data}")
+        try:
+            check_det_dataset(str(data))
+        except Exception as e:
+            raise LoraYoloError(f"dataset {data}: {first_line(e)}") from None
+        base = load_model(model)
+        trainer = LoraDetectionTrainer(overrides={**overrides, "model": str(model), "data": str(data)}, lora=config)
+        # As Ultralytics' Model.train does: build the model before train(), so the DDP launcher pickles the model
+        # with its adapters and each worker trains that very model.
+        trainer.model = trainer.get_model(cfg=base.yaml, weights=None if str(model).endswith(".yaml") else base)
+    for event, functions in (callbacks or {}).items():
+        for function in functions:
+            trainer.add_callback(event, function)
+    trainer.train()
+
+    adapter = load_adapter(trainer.save_dir / ADAPTER)
+    base = base_file(adapter)
+    metrics = trainer.metrics  # None in the parent of a DDP run: its workers validated
+    if not metrics or "metrics/mAP50(B)" not in metrics:
+        metrics = _validate(trainer, trainer.save_dir / MERGED, "merged_val")
+    base_metrics = None
+    if adapter.base["nc"] == adapter.nc and load_model(base).names == adapter.names:
+        base_metrics = _map(_validate(trainer, base, "base_val"))
+    return TrainResult(
+        save_dir=trainer.save_dir,
+        metrics=_map(metrics),
+        base_metrics=base_metrics,
+        trainable=sum(t.numel() for t in adapter.tensors.values()),
+        total=sum(p.numel() for p in trainer.model.parameters()),
+        epoch_seconds=_epoch_seconds(trainer.csv),
+    )
+
+
+def _validate(trainer: LoraDetectionTrainer, model: str | Path, name: str) -> dict[str, float]:
+    """Ultralytics validation of a checkpoint with the run's own settings, saved under the run folder."""
+    args = {**vars(trainer.args), "mode": "val", "plots": False, "save_json": False}
+    return DetectionValidator(save_dir=trainer.save_dir / name, args=args)(model=str(model))

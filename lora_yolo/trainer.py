@@ -1,0 +1,206 @@
+"""`LoraDetectionTrainer`: Ultralytics' own DetectionTrainer, with adapters added to the model it builds.
+
+Everything Ultralytics does around the model (augmentation, EMA, AMP, schedulers, loggers, plots, validation,
+callbacks, DDP) stays its own; this class changes only what it must, each where Ultralytics decides it:
+
+- `get_model` builds the fine-tuning model exactly as DetectionTrainer does, adds the adapters, and turns the
+  frozen set into Ultralytics' own `freeze` list. That matters: `_setup_train` sets `requires_grad=True` on every
+  parameter not named in `freeze`, and builds the optimizer, DDP wrapper and EMA right after, before any callback.
+- `_model_train` puts frozen BatchNorm layers in eval mode each epoch (train mode would update their running
+  statistics although their weights are frozen) and checks the trainable set has not drifted.
+- `save_model` also writes the EMA's adapter (the weights Ultralytics validates) as safetensors, in fp32.
+- `final_eval` validates `merged.pt`, not `best.pt`: Ultralytics' final_eval fuses conv+BN on the loaded model,
+  which would drop an unmerged adapter.
+
+The LoRA state travels on the model as `model.lora_meta` (a plain dict), so it survives EMA deep copies,
+checkpoint pickles and the cloudpickle that Ultralytics' DDP launcher uses to rebuild the model in each worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from copy import deepcopy
+from pathlib import Path
+
+from torch import nn
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, YAML
+from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
+
+from lora_yolo.adapter import Adapter, attach_adapter, extract_adapter, fingerprint, load_adapter, save_adapter
+from lora_yolo.checkpoint import build_for_classes, class_count, load_model, save_checkpoint
+from lora_yolo.config import LoraConfig
+from lora_yolo.errors import LoraYoloError
+from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_layers, merge_lora, set_trainable, unload_lora
+from lora_yolo.targets import class_layers, select_targets
+
+ADAPTER, ADAPTER_LAST, MERGED, CONFIG_FILE = "adapter.safetensors", "adapter_last.safetensors", "merged.pt", "lora.yaml"
+BASE = "base.pt"  # in weights/, only when the base is built from a model YAML
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    """The parameters LoRA training may change: every adapter weight plus the tensors trained in full."""
+    lora = {n for n, _ in model.named_parameters() if n.endswith(LORA_SUFFIXES)}
+    return lora | set(model.lora_meta["full"])
+
+
+def freeze_list(model: nn.Module) -> list[str]:
+    """Ultralytics `freeze` entries that freeze exactly the non-trainable parameters.
+
+    Ultralytics freezes parameter `k` when `f"model.{x}."` is a substring of `k` for an entry `x`. Each entry here is
+    the owner module of a frozen parameter (`16.cv1.bn`, `16.cv1.conv.base_layer`), and no trainable parameter
+    lives under one of them, so the match is exact.
+    """
+    keep = trainable_names(model)
+    owners = {n.rpartition(".")[0] for n, _ in model.named_parameters() if n not in keep}
+    return sorted(o.removeprefix("model.") for o in owners)
+
+
+class _DropFreezeLines(logging.Filter):
+    """Ultralytics logs one 'Freezing layer' line per frozen parameter (hundreds here); one summary line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Freezing layer")
+
+
+class LoraDetectionTrainer(DetectionTrainer):
+    """DetectionTrainer that trains LoRA adapters (and, for a new class set, the class layers) on a frozen base.
+
+    Example:
+        >>> trainer = LoraDetectionTrainer(overrides={"data": "coco8.yaml", "model": "base.pt"}, lora=LoraConfig())
+        >>> trainer.train()
+    """
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, lora: LoraConfig | None = None):
+        super().__init__(cfg, overrides, _callbacks)
+        self.lora_config = lora or LoraConfig()
+
+    def get_model(self, cfg=None, weights: nn.Module | None = None, verbose: bool = True) -> DetectionModel:
+        """Build the fine-tuning model as DetectionTrainer does, then add adapters; resume rebuilds base + adapter."""
+        if weights is not None and lora_layers(weights):
+            model = self._resume_model(weights)
+        else:
+            model = self._new_model(cfg, weights)
+        self.args.freeze = freeze_list(model)
+        return model
+
+    def _new_model(self, cfg, weights: nn.Module | None) -> DetectionModel:
+        if weights is None:  # a model YAML: the random init is the base, kept beside the run so merge can find it
+            base = DetectionModel(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=False)
+            base.half().float()  # on the fp16 grid, so fp16 checkpoints (last.pt) hold the base exactly
+            base.names = self.data["names"]
+            base.pt_path = str(self.wdir / BASE)  # written by _setup_train, see _write_run_files
+        else:
+            base = weights
+        model = build_for_classes(base, self.data["nc"], self.data["names"])
+        full = class_layers(model) if class_count(base) != self.data["nc"] else []
+        config = self.lora_config
+        plan = select_targets(model, config, full=frozenset(full))
+        add_lora(model, plan, config.lora_dropout, config.use_rslora)
+        model.lora_meta = {
+            "config": config.to_dict(),
+            "base": fingerprint(base),
+            "full": [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in full],
+        }
+        return model
+
+    def _resume_model(self, weights: nn.Module) -> DetectionModel:
+        """Base weights come from the base file, not from the fp16 checkpoint, so they stay bit-exact."""
+        adapter = adapter_of(weights)
+        model = attach_adapter(load_model(base_file(adapter)), adapter)
+        model.lora_meta = weights.lora_meta
+        self.lora_config = adapter.config
+        return model
+
+    def _setup_train(self):
+        """Ultralytics' setup, without its per-parameter freeze log, then a check of what it left trainable."""
+        quiet = _DropFreezeLines()
+        LOGGER.addFilter(quiet)
+        try:
+            super()._setup_train()
+        finally:
+            LOGGER.removeFilter(quiet)
+        model = unwrap_model(self.model)
+        if RANK in {-1, 0}:
+            self._write_run_files(model)
+        n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        LOGGER.info(
+            f"LoRA: {len(lora_layers(model))} adapters, {n_train:,} trainable of {n_all:,} parameters "
+            f"({100 * n_train / n_all:.2f}%), {len(model.lora_meta['full'])} tensors trained in full"
+        )
+
+    def _write_run_files(self, model: nn.Module) -> None:
+        """The LoRA config, and for a YAML-built base the base itself (the untrained model without its adapters).
+
+        Written here, in the process that trains, rather than in get_model: Ultralytics' DDP launcher deletes the
+        run folder after the parent has built the model.
+        """
+        YAML.save(self.save_dir / CONFIG_FILE, model.lora_meta["config"])
+        base = Path(model.lora_meta["base"]["path"])
+        if base == (self.wdir / BASE).resolve() and not base.exists():
+            save_checkpoint(unload_lora(deepcopy(model)), base, train_args={})
+
+    def _model_train(self):
+        """Train mode for the adapters; frozen BatchNorm layers stay in eval so their statistics never drift."""
+        super()._model_train()
+        model = unwrap_model(self.model)
+        keep = trainable_names(model)
+        drift = sorted(n for n, p in model.named_parameters() if p.requires_grad != (n in keep))
+        if drift:  # Ultralytics or a callback changed requires_grad: put the LoRA trainable set back
+            LOGGER.warning(f"LoRA: trainable set drifted ({len(drift)} tensors, e.g. {drift[0]}); restoring it")
+            set_trainable(model, keep)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d) and not any(p.requires_grad for p in m.parameters()):
+                m.eval()
+
+    def save_model(self):
+        """Ultralytics' checkpoints, plus the EMA's adapter: `adapter_last` always, `adapter` when it is the best."""
+        saved = super().save_model()
+        if saved:
+            adapter = adapter_of(self.ema.ema)
+            save_adapter(adapter, self.save_dir / ADAPTER_LAST)
+            if self.best_fitness == self.fitness:  # the same test Ultralytics uses for best.pt
+                save_adapter(adapter, self.save_dir / ADAPTER)
+        return saved
+
+    def final_eval(self):
+        """Write `merged.pt` (base + best adapter, merged, plain Ultralytics) and validate it as the final result."""
+        if RANK not in {-1, 0} or not (self.save_dir / ADAPTER).exists():
+            return
+        for f in (self.last, self.best):
+            if f.exists():
+                strip_optimizer(f)  # as Ultralytics does: final checkpoints without optimizer state
+        merged = write_merged(self.save_dir, vars(self.args))
+        LOGGER.info(f"\nValidating {merged}...")
+        self.validator.args.plots = self.args.plots
+        self.validator.args.compile = False
+        self.metrics = self.validator(model=str(merged))
+        self.metrics.pop("fitness", None)
+        self.epoch += 1  # log the final metrics at step epochs+1, as Ultralytics does
+        self.run_callbacks("on_fit_epoch_end")
+        self.epoch -= 1
+
+
+def adapter_of(model: nn.Module) -> Adapter:
+    """The adapter a training model carries, with the metadata recorded when it was built."""
+    meta = model.lora_meta
+    return extract_adapter(model, LoraConfig.from_dict(meta["config"]), meta["base"], meta["full"])
+
+
+def base_file(adapter: Adapter) -> str:
+    """The base checkpoint an adapter was trained from, as recorded in it; an error if it is gone."""
+    path = adapter.base.get("path", "")
+    if not path or not Path(path).is_file():
+        raise LoraYoloError(f"the adapter's base checkpoint {path or '(not recorded)'} is not on disk; pass --base")
+    return path
+
+
+def write_merged(run_dir: Path, train_args: dict) -> Path:
+    """`merged.pt` in `run_dir`: the run's base with `adapter.safetensors` merged in, in a fresh model."""
+    adapter = load_adapter(run_dir / ADAPTER)
+    model = merge_lora(attach_adapter(load_model(base_file(adapter)), adapter))
+    args = {**train_args, "freeze": None, "resume": False}  # the LoRA freeze list means nothing to a plain model
+    model.args = deepcopy(args)
+    return save_checkpoint(model, run_dir / MERGED, train_args=args)

@@ -1,0 +1,59 @@
+"""`lora-yolo train` on the command line: flags, pass-through arguments and their errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lora_yolo.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_misspelled_passthrough_key_suggests_the_right_one(coco8, base_pt):
+    out = cli("train", str(coco8), "--model", str(base_pt), "mosiac=0.5")
+    assert (
+        out.returncode == 1 and "'mosiac' is not an Ultralytics training argument; did you mean 'mosaic'?" in out.stderr
+    )
+    assert "Traceback" not in out.stderr
+
+
+def test_freeze_is_owned_by_lora(coco8, base_pt):
+    out = cli("train", str(coco8), "--model", str(base_pt), "freeze=10")
+    assert out.returncode == 2 and "'freeze' cannot be passed through" in out.stderr
+
+
+def test_default_model_offline_says_how_to_pass_a_local_one(coco8, tmp_path):
+    out = cli("train", str(coco8), cwd=tmp_path)  # yolo11n.pt is not on disk and there is no internet here
+    assert out.returncode == 1
+    assert "yolo11n.pt" in out.stderr and "--model path/to/model.pt" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_cli_train_runs_and_prints_summary(coco8, base_pt, tmp_path):
+    out = cli(
+        "train",
+        str(coco8),
+        "--model",
+        str(base_pt),
+        "--epochs",
+        "1",
+        "--imgsz",
+        "64",
+        "--batch",
+        "4",
+        "--project",
+        str(tmp_path),
+        "--name",
+        "cli",
+        "--targets",
+        "head",
+        "--rank",
+        "4",
+        "plots=False",
+        "workers=0",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "trainable parameters" in out.stdout and (tmp_path / "cli" / "adapter.safetensors").is_file()

@@ -1,0 +1,212 @@
+"""End-to-end LoRA training inside Ultralytics' trainer: outputs, a frozen base, exact merges, resume, DDP pickling."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_yolo import load_adapter, load_model
+from lora_yolo.inject import LORA_SUFFIXES
+from lora_yolo.train import train
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+# nbs=batch and no warmup: every batch is an optimizer step at the real learning rate, even in a 2-batch run.
+TINY = dict(epochs=2, imgsz=64, batch=4, nbs=4, warmup_epochs=0, workers=0, plots=False, device="cpu", seed=0)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter (no state shared with this test process)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT)
+
+
+class GradRecorder:
+    """Callbacks recording which parameters received a gradient in each epoch (tensor hooks on every parameter)."""
+
+    def __init__(self) -> None:
+        self.by_epoch: dict[int, set[str]] = {}
+        self.reported = 0
+
+    def on_train_start(self, trainer) -> None:
+        model = trainer.model
+        self.reported = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        for name, p in model.named_parameters():
+            if p.requires_grad:  # a frozen tensor cannot take a hook, nor receive a gradient
+                p.register_hook(lambda g, n=name, t=trainer: self.by_epoch.setdefault(t.epoch, set()).add(n))
+
+
+@pytest.fixture(scope="module")
+def coco8_run(base_pt, coco8, tmp_path_factory):
+    before = sha256(base_pt)
+    recorder = GradRecorder()
+    project = tmp_path_factory.mktemp("runs")
+    result = train(
+        coco8,
+        model=base_pt,
+        project=str(project),
+        name="coco8",
+        callbacks={"on_train_start": [recorder.on_train_start]},
+        **TINY,
+    )
+    return result, before, recorder
+
+
+def test_run_folder_holds_every_output(coco8_run):
+    result, _, _ = coco8_run
+    for name in (
+        "adapter.safetensors",
+        "adapter_last.safetensors",
+        "merged.pt",
+        "lora.yaml",
+        "results.csv",
+        "weights/best.pt",
+        "weights/last.pt",
+    ):
+        assert (result.save_dir / name).is_file(), name
+    table = result.table()
+    assert "trainable parameters" in table and str(result.merged) in table
+
+
+def test_adapters_trained_and_base_untouched(coco8_run, base_pt):
+    result, before, _ = coco8_run
+    assert sha256(base_pt) == before  # the base checkpoint file is never written
+    adapter = load_adapter(result.adapter)
+    b = [t for k, t in adapter.tensors.items() if k.endswith("lora_B.weight")]
+    assert b and all(t.abs().max() > 0 for t in b)  # B left zero
+    base = load_model(base_pt).state_dict()
+    for ckpt in ("best.pt", "last.pt"):  # what Ultralytics validated and saved (EMA, fp16 on disk)
+        trained = torch.load(result.save_dir / "weights" / ckpt, weights_only=False)["model"].float().state_dict()
+        frozen = {k: v for k, v in trained.items() if not k.endswith(LORA_SUFFIXES)}
+        assert len(frozen) == len(base)
+        for k, v in frozen.items():
+            assert torch.equal(v, base[k.replace(".base_layer.", ".")]), f"{ckpt}: {k} changed"
+
+
+def test_trainable_count_equals_parameters_with_gradients(coco8_run):
+    result, _, recorder = coco8_run
+    model_params = dict(
+        torch.load(result.save_dir / "weights" / "last.pt", weights_only=False)["model"].named_parameters()
+    )
+    assert set(recorder.by_epoch) == {0, 1}
+    for epoch, names in recorder.by_epoch.items():
+        assert sum(model_params[n].numel() for n in names) == result.trainable == recorder.reported, epoch
+        assert all(n.endswith(LORA_SUFFIXES) for n in names)
+
+
+def test_merged_loads_in_plain_ultralytics_with_same_map(coco8_run, coco8):
+    result, _, _ = coco8_run
+    out = run_python(f"""
+        import sys, json
+        sys.modules["lora_yolo"] = None  # importing lora_yolo now fails: the file must be plain Ultralytics
+        from ultralytics import YOLO
+        m = YOLO({str(result.merged)!r})
+        r = m.val(data={str(coco8)!r}, imgsz=64, batch=4, device="cpu", plots=False, workers=0)
+        print(json.dumps({{"map50": r.box.map50, "map": r.box.map, "nc": len(m.names)}}))
+    """)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert abs(got["map50"] - result.metrics["mAP50"]) <= 1e-3 and abs(got["map"] - result.metrics["mAP50-95"]) <= 1e-3
+    assert got["nc"] == 80
+
+
+def test_fresh_merge_of_base_and_adapter_equals_merged(coco8_run, base_pt, tmp_path):
+    result, _, _ = coco8_run
+    out = run_python(f"""
+        import torch
+        from lora_yolo import attach_adapter, load_adapter, load_model, merge_lora
+        m = merge_lora(attach_adapter(load_model({str(base_pt)!r}), load_adapter({str(result.adapter)!r})))
+        torch.save(m.state_dict(), {str(tmp_path / "fresh.pt")!r})
+    """)
+    assert out.returncode == 0, out.stderr[-2000:]
+    fresh = torch.load(tmp_path / "fresh.pt")
+    merged = torch.load(result.merged, weights_only=False)["model"].state_dict()
+    assert fresh.keys() == merged.keys()
+    assert max((fresh[k].float() - merged[k].float()).abs().max().item() for k in fresh) <= 1e-6
+
+
+SHAPES_B2 = ROOT / "datasets" / "shapes-b2" / "data.yaml"  # 4 classes: the 80-class base must grow a new head
+
+
+def test_new_class_count_trains_class_layers_in_full(base_pt, tmp_path):
+    result = train(SHAPES_B2, model=base_pt, project=str(tmp_path), name="b2", fraction=0.1, **TINY)
+    adapter = load_adapter(result.adapter)
+    assert adapter.nc == 4 and adapter.base["nc"] == 80
+    assert adapter.full and all(".cv3." in k for k in adapter.full)  # the class convs, weight and bias
+    assert all(adapter.tensors[k].shape[0] == 4 for k in adapter.full)
+    merged = load_model(result.merged)
+    assert merged.model[-1].nc == 4 and len(merged.names) == 4
+    with torch.no_grad():
+        out = merged.eval()(torch.rand(1, 3, 64, 64))[0]
+    assert out.shape[1] == 4 + 4  # 4 box coordinates + 4 class scores per anchor
+
+
+def test_resume_continues_an_interrupted_run(base_pt, coco8, tmp_path):
+    def crash_after_first_save(trainer):
+        if trainer.epoch == 0:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C after epoch 1 was saved
+
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            coco8,
+            model=base_pt,
+            project=str(tmp_path),
+            name="r",
+            callbacks={"on_model_save": [crash_after_first_save]},
+            **TINY,
+        )
+    last = tmp_path / "r" / "weights" / "last.pt"
+    assert torch.load(last, weights_only=False)["optimizer"] is not None
+    result = train(None, resume=last)
+    assert result.save_dir == tmp_path / "r"
+    assert len((result.save_dir / "results.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
+    adapter = load_adapter(result.adapter)
+    assert adapter.base["weights"] == load_adapter(result.adapter_last).base["weights"]
+    assert load_model(result.merged).model[-1].nc == 80
+
+
+def test_yolov8_from_yaml_trains(coco8, tmp_path):
+    result = train(coco8, model="yolov8n.yaml", project=str(tmp_path), name="v8", **{**TINY, "epochs": 1})
+    base = result.save_dir / "weights" / "base.pt"  # a YAML base is random: it is kept so merge can find it
+    assert base.is_file()
+    adapter = load_adapter(result.adapter)
+    assert adapter.base["path"] == str(base.resolve()) and "yolov8n" in adapter.base["yaml"]
+    assert not any("attn" in k for k in adapter.layers)  # YOLOv8 has no attention; the default still works
+
+
+def test_ddp_pickled_trainer_rebuilds_and_trains(base_pt, coco8, tmp_path):
+    """Ultralytics' DDP launcher pickles trainer class, args, model and callbacks with cloudpickle and rebuilds the
+    trainer in a fresh process; run that very file (single process on CPU) and check it trains the adapters."""
+    from lora_yolo.checkpoint import load_model as load
+    from lora_yolo.config import LoraConfig
+    from lora_yolo.trainer import LoraDetectionTrainer
+
+    trainer = LoraDetectionTrainer(
+        overrides={"model": str(base_pt), "data": str(coco8), "project": str(tmp_path), "name": "ddp", **TINY},
+        lora=LoraConfig(targets=["head"], r=4),
+    )
+    base = load(base_pt)
+    trainer.model = trainer.get_model(cfg=base.yaml, weights=base)
+    from ultralytics.utils.dist import generate_ddp_file
+
+    script = generate_ddp_file(trainer)
+    try:
+        out = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=tmp_path)
+    finally:
+        Path(script).unlink(missing_ok=True)
+        Path(script).with_suffix(".pt").unlink(missing_ok=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    adapter = load_adapter(tmp_path / "ddp" / "adapter.safetensors")
+    assert adapter.config.targets == ["head"] and {r for r, _ in adapter.layers.values()} == {4}
+    assert all(t.abs().max() > 0 for k, t in adapter.tensors.items() if k.endswith("lora_B.weight"))
+    assert (tmp_path / "ddp" / "merged.pt").is_file()
