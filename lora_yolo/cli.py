@@ -38,6 +38,8 @@ ExcludeOpt = Annotated[
 RankPatternOpt = Annotated[
     Optional[list[str]], typer.Option("--rank-pattern", help="REGEX=R per-layer rank (repeatable).")
 ]
+ADAPTER_HELP = "ADAPTER.safetensors[:WEIGHT], repeatable; weights scale each adapter's update."
+AdaptersOpt = Annotated[Optional[list[str]], typer.Option("--adapter", "-a", help=ADAPTER_HELP)]
 AlphaPatternOpt = Annotated[
     Optional[list[str]], typer.Option("--alpha-pattern", help="REGEX=A per-layer alpha (repeatable).")
 ]
@@ -162,6 +164,41 @@ def train(
         raise typer.BadParameter(str(e)) from None
     result = train_lora(data, model=model, config=lora, resume=resume, **overrides)
     typer.echo("\n" + result.table())
+
+
+@app.command()
+def merge(
+    base: Annotated[str, typer.Option("--base", "-b", help="The base .pt checkpoint the adapters were trained on.")],
+    adapter: Annotated[list[str], typer.Option("--adapter", "-a", help=ADAPTER_HELP)],  # required here
+    output: Annotated[str, typer.Option("--output", "-o", help="Merged checkpoint to write.")] = "merged.pt",
+    allow_other_weights: Annotated[
+        bool, typer.Option(help="Accept a base with other weights than the adapter's (same architecture).")
+    ] = False,
+) -> None:
+    """Fold adapters into their base: a plain Ultralytics checkpoint, inputs untouched, written atomically."""
+    from lora_yolo.merge import merge_files
+
+    typer.echo(merge_files(base, adapter, output, allow_other_weights))
+
+
+@app.command()
+def export(
+    model: Annotated[Optional[str], typer.Argument(help="A merged .pt checkpoint (or use --base/--adapter).")] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx, torchscript, openvino, ...")] = "onnx",
+    base: Annotated[Optional[str], typer.Option("--base", "-b", help="Base checkpoint to merge in memory.")] = None,
+    adapter: AdaptersOpt = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where to put the export.")] = None,
+    imgsz: Annotated[int, typer.Option(help="Input image size.")] = 640,
+    half: Annotated[bool, typer.Option(help="FP16 weights.")] = False,
+    dynamic: Annotated[bool, typer.Option(help="Dynamic input shapes.")] = False,
+    simplify: Annotated[bool, typer.Option(help="Simplify the ONNX graph.")] = True,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset.")] = None,
+) -> None:
+    """Export a merged model with Ultralytics' exporter; a failed export leaves the inputs untouched."""
+    from lora_yolo.export import export_model
+
+    path = export_model(model, format, base, adapter, output, imgsz, half, dynamic, simplify, opset)
+    typer.echo(path)
 
 
 def run() -> None:

@@ -32,7 +32,8 @@ from lora_yolo.adapter import Adapter, attach_adapter, extract_adapter, fingerpr
 from lora_yolo.checkpoint import build_for_classes, class_count, load_model, save_checkpoint
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
-from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_layers, merge_lora, set_trainable, unload_lora
+from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_layers, set_trainable, unload_lora
+from lora_yolo.merge import merge_files
 from lora_yolo.targets import class_layers, select_targets
 
 ADAPTER, ADAPTER_LAST, MERGED, CONFIG_FILE = "adapter.safetensors", "adapter_last.safetensors", "merged.pt", "lora.yaml"
@@ -199,8 +200,5 @@ def base_file(adapter: Adapter) -> str:
 
 def write_merged(run_dir: Path, train_args: dict) -> Path:
     """`merged.pt` in `run_dir`: the run's base with `adapter.safetensors` merged in, in a fresh model."""
-    adapter = load_adapter(run_dir / ADAPTER)
-    model = merge_lora(attach_adapter(load_model(base_file(adapter)), adapter))
-    args = {**train_args, "freeze": None, "resume": False}  # the LoRA freeze list means nothing to a plain model
-    model.args = deepcopy(args)
-    return save_checkpoint(model, run_dir / MERGED, train_args=args)
+    base = base_file(load_adapter(run_dir / ADAPTER))
+    return merge_files(base, [str(run_dir / ADAPTER)], run_dir / MERGED, train_args=train_args)

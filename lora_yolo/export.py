@@ -1,0 +1,79 @@
+"""Export a merged model to ONNX, TorchScript, OpenVINO, ... through Ultralytics' own exporter.
+
+The export runs on a copy in a temporary folder and its result is moved into place at the end, so a failed export
+leaves no half-written file and never touches the inputs. `base` + `adapter` are merged in memory first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ultralytics import YOLO
+from ultralytics.engine.exporter import export_formats
+from ultralytics.utils import DEFAULT_CFG_DICT
+
+from lora_yolo.errors import LoraYoloError, first_line
+from lora_yolo.merge import merge_files
+
+
+def formats() -> dict[str, str]:
+    """Ultralytics export formats: argument -> suffix (e.g. onnx -> .onnx, openvino -> _openvino_model)."""
+    table = export_formats()
+    return dict(zip(table["Argument"], table["Suffix"]))
+
+
+def export_model(
+    model: str | Path | None = None,
+    format: str = "onnx",
+    base: str | Path | None = None,
+    adapters: list[str] | None = None,
+    output: str | Path | None = None,
+    imgsz: int = 640,
+    half: bool = False,
+    dynamic: bool = False,
+    simplify: bool = True,
+    opset: int | None = None,
+) -> Path:
+    """Export a merged checkpoint, or `base` + `adapters` merged in memory; returns the exported file or folder.
+
+    Example:
+        >>> export_model("runs/detect/train/merged.pt", format="onnx", imgsz=640)
+        >>> export_model(base="yolo11n.pt", adapters=["adapter.safetensors"], format="onnx")
+    """
+    known = formats()
+    if format not in known or format == "-":
+        raise LoraYoloError(f"unknown export format {format!r}; formats: {', '.join(k for k in known if k != '-')}")
+    if (model is None) == (base is None):
+        raise LoraYoloError("give either a merged MODEL or --base with --adapter")
+    if base is not None and not adapters:
+        raise LoraYoloError("--base needs at least one --adapter")
+    source = Path(model) if model is not None else Path(adapters[0].rpartition(":")[0] or adapters[0])
+    if model is not None and not source.is_file():
+        raise LoraYoloError(f"model file not found: {source}")
+    stem = source.stem if model is not None else f"{source.stem}-merged"
+    target = Path(output) if output else source.with_name(stem + known[format])
+    if not target.parent.is_dir():
+        raise LoraYoloError(f"output folder does not exist: {target.parent}")
+    precision = {"quantize": 16 if half else None} if "quantize" in DEFAULT_CFG_DICT else {"half": half}
+    with tempfile.TemporaryDirectory(prefix=".lora-yolo-export-", dir=target.parent) as tmp:
+        work = Path(tmp) / f"{stem}.pt"
+        if model is not None:
+            shutil.copyfile(source, work)  # the exporter writes beside its input: never beside the user's file
+        else:
+            merge_files(base, adapters, work)
+        try:
+            exported = YOLO(str(work)).export(
+                format=format, imgsz=imgsz, dynamic=dynamic, simplify=simplify, opset=opset, device="cpu", **precision
+            )
+        except Exception as e:
+            raise LoraYoloError(f"{format} export failed: {first_line(e)}") from None
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(exported, target)  # atomic within the target's folder
+    return target
+
+
+__all__ = ["export_model", "formats"]
