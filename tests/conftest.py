@@ -44,8 +44,41 @@ def coco8() -> Path:
 
 
 def head_output(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Raw Detect output (boxes and class scores before NMS) in eval mode."""
+    """Raw Detect output (boxes and class scores before NMS) in eval mode.
+
+    Box rows come out in pixels; they are divided by the image size here so that one absolute tolerance means the
+    same for boxes (a fraction of the image) and for class scores (probabilities).
+    """
     model.eval()
     with torch.no_grad():
         y = model(x)
-    return y[0] if isinstance(y, (list, tuple)) else y
+    y = (y[0] if isinstance(y, (list, tuple)) else y).clone()
+    y[:, :4] /= x.shape[-1]
+    return y
+
+
+def image_batch(data_yaml: Path, imgsz: int, split: str = "val") -> torch.Tensor:
+    """The split's images, letterboxed to imgsz as Ultralytics' predictor does, as an RGB float batch in [0, 1]."""
+    import cv2
+    import numpy as np
+    from ultralytics.data.augment import LetterBox
+
+    files = sorted((data_yaml.parent / "images" / split).glob("*.jpg"))
+    boxed = [LetterBox(new_shape=(imgsz, imgsz), auto=False)(image=cv2.imread(str(f))) for f in files]
+    return torch.from_numpy(np.stack(boxed)[..., ::-1].transpose(0, 3, 1, 2).copy()).float() / 255
+
+
+def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.05):
+    """A model with adapters whose B is random (as if trained) and its Adapter, for the base at base_pt."""
+    from lora_yolo import LoraConfig, LoraConv2d, add_lora, extract_adapter, fingerprint, select_targets
+
+    config = config or LoraConfig()
+    model = load_model(base_pt)
+    base = fingerprint(model)
+    add_lora(model, select_targets(model, config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraConv2d):
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * scale)
+    return model, extract_adapter(model, config, base, full=[])

@@ -6,40 +6,20 @@ import json
 
 import pytest
 import torch
-from conftest import head_output, make_base
+from conftest import head_output, make_base, random_adapter
 from safetensors import safe_open
 
 from lora_yolo import (
-    LoraConfig,
-    LoraConv2d,
     LoraYoloError,
-    add_lora,
     attach_adapter,
-    extract_adapter,
-    fingerprint,
     load_adapter,
     load_model,
     save_adapter,
-    select_targets,
 )
 
 
-def trained_adapter(base_pt, config=None):
-    """An adapter with non-zero weights, as if trained, for the base at base_pt."""
-    config = config or LoraConfig()
-    base = load_model(base_pt)
-    model = load_model(base_pt)
-    add_lora(model, select_targets(model, config))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoraConv2d):
-                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
-    return model, extract_adapter(model, config, fingerprint(base), full=[])
-
-
 def test_save_load_roundtrip_is_bit_exact(base_pt, tmp_path):
-    _, adapter = trained_adapter(base_pt)
+    _, adapter = random_adapter(base_pt)
     path = save_adapter(adapter, tmp_path / "a.safetensors")
     loaded = load_adapter(path)
     assert loaded.tensors.keys() == adapter.tensors.keys()
@@ -52,21 +32,21 @@ def test_save_load_roundtrip_is_bit_exact(base_pt, tmp_path):
 
 
 def test_attached_adapter_reproduces_the_trained_model(base_pt):
-    model, adapter = trained_adapter(base_pt)
+    model, adapter = random_adapter(base_pt)
     rebuilt = attach_adapter(load_model(base_pt), adapter)
     x = torch.rand(1, 3, 64, 64)
     assert torch.equal(head_output(rebuilt, x), head_output(model, x))
 
 
 def test_adapter_for_other_architecture_is_refused(base_pt, tmp_path):
-    _, adapter = trained_adapter(base_pt)
+    _, adapter = random_adapter(base_pt)
     other = make_base(tmp_path / "yolo11s.pt", "yolo11s.yaml")
     with pytest.raises(LoraYoloError, match=rf"architecture {adapter.base['arch']}.*yolo11n.*yolo11s"):
         attach_adapter(load_model(other), adapter)
 
 
 def test_adapter_for_other_weights_is_refused_unless_allowed(base_pt, tmp_path):
-    _, adapter = trained_adapter(base_pt)
+    _, adapter = random_adapter(base_pt)
     other = load_model(make_base(tmp_path / "other.pt", seed=1))
     with pytest.raises(LoraYoloError, match="other weights"):
         attach_adapter(other, adapter)
@@ -76,7 +56,7 @@ def test_adapter_for_other_weights_is_refused_unless_allowed(base_pt, tmp_path):
 def test_inconsistent_file_is_refused(base_pt, tmp_path):
     from safetensors.torch import save_file
 
-    _, adapter = trained_adapter(base_pt)
+    _, adapter = random_adapter(base_pt)
     tensors = dict(adapter.tensors)
     tensors.pop(next(iter(tensors)))
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=adapter.metadata())
