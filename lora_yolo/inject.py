@@ -46,6 +46,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k.endswith(LORA_SUFFIXES)}
 
 
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state without its adapters, under the base's own names (`.base_layer.` dropped)."""
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if not k.endswith(LORA_SUFFIXES)}
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its conv and put the plain `nn.Conv2d` back, in place.
 

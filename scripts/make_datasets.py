@@ -1,7 +1,7 @@
 """Generate the synthetic datasets: the small B1/B2 splits shipped in datasets/, or larger ones anywhere.
 
-    python scripts/make_datasets.py                       # datasets/shapes-b1 and datasets/shapes-b2 (shipped)
-    python scripts/make_datasets.py --domain A --train 1200 --val 200 --out /tmp/shapes-a
+python scripts/make_datasets.py                       # datasets/shapes-b1 and datasets/shapes-b2 (shipped)
+python scripts/make_datasets.py --domain A --train 1200 --val 200 --out /tmp/shapes-a
 """
 
 from __future__ import annotations

@@ -39,8 +39,17 @@ def main() -> None:
     start = time.time()
     model = YOLO("yolo11n.yaml")
     model.train(
-        data=str(data), epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, seed=args.seed, device="cpu",
-        workers=2, project=str(work / "runs"), name="pretrain", plots=False, exist_ok=True,
+        data=str(data),
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        seed=args.seed,
+        device="cpu",
+        workers=2,
+        project=str(work / "runs"),
+        name="pretrain",
+        plots=False,
+        exist_ok=True,
     )
     minutes = (time.time() - start) / 60
     best = work / "runs" / "pretrain" / "weights" / "best.pt"
@@ -50,7 +59,7 @@ def main() -> None:
     sidecar = {
         "made_by": "scripts/pretrain_base.py",
         "model": "yolo11n.yaml (random init)",
-        "data": f"lora_yolo.synth domain A, {args.train} train / {args.val} val images, {args.imgsz} px, seed {args.seed}",
+        "data": f"lora_yolo.synth domain A, {args.train} train / {args.val} val, {args.imgsz} px, seed {args.seed}",
         "epochs": args.epochs,
         "batch": args.batch,
         "ultralytics": __version__,
