@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,11 +94,67 @@ def save_adapter(adapter: Adapter, path: str | Path) -> Path:
     return Path(path)
 
 
+# Bounds checked before safetensors allocates anything: a real adapter has a header of tens of KB and a few hundred
+# tensors, so a file claiming more is damaged or hostile.
+MAX_HEADER_BYTES = 8 << 20
+MAX_TENSORS = 20_000
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def check_header(path: Path) -> None:
+    """Validate the safetensors framing with bounded reads: header size, JSON, dtypes, shapes and offsets.
+
+    The format is an 8-byte little-endian header length, a JSON header, then the raw tensor bytes; every tensor's
+    `data_offsets` must tile the data region exactly and agree with its dtype and shape.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise LoraYoloError(f"{path} is empty or truncated ({size} bytes)")
+        n = int.from_bytes(prefix, "little")
+        if n > MAX_HEADER_BYTES:
+            raise LoraYoloError(f"{path} declares a {n:,}-byte header (at most {MAX_HEADER_BYTES:,}): not an adapter")
+        if 8 + n > size:
+            raise LoraYoloError(f"{path} is truncated: its header needs {8 + n:,} bytes, the file has {size:,}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError):
+            raise LoraYoloError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict) or len(header) > MAX_TENSORS + 1:
+        raise LoraYoloError(f"{path} has a malformed header")
+    spans, data = [], size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = dtype in DTYPE_BYTES and all(isinstance(d, int) and d >= 0 for d in shape)
+            ok = ok and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data
+            ok = ok and math.prod(shape) * DTYPE_BYTES[dtype] == end - begin
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise LoraYoloError(f"{path} is damaged: tensor {str(name)[:80]!r} has an inconsistent entry")
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise LoraYoloError(f"{path} is damaged: tensor data overlaps or leaves gaps")
+        position = end
+    if position != data:
+        raise LoraYoloError(f"{path} is damaged: {data:,} data bytes, the header accounts for {position:,}")
+
+
 def load_adapter(path: str | Path) -> Adapter:
-    """Read and validate an adapter file; any damage or inconsistency is a `LoraYoloError` naming the file."""
+    """Read and validate an adapter file; any damage or inconsistency is a `LoraYoloError` naming the file.
+
+    Nothing is unpickled or executed: the header is checked with bounded reads, then safetensors reads raw bytes.
+    """
     path = Path(path)
     if not path.is_file():
         raise LoraYoloError(f"adapter file not found: {path}")
+    check_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

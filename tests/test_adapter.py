@@ -62,6 +62,3 @@ def test_inconsistent_file_is_refused(base_pt, tmp_path):
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=adapter.metadata())
     with pytest.raises(LoraYoloError, match="inconsistent"):
         load_adapter(tmp_path / "bad.safetensors")
-    (tmp_path / "renamed.safetensors").write_bytes(base_pt.read_bytes()[:4096])
-    with pytest.raises(LoraYoloError, match="not a readable adapter"):
-        load_adapter(tmp_path / "renamed.safetensors")

@@ -1,0 +1,139 @@
+"""Untrusted adapter files: every damaged or hostile file is a clear LoraYoloError, fast, and nothing is executed."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+
+import pytest
+from conftest import random_adapter
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lora_yolo import LoraYoloError, load_adapter, save_adapter
+
+FUZZ_CASES = 300  # per property; CI runs all of them (derandomized, so every run checks the same cases)
+CASES_RUN = {"count": 0}
+
+
+@pytest.fixture(scope="module")
+def good(base_pt, tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("good") / "a.safetensors"
+    save_adapter(random_adapter(base_pt)[1], path)
+    return path.read_bytes()
+
+
+def load_bytes(tmp_path, data: bytes):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(data)
+    start = time.perf_counter()
+    try:
+        return load_adapter(path)
+    finally:
+        assert time.perf_counter() - start < 2.0  # bounded time, whatever the file says
+        CASES_RUN["count"] += 1
+
+
+def header_of(data: bytes) -> dict:
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8 : 8 + n])
+
+
+def with_header(data: bytes, header: dict) -> bytes:
+    """Same tensor bytes, another (possibly lying) header."""
+    n = struct.unpack("<Q", data[:8])[0]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: b"", "empty or truncated"),
+        (lambda d: d[: len(d) // 2], "truncated|damaged"),
+        (lambda d: d[:100], "truncated"),
+        (lambda d: struct.pack("<Q", 1 << 40) + d[8:], "header"),
+        (lambda d: struct.pack("<Q", 16) + b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01" + d[24:], "not a safetensors"),
+        (lambda d: b"PK\x03\x04" + d[4:], "header"),  # a zip (.pt) renamed
+    ],
+    ids=["empty", "half", "100-bytes", "huge-header", "pickle-header", "zip-magic"],
+)
+def test_damaged_files_are_refused(good, tmp_path, make, message):
+    with pytest.raises(LoraYoloError, match=message):
+        load_bytes(tmp_path, make(good))
+
+
+def test_pt_checkpoint_renamed_is_refused(base_pt, tmp_path):
+    with pytest.raises(LoraYoloError):
+        load_bytes(tmp_path, base_pt.read_bytes())
+
+
+def test_header_lying_about_shapes_or_offsets(good, tmp_path):
+    header = header_of(good)
+    name = next(k for k in header if k != "__metadata__")
+    for lie in ({"shape": [10**6, 10**6]}, {"data_offsets": [0, 10**12]}, {"dtype": "I64"}, {"shape": [-1]}):
+        liar = {**header, name: {**header[name], **lie}}
+        with pytest.raises(LoraYoloError, match="damaged|inconsistent"):
+            load_bytes(tmp_path, with_header(good, liar))
+
+
+def test_metadata_that_lies_about_layers(good, tmp_path):
+    header = header_of(good)
+    meta = dict(header["__metadata__"])
+    layers = json.loads(meta["layers"])
+    layers[next(iter(layers))][0] = 99  # claims rank 99 for a rank-8 tensor pair
+    meta["layers"] = json.dumps(layers)
+    with pytest.raises(LoraYoloError, match="inconsistent"):
+        load_bytes(tmp_path, with_header(good, {**header, "__metadata__": meta}))
+
+
+@settings(
+    max_examples=FUZZ_CASES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(st.data())
+def test_fuzz_bit_flips_and_truncation(good, tmp_path, data):
+    blob = bytearray(good)
+    for _ in range(data.draw(st.integers(1, 8))):
+        i = data.draw(st.integers(0, len(blob) - 1))
+        blob[i] ^= 1 << data.draw(st.integers(0, 7))
+    cut = data.draw(st.one_of(st.none(), st.integers(0, len(blob))))
+    blob = bytes(blob[:cut] if cut is not None else blob)
+    try:
+        adapter = load_bytes(tmp_path, blob)
+    except LoraYoloError:
+        return
+    # A flip inside tensor data (or padding) still loads: the values changed, the structure is intact.
+    assert all(t.is_floating_point() for t in adapter.tensors.values())
+
+
+@settings(
+    max_examples=FUZZ_CASES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    header=st.dictionaries(
+        st.text(max_size=20),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+            max_leaves=12,
+        ),
+        max_size=6,
+    )
+)
+def test_fuzz_arbitrary_headers(good, tmp_path, header):
+    with pytest.raises(LoraYoloError):
+        load_bytes(tmp_path, with_header(good, header))
+
+
+def test_report_fuzz_case_count():
+    """Prints how many files the checks above fed to the loader (shown with pytest -s or -rP)."""
+    print(f"untrusted-adapter cases run: {CASES_RUN['count']}")
+    assert CASES_RUN["count"] >= 2 * FUZZ_CASES or CASES_RUN["count"] == 0  # 0 when run alone
