@@ -195,8 +195,11 @@ def export(
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset.")] = None,
 ) -> None:
     """Export a merged model with Ultralytics' exporter; a failed export leaves the inputs untouched."""
-    from lora_yolo.export import export_model
+    from lora_yolo.export import export_model, formats
 
+    if format not in formats() or format == "-":
+        choices = ", ".join(k for k in formats() if k != "-")
+        raise typer.BadParameter(f"unknown export format {format!r}; formats: {choices}", param_hint="--format")
     path = export_model(model, format, base, adapter, output, imgsz, half, dynamic, simplify, opset)
     typer.echo(path)
 

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ultralytics.data.utils import check_det_dataset
 from ultralytics.models.yolo.detect import DetectionValidator
 from ultralytics.utils import DEFAULT_CFG_DICT
 
 from lora_yolo.adapter import load_adapter
 from lora_yolo.checkpoint import load_model
 from lora_yolo.config import LoraConfig
+from lora_yolo.datacheck import check_dataset
 from lora_yolo.errors import LoraYoloError, first_line
 from lora_yolo.presets import resolve_config
 from lora_yolo.trainer import ADAPTER, ADAPTER_LAST, CONFIG_FILE, MERGED, LoraDetectionTrainer, base_file
@@ -127,18 +127,13 @@ def train(
     if resume is not None:
         if not Path(resume).is_file():
             raise LoraYoloError(f"resume checkpoint not found: {resume}")
-        trainer = LoraDetectionTrainer(overrides={**overrides, "resume": str(resume)})
+        trainer = _trainer(overrides={**overrides, "resume": str(resume)})
     else:
         if data is None:
             raise LoraYoloError("DATA is required (a dataset YAML) unless --resume is given")
-        if not Path(data).is_file():
-            raise LoraYoloError(f"dataset YAML not found: {data}")
-        try:
-            check_det_dataset(str(data))
-        except Exception as e:
-            raise LoraYoloError(f"dataset {data}: {first_line(e)}") from None
+        check_dataset(data)
         base = load_model(model)
-        trainer = LoraDetectionTrainer(overrides={**overrides, "model": str(model), "data": str(data)}, lora=config)
+        trainer = _trainer(overrides={**overrides, "model": str(model), "data": str(data)}, lora=config)
         # As Ultralytics' Model.train does: build the model before train(), so the DDP launcher pickles the model
         # with its adapters and each worker trains that very model.
         trainer.model = trainer.get_model(cfg=base.yaml, weights=None if str(model).endswith(".yaml") else base)
@@ -163,6 +158,14 @@ def train(
         total=sum(p.numel() for p in trainer.model.parameters()),
         epoch_seconds=_epoch_seconds(trainer.csv),
     )
+
+
+def _trainer(**kwargs: Any) -> LoraDetectionTrainer:
+    """The trainer; what Ultralytics refuses while setting up (a GPU that is not there, a bad value) is one line."""
+    try:
+        return LoraDetectionTrainer(**kwargs)
+    except (ValueError, SyntaxError, TypeError, FileNotFoundError, RuntimeError) as e:
+        raise LoraYoloError(first_line(e)) from None
 
 
 def _validate(trainer: LoraDetectionTrainer, model: str | Path, name: str) -> dict[str, float]:

@@ -150,7 +150,7 @@ def test_export_from_base_and_adapter_equals_export_of_merged(adapters, base_pt,
 def test_unknown_format_and_failed_export(adapters, tmp_path):
     _, _, merged = adapters
     out = cli("export", str(merged), "--format", "onx")
-    assert out.returncode == 1 and "unknown export format 'onx'" in out.stderr and "onnx" in out.stderr
+    assert out.returncode == 2 and "unknown export format 'onx'" in out.stderr and "onnx" in out.stderr
     before = sha256(merged)
     with pytest.raises(LoraYoloError, match="export failed"):  # TensorFlow is not installed: LiteRT cannot export
         export_model(merged, "litert", output=tmp_path / "m.tflite", imgsz=64)

@@ -1,0 +1,68 @@
+"""Check a dataset YAML before training, so a bad dataset is one clear line, not a traceback mid-run.
+
+Ultralytics' own `check_det_dataset` does the resolving (the `path` key, relative folders) and most of the checking;
+this adds what it only logs as a warning and then silently skips: labels whose class id is out of range.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from ultralytics.data.utils import IMG_FORMATS, check_det_dataset, img2label_paths
+
+from lora_yolo.errors import LoraYoloError, first_line
+
+
+def _images(source: str | list) -> list[Path]:
+    """Image files of a split given as a folder, a .txt list of files, or a list of either."""
+    files = []
+    for item in source if isinstance(source, list) else [source]:
+        p = Path(item)
+        if p.is_dir():
+            files += [f for f in p.rglob("*") if f.suffix[1:].lower() in IMG_FORMATS]
+        elif p.suffix == ".txt" and p.is_file():
+            files += [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
+        elif p.is_file():
+            files.append(p)
+    return files
+
+
+def check_dataset(data: str | Path) -> dict:
+    """Ultralytics' resolved dataset dict, or a LoraYoloError naming the file and the problem.
+
+    Example:
+        >>> check_dataset("datasets/shapes-b2/data.yaml")["nc"]
+        4
+    """
+    path = Path(data)
+    if not path.is_file():
+        raise LoraYoloError(f"dataset YAML not found: {data}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise LoraYoloError(f"cannot read dataset YAML {data}: {e.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LoraYoloError(f"dataset {data} is not valid YAML ({first_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise LoraYoloError(f"dataset {data} must be a YAML mapping with train, val and names")
+    missing = [k for k in ("train", "val") if not raw.get(k)] + ([] if raw.get("names") or raw.get("nc") else ["names"])
+    if missing:
+        raise LoraYoloError(f"dataset {data} has no '{missing[0]}' key (train, val and names are required)")
+    try:
+        resolved = check_det_dataset(str(path), autodownload=False)
+    except Exception as e:
+        raise LoraYoloError(f"dataset {data}: {first_line(e)}") from None
+    nc = resolved["nc"]
+    for split in ("train", "val"):
+        for label in img2label_paths([str(f) for f in _images(resolved[split])]):
+            if not Path(label).is_file():
+                continue
+            for line in Path(label).read_text().splitlines():
+                fields = line.split()
+                if fields and (not fields[0].lstrip("-").isdigit() or not 0 <= int(fields[0]) < nc):
+                    raise LoraYoloError(
+                        f"{label}: label class {fields[0]} exceeds dataset class count {nc}. "
+                        f"Possible class labels are 0-{nc - 1}"
+                    )
+    return resolved
