@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lora_yolo.errors import LoraYoloError
+from lora_yolo.errors import LoraYoloError, TrainingInterrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -213,7 +213,7 @@ def run() -> None:
         if _state["debug"]:
             raise
         typer.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        sys.exit(130 if isinstance(e, TrainingInterrupted) else 1)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):

@@ -9,6 +9,14 @@ class LoraYoloError(Exception):
     """A failure the user can act on; the message says what went wrong and, where possible, what to do."""
 
 
+class TrainingInterrupted(LoraYoloError):
+    """Ctrl-C or SIGTERM: the run folder keeps the last completed epoch, and the message says how to resume."""
+
+    def __init__(self, last) -> None:
+        how = f"resume with: lora-yolo train --resume {last}" if last.exists() else "no epoch was completed yet"
+        super().__init__(f"training interrupted; {how}")
+
+
 def first_line(e: BaseException) -> str:
     """The first line of another library's error message, without its emoji prefix, to quote in ours."""
     text = str(e).strip().splitlines()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import csv
 import difflib
+import signal
 import statistics
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from lora_yolo.adapter import load_adapter
 from lora_yolo.checkpoint import load_model
 from lora_yolo.config import LoraConfig
 from lora_yolo.datacheck import check_dataset
-from lora_yolo.errors import LoraYoloError, first_line
+from lora_yolo.errors import LoraYoloError, TrainingInterrupted, first_line
 from lora_yolo.presets import resolve_config
 from lora_yolo.trainer import ADAPTER, ADAPTER_LAST, CONFIG_FILE, MERGED, LoraDetectionTrainer, base_file
 
@@ -140,7 +143,11 @@ def train(
     for event, functions in (callbacks or {}).items():
         for function in functions:
             trainer.add_callback(event, function)
-    trainer.train()
+    with _stop_on_sigterm():
+        try:
+            trainer.train()
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(trainer.last) from None
 
     adapter = load_adapter(trainer.save_dir / ADAPTER)
     base = base_file(adapter)
@@ -158,6 +165,26 @@ def train(
         total=sum(p.numel() for p in trainer.model.parameters()),
         epoch_seconds=_epoch_seconds(trainer.csv),
     )
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt, so a kill from a scheduler unwinds like Ctrl-C.
+
+    Python runs the handler between bytecodes, so a checkpoint being written (one C-level write) completes first.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _trainer(**kwargs: Any) -> LoraDetectionTrainer:

@@ -19,6 +19,7 @@ checkpoint pickles and the cloudpickle that Ultralytics' DDP launcher uses to re
 from __future__ import annotations
 
 import logging
+import math
 from copy import deepcopy
 from pathlib import Path
 
@@ -155,6 +156,19 @@ class LoraDetectionTrainer(DetectionTrainer):
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d) and not any(p.requires_grad for p in m.parameters()):
                 m.eval()
+
+    def _handle_nan_recovery(self, epoch: int) -> bool:
+        """Stop on a non-finite loss instead of Ultralytics' reload-and-retry: the adapters saved so far stay good."""
+        bad = (self.loss is not None and not self.loss.isfinite()) or (
+            self.fitness is not None and not math.isfinite(self.fitness)
+        )
+        if bad:
+            last = self.save_dir / ADAPTER_LAST
+            kept = f"the last good adapter is {last}" if last.exists() else "no adapter was saved before it"
+            raise LoraYoloError(
+                f"training diverged: the loss became NaN/Inf in epoch {epoch + 1}; {kept}. Lower lr0 or the rank"
+            )
+        return False
 
     def save_model(self):
         """Ultralytics' checkpoints, plus the EMA's adapter: `adapter_last` always, `adapter` when it is the best."""

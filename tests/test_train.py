@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lora_yolo import load_adapter, load_model
+from lora_yolo.errors import TrainingInterrupted
 from lora_yolo.inject import LORA_SUFFIXES, base_state_dict
 from lora_yolo.train import train
 
@@ -156,7 +157,7 @@ def test_resume_continues_an_interrupted_run(base_pt, coco8, tmp_path):
         if trainer.epoch == 0:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C after epoch 1 was saved
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingInterrupted, match="resume with: lora-yolo train --resume"):
         train(
             coco8,
             model=base_pt,
