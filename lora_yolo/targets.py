@@ -121,15 +121,19 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
                 f"{row.kind} (groups={conv.groups}) not supported: a per-group adapter would hold "
                 f"{lora_param_count(conv, config.rank_for(name))} params vs the layer's {row.params}"
             )
+        elif config.rank_for(name) > max_rank(conv):
+            r = config.rank_for(name)
+            if any(re.search(p, name) for p in [*config.rank_pattern, *config.include]):  # asked for by name
+                raise LoraYoloError(
+                    f"rank {r} is larger than layer {name} can use (at most {max_rank(conv)} for a "
+                    f"{conv.in_channels}->{conv.out_channels} conv, kernel {row.kernel}); lower it with rank_pattern"
+                )
+            # A preset swept it in: with r > min(out, in*k*k) the adapter is no smaller than the layer and no more
+            # expressive than training it in full (typically a Detect class conv with few classes).
+            row.reason = f"rank {r} > its limit {max_rank(conv)} = min(out, in*k*k): adapter no smaller than the layer"
         else:
             row.selected = True
             row.r, row.lora_alpha = config.rank_for(name), config.alpha_for(name)
-            if row.r > max_rank(conv):
-                raise LoraYoloError(
-                    f"rank {row.r} is larger than layer {name} can use (at most {max_rank(conv)} for a "
-                    f"{conv.in_channels}->{conv.out_channels} conv with kernel {row.kernel}); lower r or "
-                    "set a smaller rank for it with rank_pattern"
-                )
             row.lora_params = lora_param_count(conv, row.r)
         rows.append(row)
     return rows
@@ -145,6 +149,9 @@ def select_targets(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
         hint = (
             f"; nearest layer names: {', '.join(hints)}" if hints else f"; layers look like: {names[len(names) // 2]}"
         )
+        too_big = [row for row in rows if row.reason.startswith("rank ")]
+        if too_big:
+            hint = f"; rank {config.r} is larger than every selected layer can use ({too_big[0].reason.split(': ')[0]})"
         raise LoraYoloError(
             f"the selection (targets={config.targets}, include={config.include}, exclude={config.exclude}) "
             f"matches no trainable conv layer{hint}"

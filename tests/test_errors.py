@@ -106,7 +106,7 @@ def test_bad_options_are_usage_errors(monkeypatch, capsys, args, message):
 
 def test_rank_above_layer_channels(monkeypatch, capsys):
     code, err = invoke(monkeypatch, capsys, "inspect", "yolo11n.yaml", "--rank", "999")
-    assert code == 1 and "rank 999 is larger than layer" in err
+    assert code == 1 and "rank 999 is larger than every selected layer can use" in err
 
 
 def test_selection_matching_nothing_names_nearby_layers(monkeypatch, capsys):
