@@ -82,15 +82,16 @@ class Adapter:
         }
 
 
-def save_adapter(adapter: Adapter, path: str | Path) -> Path:
-    """Write the adapter atomically; returns the path.
+def save_adapter(adapter: Adapter, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the adapter atomically, in fp16 by default (as Ultralytics stores its checkpoints); returns the path.
+
+    Everything downstream (merged.pt, merge, export) is built from the file, so they agree with it exactly.
 
     Example:
         >>> save_adapter(adapter, "runs/detect/train/adapter.safetensors")
     """
-    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=adapter.metadata())
+        save_file(_stored(adapter, dtype), str(tmp), metadata=adapter.metadata())
     return Path(path)
 
 
@@ -252,7 +253,10 @@ def extract_adapter(model: nn.Module, config: LoraConfig, base: dict, full: list
     )
 
 
-def adapter_bytes(adapter: Adapter) -> int:
-    """Exact size of the adapter's file, computed in memory."""
-    tensors = {k: v.contiguous() for k, v in adapter.tensors.items()}
-    return len(save(tensors, metadata=adapter.metadata()))
+def adapter_bytes(adapter: Adapter, dtype: torch.dtype = torch.float16) -> int:
+    """Exact size of the adapter's file as save_adapter writes it, computed in memory."""
+    return len(save(_stored(adapter, dtype), metadata=adapter.metadata()))
+
+
+def _stored(adapter: Adapter, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(dtype).cpu().contiguous() for k, v in adapter.tensors.items()}

@@ -20,10 +20,12 @@ from lora_yolo import (
 
 def test_save_load_roundtrip_is_bit_exact(base_pt, tmp_path):
     _, adapter = random_adapter(base_pt)
-    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    path = save_adapter(adapter, tmp_path / "a.safetensors", dtype=torch.float32)
     loaded = load_adapter(path)
     assert loaded.tensors.keys() == adapter.tensors.keys()
     assert all(torch.equal(loaded.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
+    half = load_adapter(save_adapter(adapter, tmp_path / "h.safetensors"))  # the default: fp16, half the bytes
+    assert all(torch.equal(half.tensors[k], adapter.tensors[k].half()) for k in adapter.tensors)
     assert loaded.layers == adapter.layers and loaded.base == adapter.base and loaded.config == adapter.config
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
