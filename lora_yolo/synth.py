@@ -131,7 +131,7 @@ def make_dataset(root: str | Path, domain: str, n_train: int, n_val: int, imgsz:
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             img, labels = render(rng, spec, imgsz)
-            cv2.imwrite(str(root / "images" / split / f"{i:05d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+            cv2.imwrite(str(root / "images" / split / f"{i:05d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 80])
             lines = [f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}" for c, x, y, w, h in labels]
             (root / "labels" / split / f"{i:05d}.txt").write_text("\n".join(lines) + "\n")
     data = {"train": "images/train", "val": "images/val", "names": dict(enumerate(spec.classes))}
