@@ -21,13 +21,15 @@ from lora_yolo.atomic import atomic_path
 from lora_yolo.errors import LoraYoloError, first_line
 
 SUPPORTED_TASKS = ("detect",)
+ASSETS = Path(__file__).parent / "assets"  # yolo11n-shapes.pt: the offline demo base (scripts/pretrain_base.py)
 
 
 def load_model(source: str | Path) -> nn.Module:
     """A detection model in fp32 from a `.pt` checkpoint or an Ultralytics model YAML (e.g. `yolo11n.yaml`).
 
     A bare official name such as `yolo11n.pt` downloads the usual Ultralytics way when it is not on disk; offline,
-    that fails with a message saying how to pass a local checkpoint.
+    that fails with a message saying how to pass a local checkpoint. `yolo11n-shapes.pt`, the demo base shipped
+    with lora_yolo, loads by name from anywhere.
 
     Example:
         >>> model = load_model("yolo11n.yaml")
@@ -50,6 +52,8 @@ def load_model(source: str | Path) -> nn.Module:
         return model
     if not text.endswith(".pt"):
         raise LoraYoloError(f"model must be a .pt checkpoint or a model .yaml, got {text}")
+    if not Path(text).exists() and (ASSETS / text).is_file():  # a checkpoint shipped with lora_yolo, by name
+        text = str(ASSETS / text)
     local = Path(text).exists()
     if not local and text not in GITHUB_ASSETS_NAMES:  # only official names download
         raise LoraYoloError(f"model file not found: {text}")
