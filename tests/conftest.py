@@ -82,3 +82,32 @@ def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.0
             if isinstance(m, LoraConv2d):
                 m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * scale)
     return model, extract_adapter(model, config, base, full=[])
+
+
+DEMO_BASE = Path(__file__).resolve().parents[1] / "lora_yolo" / "assets" / "yolo11n-shapes.pt"
+SHAPES_B1 = Path(__file__).resolve().parents[1] / "datasets" / "shapes-b1" / "data.yaml"
+
+
+@pytest.fixture(scope="session")
+def demo_base() -> Path:
+    """The shipped demo base (pretrained on synthetic domain A): a model whose detections mean something."""
+    if not DEMO_BASE.is_file():
+        pytest.skip(f"demo base not found at {DEMO_BASE} (made by scripts/pretrain_base.py)")
+    return DEMO_BASE
+
+
+def detections(raw: torch.Tensor, imgsz: int) -> list[torch.Tensor]:
+    """Ultralytics' NMS on a raw head output as head_output returns it: per image, rows (x1, y1, x2, y2, conf, cls)."""
+    from ultralytics.utils.nms import non_max_suppression
+
+    raw = raw.clone()
+    raw[:, :4] *= imgsz
+    return non_max_suppression(raw, conf_thres=0.25, iou_thres=0.7)
+
+
+def same_detections(a: list[torch.Tensor], b: list[torch.Tensor], box_tol: float = 0.05) -> bool:
+    """The same boxes (within box_tol pixels) and classes, image by image."""
+    return all(
+        len(x) == len(y) and torch.equal(x[:, 5], y[:, 5]) and bool(((x[:, :4] - y[:, :4]).abs() <= box_tol).all())
+        for x, y in zip(a, b)
+    )

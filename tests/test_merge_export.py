@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import head_output, image_batch, make_base, random_adapter
+from conftest import SHAPES_B1, detections, head_output, image_batch, make_base, random_adapter, same_detections
 
 from lora_yolo import LoraConfig, LoraConv2d, LoraYoloError, attach_adapter, load_adapter, load_model, save_adapter
 from lora_yolo.export import export_model
@@ -169,3 +169,26 @@ def test_merged_exports_with_plain_ultralytics(adapters, tmp_path):
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "m.torchscript").is_file()
+
+
+@pytest.fixture(scope="module")
+def demo(demo_base, tmp_path_factory):
+    """A small adapter on the pretrained demo base: real detections, changed a little."""
+    folder = tmp_path_factory.mktemp("demo")
+    a = save_adapter(random_adapter(demo_base, seed=3, scale=0.01)[1], folder / "a.safetensors")
+    return a, merge_files(demo_base, [str(a)], folder / "merged.pt")
+
+
+def test_same_detections_unmerged_merged_and_onnx(demo, demo_base, tmp_path):
+    a, merged = demo
+    x = image_batch(SHAPES_B1, 160)[:8]
+    unmerged = head_output(attach_adapter(load_model(demo_base), load_adapter(a)), x)
+    plain = head_output(load_model(merged), x)
+    assert (plain - unmerged).abs().max() < 1e-4
+    ref = detections(unmerged, 160)
+    assert sum(len(d) for d in ref) >= 8  # the base really detects shapes
+    assert same_detections(detections(plain, 160), ref)
+    onnx = export_model(merged, "onnx", output=tmp_path / "d.onnx", imgsz=160, dynamic=True)
+    onnx_out = torch.from_numpy(onnx_run(onnx, x))
+    assert (onnx_out - plain).abs().max() < 1e-4
+    assert same_detections(detections(onnx_out, 160), ref)

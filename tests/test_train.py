@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHAPES_B1
 
 from lora_yolo import load_adapter, load_model
 from lora_yolo.errors import TrainingInterrupted
@@ -105,20 +106,35 @@ def test_trainable_count_equals_parameters_with_gradients(coco8_run):
         assert all(n.endswith(LORA_SUFFIXES) for n in names)
 
 
-def test_merged_loads_in_plain_ultralytics_with_same_map(coco8_run, coco8):
-    result, _, _ = coco8_run
+def plain_val(merged: Path, data: Path, imgsz: int, batch: int) -> dict:
+    """Validate a merged checkpoint with plain Ultralytics in a fresh process where lora_yolo cannot be imported."""
     out = run_python(f"""
         import sys, json
         sys.modules["lora_yolo"] = None  # importing lora_yolo now fails: the file must be plain Ultralytics
         from ultralytics import YOLO
-        m = YOLO({str(result.merged)!r})
-        r = m.val(data={str(coco8)!r}, imgsz=64, batch=4, device="cpu", plots=False, workers=0)
-        print(json.dumps({{"map50": r.box.map50, "map": r.box.map, "nc": len(m.names)}}))
+        m = YOLO({str(merged)!r})
+        r = m.val(data={str(data)!r}, imgsz={imgsz}, batch={batch}, device="cpu", plots=False, workers=0)
+        print(json.dumps({{"mAP50": r.box.map50, "mAP50-95": r.box.map, "nc": len(m.names)}}))
     """)
     assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert abs(got["map50"] - result.metrics["mAP50"]) <= 1e-3 and abs(got["map"] - result.metrics["mAP50-95"]) <= 1e-3
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_merged_loads_in_plain_ultralytics_with_same_map(coco8_run, coco8):
+    result, _, _ = coco8_run
+    got = plain_val(result.merged, coco8, imgsz=64, batch=4)
+    assert abs(got["mAP50"] - result.metrics["mAP50"]) <= 1e-3
+    assert abs(got["mAP50-95"] - result.metrics["mAP50-95"]) <= 1e-3
     assert got["nc"] == 80
+
+
+def test_demo_run_reports_the_map_plain_ultralytics_measures(demo_base, tmp_path):
+    """The same check with a pretrained base, where the mAP is far from zero."""
+    result = train(SHAPES_B1, model=demo_base, project=str(tmp_path), name="b1", **{**TINY, "imgsz": 160, "batch": 8})
+    assert result.metrics["mAP50-95"] > 0.05 and result.base_metrics is not None  # same classes: zero-shot shown
+    got = plain_val(result.merged, SHAPES_B1, imgsz=160, batch=8)
+    assert abs(got["mAP50"] - result.metrics["mAP50"]) <= 1e-3
+    assert abs(got["mAP50-95"] - result.metrics["mAP50-95"]) <= 1e-3
 
 
 def test_fresh_merge_of_base_and_adapter_equals_merged(coco8_run, base_pt, tmp_path):
