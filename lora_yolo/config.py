@@ -15,7 +15,7 @@ from lora_yolo.errors import LoraYoloError
 
 # Named groups of conv layers, derived from the model's own YAML (see lora_yolo.targets).
 PRESETS = ("backbone", "neck", "head", "attention", "all")
-DEFAULT_TARGETS = ["neck", "head", "attention"]  # the backbone stays frozen and untouched
+DEFAULT_TARGETS = ["all"]  # every ungrouped conv; base weights all stay frozen (benchmarks/results.md says why)
 
 
 @dataclass

@@ -18,14 +18,24 @@ def names(rows: list[ConvLayer]) -> set[str]:
     return {r.name for r in rows if r.selected}
 
 
-def test_default_selects_neck_head_attention_and_leaves_backbone(yolo11n):
+def test_default_adapts_every_ungrouped_conv(yolo11n):
     rows = describe_convs(yolo11n, LoraConfig())
     chosen = names(rows)
-    assert {"model.13.cv1.conv", "model.23.cv2.0.2", "model.10.m.0.attn.qkv.conv"} <= chosen
-    assert not any(r.section == "backbone" and r.selected and r.kind != "attention" for r in rows)
+    assert {"model.0.conv", "model.13.cv1.conv", "model.23.cv2.0.2", "model.10.m.0.attn.qkv.conv"} <= chosen
     assert "model.23.dfl.conv" not in chosen
     depthwise = [r for r in rows if r.kind == "depthwise"]
     assert depthwise and all(not r.selected and "not supported" in r.reason for r in depthwise)
+    assert all(r.selected for r in rows if r.groups == 1 and "dfl" not in r.name)
+
+
+def test_neck_head_preset_leaves_the_backbone_alone(yolo11n):
+    from lora_yolo.presets import resolve_config
+
+    config, train_args = resolve_config("neck_head")
+    rows = describe_convs(yolo11n, config)
+    assert {"model.13.cv1.conv", "model.23.cv2.0.2", "model.10.m.0.attn.qkv.conv"} <= names(rows)
+    assert not any(r.section == "backbone" and r.selected and r.kind != "attention" for r in rows)
+    assert train_args == {"optimizer": "AdamW", "lr0": 0.02}
 
 
 @pytest.mark.parametrize("cfg", ["yolo11n.yaml", "yolo11s.yaml", "yolov8n.yaml"])
