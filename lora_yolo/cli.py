@@ -21,9 +21,7 @@ app = typer.Typer(
 _state = {"debug": False}
 
 # Shared LoRA selection options (the `hf` CLI style: one Annotated alias per option).
-ConfigOpt = Annotated[
-    Optional[str], typer.Option("--config", "-c", help="Preset (default, neck_head, high_capacity, head_only) or YAML path.")
-]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="Preset name or YAML path.")]
 RankOpt = Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA rank r.")]
 AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha (scale = alpha / r).")]
 DropoutOpt = Annotated[Optional[float], typer.Option("--dropout", help="Dropout on the adapter input, in [0, 1).")]
