@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, Optional
@@ -204,7 +203,6 @@ def export(
 
 def run() -> None:
     """Console entry point: known errors become one line on stderr and exit 1 (usage errors exit 2)."""
-    os.environ.setdefault("YOLO_VERBOSE", "False")  # Ultralytics' own logging stays out of our output
     try:
         app(standalone_mode=False)
     except LoraYoloError as e:
