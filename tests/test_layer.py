@@ -131,3 +131,19 @@ def test_injected_model_survives_deepcopy_save_half(yolo11n, tmp_path):
     half = copy.deepcopy(model).half()
     assert all(p.dtype == torch.float16 for p in half.parameters())
     assert (head_output(half.float(), x) - expected).abs().max() < 0.05  # only fp16 rounding of the weights
+
+
+def test_dropout_two_path_form_matches_the_single_conv_form():
+    """With dropout the adapter runs as a second conv path; in eval (dropout off) it equals the one-conv form."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
+    plain, dropped = (
+        LoraConv2d(conv, r=4, lora_alpha=8),
+        LoraConv2d(copy.deepcopy(conv), r=4, lora_alpha=8, lora_dropout=0.5),
+    )
+    randomize(plain)
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(dropped.eval()(x), plain.eval()(x), rtol=1e-6, atol=1e-5)
+        assert not torch.allclose(dropped.train()(x), plain(x), atol=1e-3)  # dropout acts in training
