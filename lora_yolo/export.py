@@ -16,7 +16,7 @@ from ultralytics.engine.exporter import export_formats
 from ultralytics.utils import DEFAULT_CFG_DICT
 
 from lora_yolo.errors import LoraYoloError, first_line
-from lora_yolo.merge import merge_files
+from lora_yolo.merge import merge_files, parse_adapter_spec
 
 
 def formats() -> dict[str, str]:
@@ -50,7 +50,7 @@ def export_model(
         raise LoraYoloError("give either a merged MODEL or --base with --adapter")
     if base is not None and not adapters:
         raise LoraYoloError("--base needs at least one --adapter")
-    source = Path(model) if model is not None else Path(adapters[0].rpartition(":")[0] or adapters[0])
+    source = Path(model) if model is not None else parse_adapter_spec(adapters[0])[0]
     if model is not None and not source.is_file():
         raise LoraYoloError(f"model file not found: {source}")
     stem = source.stem if model is not None else f"{source.stem}-merged"
