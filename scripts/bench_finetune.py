@@ -1,7 +1,7 @@
 """LoRA vs full fine-tuning vs Ultralytics `freeze`, on synthetic domain shift (B1) and new classes (B2), on CPU.
 
     python scripts/bench_finetune.py --quick          # one seed, short schedule: under 10 minutes on 2 cores
-    python scripts/bench_finetune.py                  # 2 seeds, full schedule: about an hour on 2 cores (8 methods x 2 domains x 2 seeds)
+    python scripts/bench_finetune.py                  # 2 seeds, full schedule: 47 min on 2 cores (8 methods x 2 x 2)
 
 Every method starts from the same base (the shipped demo base, pretrained on domain A) with the same data, epochs,
 image size and seed, each in its own subprocess (so peak memory is its own). Writes benchmarks/results.json,

@@ -2,7 +2,7 @@
 
     python scripts/bench_inference.py [--base B.pt] [--imgsz 320] [--batch 1] [--repeats 30]
 
-Three models in one process, timed in interleaved rounds (base, merged, unmerged, base, ...) so machine noise hits
+Three models in one process, timed in interleaved rounds (the order rotating each round) so machine noise hits
 each alike; each round times one forward pass after warm-up. Prints the median of the per-round ratios and their
 spread (10th-90th percentile): merged / base should be 1.00 within noise (a merged model is a plain YOLO model with
 the same layers), unmerged / merged is the price of serving with the adapter attached.
@@ -50,8 +50,10 @@ def main() -> None:
         for m in models.values():  # warm-up
             for _ in range(3):
                 m(x)
-        for _ in range(args.repeats):
-            for name, m in models.items():
+        names = list(models)
+        for i in range(args.repeats):
+            for name in names[i % 3 :] + names[: i % 3]:  # rotate the order: no model always runs first
+                m = models[name]
                 start = time.perf_counter()
                 m(x)
                 times[name].append(time.perf_counter() - start)
