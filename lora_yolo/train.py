@@ -83,7 +83,7 @@ class TrainResult:
                 f"{self.trainable:,} of {self.total:,} ({100 * self.trainable / self.total:.2f}%)",
             ),
             (
-                "adapter vs full checkpoint",
+                "adapter vs merged.pt (fp32)",
                 f"{self.adapter.stat().st_size:,} B vs {self.merged.stat().st_size:,} B "
                 f"({self.merged.stat().st_size / self.adapter.stat().st_size:.0f}x smaller)",
             ),
