@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def load_adapter(path: str | Path) -> Adapter:
         )
     except LoraYoloError:
         raise
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise LoraYoloError(f"{path} is not a readable adapter file ({type(e).__name__}: {e})") from None
     _check_consistent(adapter, path)
     return adapter
@@ -212,11 +213,14 @@ def check_fits(adapter: Adapter, base: nn.Module, allow_other_weights: bool = Fa
             f"adapter does not fit this base: it was trained on architecture {want['arch']} ({want['yaml']}, "
             f"nc={want['nc']}), the base is {have['arch']} ({have['yaml']}, nc={have['nc']})"
         )
-    if have["weights"] != want["weights"] and not allow_other_weights:
-        raise LoraYoloError(
-            f"adapter was trained on other weights of this architecture (base weights {want['weights']}, "
-            f"given {have['weights']}); pass the original base, or allow a weights mismatch explicitly"
+    if have["weights"] != want["weights"]:
+        text = (
+            f"adapter was trained on other weights of this architecture "
+            f"(base weights {want['weights']}, given {have['weights']})"
         )
+        if not allow_other_weights:
+            raise LoraYoloError(f"{text}; pass the original base, or allow a weights mismatch explicitly")
+        warnings.warn(f"{text}: applying it anyway, as asked", stacklevel=2)
 
 
 def attach_adapter(base: nn.Module, adapter: Adapter, allow_other_weights: bool = False) -> nn.Module:

@@ -123,7 +123,7 @@ def train(
         >>> result = train("coco8.yaml", model="yolo11n.pt", config=LoraConfig(r=8), epochs=10, imgsz=640)
         >>> print(result.table())
     """
-    if config is None:  # the default preset, with its training arguments under the caller's
+    if config is None and resume is None:  # the default preset, its training arguments under the caller's
         config, preset_args = resolve_config(None)
         overrides = {**preset_args, **overrides}
     check_train_args(overrides)

@@ -52,7 +52,8 @@ def test_adapter_for_other_weights_is_refused_unless_allowed(base_pt, tmp_path):
     other = load_model(make_base(tmp_path / "other.pt", seed=1))
     with pytest.raises(LoraYoloError, match="other weights"):
         attach_adapter(other, adapter)
-    assert attach_adapter(other, adapter, allow_other_weights=True) is not None
+    with pytest.warns(UserWarning, match="applying it anyway"):
+        assert attach_adapter(other, adapter, allow_other_weights=True) is not None
 
 
 def test_inconsistent_file_is_refused(base_pt, tmp_path):

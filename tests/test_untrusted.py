@@ -79,6 +79,16 @@ def test_header_lying_about_shapes_or_offsets(good, tmp_path):
             load_bytes(tmp_path, with_header(good, liar))
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [("names", "[1, 2]"), ("layers", "7"), ("lora_config", "[]"), ("nc", "x"), ("base", "null"), ("full", "{bad json")],
+)
+def test_metadata_of_the_wrong_shape(good, tmp_path, key, value):
+    header = header_of(good)
+    with pytest.raises(LoraYoloError):
+        load_bytes(tmp_path, with_header(good, {**header, "__metadata__": {**header["__metadata__"], key: value}}))
+
+
 def test_metadata_that_lies_about_layers(good, tmp_path):
     header = header_of(good)
     meta = dict(header["__metadata__"])
