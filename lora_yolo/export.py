@@ -69,7 +69,8 @@ def export_model(
                 format=format, imgsz=imgsz, dynamic=dynamic, simplify=simplify, opset=opset, device="cpu", **precision
             )
         except Exception as e:
-            raise LoraYoloError(f"{format} export failed: {first_line(e)}") from None
+            hint = "; install the export extra: pip install 'lora-yolo[export]'" if isinstance(e, ImportError) else ""
+            raise LoraYoloError(f"{format} export failed: {first_line(e)}{hint}") from None
         if target.is_dir():
             shutil.rmtree(target)
         os.replace(exported, target)  # atomic within the target's folder
