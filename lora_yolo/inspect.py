@@ -9,7 +9,7 @@ from lora_yolo.adapter import adapter_bytes, extract_adapter, fingerprint
 from lora_yolo.checkpoint import load_model
 from lora_yolo.config import LoraConfig
 from lora_yolo.inject import add_lora
-from lora_yolo.targets import ConvLayer, describe_convs, select_targets
+from lora_yolo.targets import ConvLayer, describe_convs, plan_of
 
 
 @dataclass
@@ -72,7 +72,7 @@ def inspect_model(source: str | Path, config: LoraConfig) -> InspectReport:
     rows = describe_convs(model, config)
     base = fingerprint(model)
     base_params = sum(p.numel() for p in model.parameters())
-    add_lora(model, select_targets(model, config), config.lora_dropout, config.use_rslora)
+    add_lora(model, plan_of(rows, config), config.lora_dropout, config.use_rslora)
     adapter = extract_adapter(model, config, base, full=[])
     return InspectReport(
         model=str(source),

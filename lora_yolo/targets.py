@@ -141,7 +141,11 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
 
 def select_targets(model: nn.Module, config: LoraConfig, full: frozenset[str] = frozenset()) -> dict[str, tuple]:
     """Map each selected conv name to its (r, lora_alpha); an empty selection is an error naming nearby layers."""
-    rows = describe_convs(model, config, full)
+    return plan_of(describe_convs(model, config, full), config)
+
+
+def plan_of(rows: list[ConvLayer], config: LoraConfig) -> dict[str, tuple]:
+    """The plan for `add_lora` from `describe_convs` rows already computed."""
     plan = {row.name: (row.r, row.lora_alpha) for row in rows if row.selected}
     if not plan:
         names = [row.name for row in rows]

@@ -8,7 +8,7 @@ callbacks, DDP) stays its own; this class changes only what it must, each where 
   parameter not named in `freeze`, and builds the optimizer, DDP wrapper and EMA right after, before any callback.
 - `_model_train` puts frozen BatchNorm layers in eval mode each epoch (train mode would update their running
   statistics although their weights are frozen) and checks the trainable set has not drifted.
-- `save_model` also writes the EMA's adapter (the weights Ultralytics validates) as safetensors, in fp32.
+- `save_model` also writes the EMA's adapter (the weights Ultralytics validates) as safetensors.
 - `final_eval` validates `merged.pt`, not `best.pt`: Ultralytics' final_eval fuses conv+BN on the loaded model,
   which would drop an unmerged adapter.
 
@@ -116,7 +116,7 @@ class LoraDetectionTrainer(DetectionTrainer):
         return model
 
     def _setup_train(self):
-        """Ultralytics' setup, without its per-parameter freeze log, then a check of what it left trainable."""
+        """Ultralytics' setup (without its per-parameter freeze log), then the run files and one summary line."""
         quiet = _DropFreezeLines()
         LOGGER.addFilter(quiet)
         try:

@@ -201,18 +201,19 @@ def test_yolov8_from_yaml_trains(coco8, tmp_path):
     assert not any("attn" in k for k in adapter.layers)  # YOLOv8 has no attention; the default still works
 
 
-def test_ddp_pickled_trainer_rebuilds_and_trains(base_pt, coco8, tmp_path):
+def test_ddp_pickled_trainer_rebuilds_and_trains(demo_base, coco8, tmp_path):
     """Ultralytics' DDP launcher pickles trainer class, args, model and callbacks with cloudpickle and rebuilds the
     trainer in a fresh process; run that very file (single process on CPU) and check it trains the adapters."""
     from lora_yolo.checkpoint import load_model as load
     from lora_yolo.config import LoraConfig
     from lora_yolo.trainer import LoraDetectionTrainer
 
+    args = {**TINY, "imgsz": 128}  # a pretrained base on real COCO images: real gradients
     trainer = LoraDetectionTrainer(
-        overrides={"model": str(base_pt), "data": str(coco8), "project": str(tmp_path), "name": "ddp", **TINY},
+        overrides={"model": str(demo_base), "data": str(coco8), "project": str(tmp_path), "name": "ddp", **args},
         lora=LoraConfig(targets=["head"], r=4),
     )
-    base = load(base_pt)
+    base = load(demo_base)
     trainer.model = trainer.get_model(cfg=base.yaml, weights=base)
     from ultralytics.utils.dist import generate_ddp_file
 
@@ -225,7 +226,9 @@ def test_ddp_pickled_trainer_rebuilds_and_trains(base_pt, coco8, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     adapter = load_adapter(tmp_path / "ddp" / "adapter.safetensors")
     assert adapter.config.targets == ["head"] and {r for r, _ in adapter.layers.values()} == {4}
-    moved = [bool(t.abs().max() > 0) for k, t in adapter.tensors.items() if k.endswith("lora_B.weight")]
-    # Most B left zero (a random base at 64 px gives the stride-32 box branch no positive anchor, hence no gradient).
-    assert sum(moved) >= 0.75 * len(moved)
+    # Every B moves except the stride-32 box branch: at 128 px Ultralytics' task-aligned assigner takes its top-10
+    # anchors per object from the finer levels, so that branch gets exactly zero gradient in plain Ultralytics
+    # training too (checked by hand: model.23.cv2.2.2.weight.grad == 0 with every parameter trainable).
+    still = {k for k, t in adapter.tensors.items() if k.endswith("lora_B.weight") and not t.abs().max() > 0}
+    assert all(k.startswith("model.23.cv2.2.") for k in still)
     assert (tmp_path / "ddp" / "merged.pt").is_file()
