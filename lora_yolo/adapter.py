@@ -3,6 +3,7 @@
 Tensors
   `<conv>.lora_A.weight`  (r, in, kh, kw)   for every adapted conv, e.g. `model.16.cv1.conv.lora_A.weight`
   `<conv>.lora_B.weight`  (out, r, 1, 1)
+  `<conv>.lora_magnitude_vector`  (out,)  DoRA only: the trained magnitude per output channel
   `<param>`               any tensor trained in full, under its model name (the class layers when the class count
                           changed, e.g. `model.23.cv3.0.2.weight`)
 Metadata (safetensors' string map, values JSON)
@@ -30,7 +31,7 @@ from lora_yolo.atomic import atomic_path
 from lora_yolo.checkpoint import build_for_classes, class_count
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
-from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_plan
+from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_plan, lora_tensor_names
 
 FORMAT = "lora-yolo-adapter"
 FORMAT_VERSION = 1
@@ -188,7 +189,8 @@ def load_adapter(path: str | Path) -> Adapter:
 
 def _check_consistent(adapter: Adapter, path: Path) -> None:
     """The tensors must be exactly what the metadata promises, with shapes that agree with the ranks."""
-    expected = {f"{layer}{s}" for layer in adapter.layers for s in LORA_SUFFIXES} | set(adapter.full)
+    dora = adapter.config.use_dora
+    expected = {n for layer in adapter.layers for n in lora_tensor_names(layer, dora)} | set(adapter.full)
     if set(adapter.tensors) != expected:
         odd = sorted(set(adapter.tensors) ^ expected)[:3]
         raise LoraYoloError(f"{path} is inconsistent: tensors and metadata disagree on {odd}")
@@ -196,6 +198,8 @@ def _check_consistent(adapter: Adapter, path: Path) -> None:
         a, b = adapter.tensors[f"{layer}.lora_A.weight"], adapter.tensors[f"{layer}.lora_B.weight"]
         if a.ndim != 4 or b.ndim != 4 or a.shape[0] != r or b.shape[1] != r or b.shape[2:] != (1, 1):
             raise LoraYoloError(f"{path} is inconsistent: {layer} has A {tuple(a.shape)}, B {tuple(b.shape)}, r={r}")
+        if dora and adapter.tensors[f"{layer}.lora_magnitude_vector"].shape != b.shape[:1]:
+            raise LoraYoloError(f"{path} is inconsistent: {layer}'s DoRA magnitude does not fit {b.shape[0]} channels")
     if any(not t.is_floating_point() or not torch.isfinite(t).all() for t in adapter.tensors.values()):
         raise LoraYoloError(f"{path} holds non-float or non-finite tensors")
 
@@ -231,7 +235,8 @@ def attach_adapter(base: nn.Module, adapter: Adapter, allow_other_weights: bool 
     """
     check_fits(adapter, base, allow_other_weights)
     model = build_for_classes(base, adapter.nc, adapter.names)
-    add_lora(model, adapter.layers, adapter.config.lora_dropout, adapter.config.use_rslora)
+    config = adapter.config
+    add_lora(model, adapter.layers, config.lora_dropout, config.use_rslora, config.use_dora)
     state = model.state_dict()
     for name, t in adapter.tensors.items():
         if name not in state or state[name].shape != t.shape:

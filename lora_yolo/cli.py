@@ -25,6 +25,10 @@ RankOpt = Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA rank 
 AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha (scale = alpha / r).")]
 DropoutOpt = Annotated[Optional[float], typer.Option("--dropout", help="Dropout on the adapter input, in [0, 1).")]
 RsloraOpt = Annotated[Optional[bool], typer.Option("--rslora/--no-rslora", help="Scale by alpha / sqrt(r).")]
+DoraOpt = Annotated[Optional[bool], typer.Option("--dora/--no-dora", help="DoRA: train a magnitude per channel.")]
+LoraplusOpt = Annotated[
+    Optional[float], typer.Option("--loraplus-ratio", help="LoRA+: B's learning rate over A's (1 = plain LoRA).")
+]
 TargetsOpt = Annotated[
     Optional[str], typer.Option("--targets", help="Comma list of presets: backbone,neck,head,attention,all.")
 ]
@@ -58,7 +62,9 @@ def _pairs(items: list[str] | None, cast: Callable[[str], Any], option: str) -> 
     return out
 
 
-def lora_options(config, rank, alpha, dropout, rslora, targets, include, exclude, rank_pattern, alpha_pattern):
+def lora_options(
+    config, rank, alpha, dropout, rslora, dora, loraplus, targets, include, exclude, rank_pattern, alpha_pattern
+):
     """Turn the shared selection options into (LoraConfig, train args); a bad value is a usage error (exit 2)."""
     from lora_yolo.presets import resolve_config
 
@@ -69,6 +75,8 @@ def lora_options(config, rank, alpha, dropout, rslora, targets, include, exclude
             lora_alpha=alpha,
             lora_dropout=dropout,
             use_rslora=rslora,
+            use_dora=dora,
+            loraplus_lr_ratio=loraplus,
             targets=[t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None,
             include=include or None,
             exclude=exclude or None,
@@ -93,6 +101,7 @@ def inspect(
     alpha: AlphaOpt = None,
     dropout: DropoutOpt = None,
     rslora: RsloraOpt = None,
+    dora: DoraOpt = None,
     targets: TargetsOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -103,7 +112,9 @@ def inspect(
     """Dry run: every conv layer, whether LoRA would adapt it (or why not), and the adapter's cost."""
     from lora_yolo.inspect import inspect_model
 
-    lora, _ = lora_options(config, rank, alpha, dropout, rslora, targets, include, exclude, rank_pattern, alpha_pattern)
+    lora, _ = lora_options(
+        config, rank, alpha, dropout, rslora, dora, None, targets, include, exclude, rank_pattern, alpha_pattern
+    )
     report = inspect_model(model, lora)
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
 
@@ -131,11 +142,13 @@ def train(
     alpha: AlphaOpt = None,
     dropout: DropoutOpt = None,
     rslora: RsloraOpt = None,
+    dora: DoraOpt = None,
     targets: TargetsOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     rank_pattern: RankPatternOpt = None,
     alpha_pattern: AlphaPatternOpt = None,
+    loraplus_ratio: LoraplusOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
     imgsz: Annotated[Optional[int], typer.Option(help="Image size.")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
@@ -151,7 +164,18 @@ def train(
     from lora_yolo.train import train as train_lora
 
     lora, preset_args = lora_options(
-        config, rank, alpha, dropout, rslora, targets, include, exclude, rank_pattern, alpha_pattern
+        config,
+        rank,
+        alpha,
+        dropout,
+        rslora,
+        dora,
+        loraplus_ratio,
+        targets,
+        include,
+        exclude,
+        rank_pattern,
+        alpha_pattern,
     )
     flags = dict(epochs=epochs, imgsz=imgsz, batch=batch, device=device, lr0=lr0, project=project, name=name, seed=seed)
     overrides = {**preset_args, **{k: v for k, v in flags.items() if v is not None}, **_passthrough(ctx.args)}

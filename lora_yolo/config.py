@@ -30,6 +30,8 @@ class LoraConfig:
     lora_alpha: float = 16.0  # scale = lora_alpha / r (or / sqrt(r) with use_rslora)
     lora_dropout: float = 0.0  # dropout on the adapter's input, training only
     use_rslora: bool = False  # rank-stabilised scaling (Kalajdzievski 2023): alpha / sqrt(r)
+    use_dora: bool = False  # DoRA (Liu et al. 2024): a trained magnitude per output channel, see lora_yolo.layer
+    loraplus_lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B learns this many times faster than A; 1 = off
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # presets, see PRESETS
     include: list[str] = field(default_factory=list)  # regexes (re.search on conv names) added to the presets
     exclude: list[str] = field(default_factory=list)  # regexes removed from the selection, applied last
@@ -45,8 +47,13 @@ class LoraConfig:
             raise LoraYoloError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         if not 0 <= self.lora_dropout < 1:
             raise LoraYoloError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _check_alpha("loraplus_lr_ratio", self.loraplus_lr_ratio)
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise LoraYoloError(f"{name} must be true or false, got {getattr(self, name)!r}")
         # One canonical form, so a preset's `16` and a default's `16.0` give identical adapter metadata.
         self.lora_alpha, self.lora_dropout = float(self.lora_alpha), float(self.lora_dropout)
+        self.loraplus_lr_ratio = float(self.loraplus_lr_ratio)
         self.alpha_pattern = {p: float(a) for p, a in self.alpha_pattern.items()}
         if isinstance(self.targets, str):
             self.targets = [self.targets]

@@ -1,7 +1,8 @@
 """Put adapters into a model, take them out, and read their weights (minLoRA's verbs, PEFT's names).
 
 A selected conv `model.16.cv1.conv` becomes a `LoraConv2d` at the same path, so its weights are named
-`model.16.cv1.conv.base_layer.weight`, `model.16.cv1.conv.lora_A.weight` and `model.16.cv1.conv.lora_B.weight`.
+`model.16.cv1.conv.base_layer.weight`, `model.16.cv1.conv.lora_A.weight` and `model.16.cv1.conv.lora_B.weight`
+(and, for DoRA, `model.16.cv1.conv.lora_magnitude_vector`).
 The modules are plain `nn.Module`s (not torch parametrizations), so they survive `copy.deepcopy` (Ultralytics' EMA),
 `.half()` and whole-module `torch.save` (Ultralytics' checkpoints), and cloudpickle (Ultralytics' DDP launcher).
 """
@@ -13,11 +14,20 @@ from torch import nn
 
 from lora_yolo.layer import LoraConv2d
 
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+
+
+def lora_tensor_names(layer: str, use_dora: bool) -> list[str]:
+    """The adapter tensors of conv `layer`: A and B, plus DoRA's magnitude."""
+    return [f"{layer}{s}" for s in LORA_SUFFIXES[: 3 if use_dora else 2]]
 
 
 def add_lora(
-    model: nn.Module, plan: dict[str, tuple[int, float]], lora_dropout: float = 0.0, use_rslora: bool = False
+    model: nn.Module,
+    plan: dict[str, tuple[int, float]],
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Wrap each conv named in `plan` (name -> (r, lora_alpha)) in a `LoraConv2d`, in place.
 
@@ -27,7 +37,7 @@ def add_lora(
     for name, (r, alpha) in plan.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, attr, LoraConv2d(getattr(parent, attr), r, alpha, lora_dropout, use_rslora))
+        setattr(parent, attr, LoraConv2d(getattr(parent, attr), r, alpha, lora_dropout, use_rslora, use_dora))
     return model
 
 
@@ -42,7 +52,7 @@ def lora_plan(model: nn.Module) -> dict[str, tuple[int, float]]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter weights (`<conv>.lora_A.weight`, `<conv>.lora_B.weight`), detached and in fp32."""
+    """Only the adapter weights (`<conv>.lora_A.weight`, `<conv>.lora_B.weight`, DoRA's magnitudes), in fp32."""
     return {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k.endswith(LORA_SUFFIXES)}
 
 

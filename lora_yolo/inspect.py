@@ -72,7 +72,7 @@ def inspect_model(source: str | Path, config: LoraConfig) -> InspectReport:
     rows = describe_convs(model, config)
     base = fingerprint(model)
     base_params = sum(p.numel() for p in model.parameters())
-    add_lora(model, plan_of(rows, config), config.lora_dropout, config.use_rslora)
+    add_lora(model, plan_of(rows, config), config.lora_dropout, config.use_rslora, config.use_dora)
     adapter = extract_adapter(model, config, base, full=[])
     return InspectReport(
         model=str(source),

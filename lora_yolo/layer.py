@@ -6,9 +6,15 @@ For a base conv W (out, in, k, k) the update is delta W = scale * B A, with
 so conv(x, W) + scale * B(A(x)) = conv(x, W + delta W) exactly, by linearity. A starts Kaiming-uniform and B at
 zero, so a freshly injected model computes exactly what the base computes (as in PEFT and loralib).
 
+With `use_dora` the layer is DoRA (Liu et al. 2024, arXiv:2402.09353): a trainable magnitude m per output channel
+rescales the direction of W + delta W, giving W' = m / ||W + delta W||_c * (W + delta W), where ||.||_c is the norm of
+each output channel's filter. m starts at ||W||_c, so a fresh layer again computes exactly what the base computes.
+As in PEFT and the paper (section 4.3), the norm is treated as a constant in backward. W' is a plain conv weight,
+so DoRA merges exactly like LoRA; the bias is not rescaled.
+
 Unlike loralib, `train()`/`eval()` never merge: Ultralytics switches modes every epoch and for every validation.
 Merging is explicit (`merge`, `unmerge`), done in fp32 whatever the module's dtype, and refuses non-finite weights
-(PEFT's safe_merge).
+(PEFT's safe_merge). `unmerge` puts the original weight back bit-exactly (it is kept while merged).
 """
 
 from __future__ import annotations
@@ -21,10 +27,15 @@ from torch import nn
 from lora_yolo.errors import LoraYoloError
 
 
-def lora_param_count(conv: nn.Conv2d, r: int) -> int:
-    """Closed form of an adapter's size: A has r * in * kh * kw weights, B has out * r."""
+def lora_param_count(conv: nn.Conv2d, r: int, use_dora: bool = False) -> int:
+    """Closed form of an adapter's size: A has r * in * kh * kw weights, B has out * r, DoRA's magnitude out."""
     kh, kw = conv.kernel_size
-    return r * conv.in_channels * kh * kw + conv.out_channels * r
+    return r * conv.in_channels * kh * kw + conv.out_channels * r + (conv.out_channels if use_dora else 0)
+
+
+def channel_norm(weight: torch.Tensor) -> torch.Tensor:
+    """||W||_c: the L2 norm of each output channel's filter, shape (out,). DoRA's magnitude starts here."""
+    return weight.flatten(1).norm(dim=1)
 
 
 def max_rank(conv: nn.Conv2d) -> int:
@@ -43,7 +54,13 @@ class LoraConv2d(nn.Module):
     """
 
     def __init__(
-        self, base_layer: nn.Conv2d, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False
+        self,
+        base_layer: nn.Conv2d,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if base_layer.groups != 1:
@@ -72,7 +89,14 @@ class LoraConv2d(nn.Module):
         self.lora_B = nn.Conv2d(r, base_layer.out_channels, 1, bias=False, device=w.device, dtype=w.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Conv2d's own init, as in PEFT
         nn.init.zeros_(self.lora_B.weight)  # B = 0: the fresh adapter changes nothing
-        self.merged = False
+        self.use_dora = use_dora
+        if use_dora:  # PEFT's name; stored (out,) here, PEFT keeps (1, out, 1, 1)
+            self.lora_magnitude_vector = nn.Parameter(channel_norm(w.detach().float()).to(w.dtype))
+        self._unmerged: torch.Tensor | None = None  # the base weight, kept while merged
+
+    @property
+    def merged(self) -> bool:
+        return self._unmerged is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """conv(x, W) + scale * B(A(x)), computed as one conv with W + delta W when there is no dropout.
@@ -80,43 +104,64 @@ class LoraConv2d(nn.Module):
         The single conv is the same function, and cheaper than a second conv path: delta W costs one small matmul,
         the input is read once (a k x k conv A re-reads it at full resolution), and no r-channel activations are kept
         for backward. Measured on CPU, 3x3 layers at high resolution: about 1.5x faster per training step.
-        Dropout on A's input needs the two-path form.
+        Dropout on A's input needs the two-path form; for DoRA that is m / ||W + delta W||_c * (conv(x, W) + update).
         """
         base = self.base_layer
         if self.merged:
             return base(x)
         if isinstance(self.lora_dropout, nn.Identity):
-            return base._conv_forward(x, base.weight + self._delta(base.weight.dtype), base.bias)
-        return base(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+            return base._conv_forward(x, self._adapted(base.weight.dtype), base.bias)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        if not self.use_dora:
+            return base(x) + update
+        w = base.weight
+        y = (base._conv_forward(x, w, None) + update) * self._dora_scale(w + self._delta(w.dtype)).view(1, -1, 1, 1)
+        return y if base.bias is None else y + base.bias.view(1, -1, 1, 1)
 
     def _delta(self, dtype: torch.dtype) -> torch.Tensor:
         a = self.lora_A.weight.to(dtype).flatten(1)  # (r, in * kh * kw)
         b = self.lora_B.weight.to(dtype).flatten(1)  # (out, r)
         return (b @ a).view(self.base_layer.weight.shape) * self.scaling
 
+    def _dora_scale(self, adapted: torch.Tensor) -> torch.Tensor:
+        """m / ||W + delta W||_c, the norm detached (a constant in backward, as in the DoRA paper)."""
+        norm = channel_norm(adapted.detach()).clamp_min(torch.finfo(adapted.dtype).tiny)  # a zero filter stays zero
+        return self.lora_magnitude_vector.to(adapted.dtype) / norm
+
+    def _adapted(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight this layer computes with: W + delta W, or DoRA's rescaled form, in `dtype`."""
+        w = self.base_layer.weight.to(dtype) + self._delta(dtype)
+        return w * self._dora_scale(w).view(-1, 1, 1, 1) if self.use_dora else w
+
+    def adapted_weight(self) -> torch.Tensor:
+        """The adapted conv weight in fp32, shaped like the base weight (out, in, kh, kw): what `merge` writes."""
+        return self._adapted(torch.float32)
+
     def delta_weight(self) -> torch.Tensor:
-        """delta W in fp32, shaped like the base weight (out, in, kh, kw)."""
+        """The change this adapter makes to the base weight, in fp32 (scale * B A for LoRA)."""
+        if self.use_dora:
+            return self.adapted_weight() - self.base_layer.weight.float()
         return self._delta(torch.float32)
 
     def merge(self) -> None:
-        """Fold delta W into the base weight (in fp32); the module then costs exactly a plain conv."""
-        if not self.merged:
-            self._add_to_base(self.delta_weight())
-            self.merged = True
-
-    def unmerge(self) -> None:
-        """Take delta W back out of the base weight, restoring it to within fp32 rounding."""
+        """Write the adapted weight into the base conv (computed in fp32); the module then costs a plain conv."""
         if self.merged:
-            self._add_to_base(-self.delta_weight())
-            self.merged = False
-
-    def _add_to_base(self, delta: torch.Tensor) -> None:
+            return
         w = self.base_layer.weight
-        new = w.detach().float() + delta.to(w.device)
+        new = self.adapted_weight().to(w.device)
         if not torch.isfinite(new).all():
             raise LoraYoloError("merging would make the weights non-finite (NaN or Inf in the adapter)")
+        self._unmerged = w.detach().clone()
         with torch.no_grad():
             w.copy_(new.to(w.dtype))
 
+    def unmerge(self) -> None:
+        """Put the original base weight back, exactly."""
+        if self.merged:
+            with torch.no_grad():
+                self.base_layer.weight.copy_(self._unmerged)
+            self._unmerged = None
+
     def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        dora = ", dora" if self.use_dora else ""
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}{dora}, merged={self.merged}"

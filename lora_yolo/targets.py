@@ -134,7 +134,7 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
         else:
             row.selected = True
             row.r, row.lora_alpha = config.rank_for(name), config.alpha_for(name)
-            row.lora_params = lora_param_count(conv, row.r)
+            row.lora_params = lora_param_count(conv, row.r, config.use_dora)
         rows.append(row)
     return rows
 

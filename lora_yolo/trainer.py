@@ -6,6 +6,9 @@ callbacks, DDP) stays its own; this class changes only what it must, each where 
 - `get_model` builds the fine-tuning model exactly as DetectionTrainer does, adds the adapters, and turns the
   frozen set into Ultralytics' own `freeze` list. That matters: `_setup_train` sets `requires_grad=True` on every
   parameter not named in `freeze`, and builds the optimizer, DDP wrapper and EMA right after, before any callback.
+- `build_optimizer` takes Ultralytics' optimizer and splits out two kinds of adapter tensor: LoRA's B, at
+  `loraplus_lr_ratio` times the learning rate (LoRA+), and DoRA's magnitudes, without weight decay (decay would
+  shrink every channel's norm, which the magnitude is).
 - `_model_train` puts frozen BatchNorm layers in eval mode each epoch (train mode would update their running
   statistics although their weights are frozen) and checks the trainable set has not drifted.
 - `save_model` also writes the EMA's adapter (the weights Ultralytics validates) as safetensors.
@@ -99,7 +102,7 @@ class LoraDetectionTrainer(DetectionTrainer):
         full = class_layers(model) if class_count(base) != self.data["nc"] else []
         config = self.lora_config
         plan = select_targets(model, config, full=frozenset(full))
-        add_lora(model, plan, config.lora_dropout, config.use_rslora)
+        add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
         model.lora_meta = {
             "config": config.to_dict(),
             "base": fingerprint(base),
@@ -143,6 +146,32 @@ class LoraDetectionTrainer(DetectionTrainer):
         base = Path(model.lora_meta["base"]["path"])
         if base == (self.wdir / BASE).resolve() and not base.exists():
             save_checkpoint(unload_lora(deepcopy(model)), base, train_args={})
+
+    def build_optimizer(self, model, *args, **kwargs):
+        """Ultralytics' optimizer, with LoRA's B at `loraplus_lr_ratio` x lr and DoRA magnitudes without decay.
+
+        Each new group copies its source group's settings (`param_group` included, which Ultralytics' warmup and
+        resume read), so the schedulers scale it as they scale the rest.
+        """
+        optimizer = super().build_optimizer(model, *args, **kwargs)
+        ratio = self.lora_config.loraplus_lr_ratio
+        names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            settings = {k: v for k, v in group.items() if k != "params"}
+            split = {"": [], "B": [], "m": []}
+            for p in group["params"]:
+                name = names[id(p)]
+                kind = "B" if name.endswith(".lora_B.weight") and ratio != 1 else ""
+                split["m" if name.endswith(".lora_magnitude_vector") else kind].append(p)
+            groups.append({**settings, "params": split[""]})
+            groups.append({**settings, "params": split["B"], "lr": settings["lr"] * ratio})
+            groups.append({**settings, "params": split["m"], "weight_decay": 0.0, "param_group": "bn"})  # no decay
+        optimizer.param_groups.clear()
+        for group in groups:
+            if group["params"]:
+                optimizer.add_param_group(group)
+        return optimizer
 
     def _model_train(self):
         """Train mode for the adapters; frozen BatchNorm layers stay in eval so their statistics never drift."""

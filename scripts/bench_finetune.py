@@ -2,6 +2,11 @@
 
     python scripts/bench_finetune.py --quick          # one seed, short schedule: under 10 minutes on 2 cores
     python scripts/bench_finetune.py                  # 2 seeds, full schedule: 47 min on 2 cores (8 methods x 2 x 2)
+    python scripts/bench_finetune.py --append --methods full lora-default lora-dora lora-plus4 lora-plus16
+                                                      # new rows added to results.json as a new batch
+
+With --append the runs join benchmarks/results.json as a new batch. Every ratio is to full fine-tuning of the same
+seed in the same batch (so each batch reruns `full`); a method run in several batches is averaged over all its runs.
 
 Every method starts from the same base (the shipped demo base, pretrained on domain A) with the same data, epochs,
 image size and seed, each in its own subprocess (so peak memory is its own). Writes benchmarks/results.json,
@@ -35,6 +40,9 @@ METHODS = {
     "lora-high-capacity": ("lora", {"config": "high_capacity"}),
     "lora-r4": ("lora", {"config": "default", "r": 4, "lora_alpha": 8}),
     "lora-r16": ("lora", {"config": "default", "r": 16, "lora_alpha": 32}),
+    "lora-dora": ("lora", {"config": "default", "use_dora": True}),
+    "lora-plus4": ("lora", {"config": "default", "loraplus_lr_ratio": 4}),
+    "lora-plus16": ("lora", {"config": "default", "loraplus_lr_ratio": 16}),
     # Candidates tried while choosing the defaults (run them with --methods).
     "lora-all-lr0.005": ("lora", {"config": "default", "train": {"lr0": 0.005}}),
     "lora-all-lr0.02": ("lora", {"config": "default", "train": {"lr0": 0.02}}),
@@ -50,6 +58,9 @@ STANDARD = [
     "lora-high-capacity",
     "lora-r4",
     "lora-r16",
+    "lora-dora",
+    "lora-plus4",
+    "lora-plus16",
 ]
 
 
@@ -145,7 +156,7 @@ def summarize(runs: list[dict]) -> dict:
     table = {}
     for domain in sorted({r["domain"] for r in runs}):
         rows = [r for r in runs if r["domain"] == domain]
-        full = {r["seed"]: r for r in rows if r["method"] == "full"}
+        full = {_batch(r): r for r in rows if r["method"] == "full"}
         for method in dict.fromkeys(r["method"] for r in rows):
             mine = [r for r in rows if r["method"] == method]
             if not mine:
@@ -156,20 +167,24 @@ def summarize(runs: list[dict]) -> dict:
                 "mAP50-95_spread": (max(m) - min(m)) / 2,
                 "mAP50": statistics.mean(r["scores"]["B"]["mAP50"] for r in mine),
                 "vs_full": statistics.mean(
-                    r["scores"]["B"]["mAP50-95"] / full[r["seed"]]["scores"]["B"]["mAP50-95"] for r in mine
+                    r["scores"]["B"]["mAP50-95"] / full[_batch(r)]["scores"]["B"]["mAP50-95"] for r in mine
                 ),
                 "trainable": mine[0]["trainable"],
                 "trainable_pct": 100 * mine[0]["trainable"] / mine[0]["total"],
                 "stored_bytes": mine[0]["stored_bytes"],
-                "stored_vs_full": mine[0]["stored_bytes"] / full[mine[0]["seed"]]["stored_bytes"],
-                "epoch_time_vs_full": statistics.median(r["epoch_s"] / full[r["seed"]]["epoch_s"] for r in mine),
-                "peak_mem_vs_full": statistics.median(r["peak_mb"] / full[r["seed"]]["peak_mb"] for r in mine),
+                "stored_vs_full": mine[0]["stored_bytes"] / full[_batch(mine[0])]["stored_bytes"],
+                "epoch_time_vs_full": statistics.median(r["epoch_s"] / full[_batch(r)]["epoch_s"] for r in mine),
+                "peak_mem_vs_full": statistics.median(r["peak_mb"] / full[_batch(r)]["peak_mb"] for r in mine),
                 "seeds": len(mine),
             }
             if all("A" in r["scores"] for r in mine):
                 entry["A_mAP50-95_after"] = statistics.mean(r["scores"]["A"]["mAP50-95"] for r in mine)
             table.setdefault(domain, {})[method] = entry
     return table
+
+
+def _batch(run: dict) -> tuple[int, int]:
+    return run.get("batch", 0), run["seed"]
 
 
 def write_report(results: dict) -> None:
@@ -243,6 +258,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=STANDARD, choices=list(METHODS))
     parser.add_argument("--domains", nargs="*", default=["B1", "B2"], choices=["B1", "B2"])
     parser.add_argument("--base", default=str(BASE))
+    parser.add_argument("--append", action="store_true", help="add these runs to results.json as a new batch")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -294,11 +310,23 @@ def main() -> None:
                         f"mAP50-95 {run['scores']['B']['mAP50-95']:.3f} ({time.time() - t:.0f}s)",
                         flush=True,
                     )
+    minutes = (time.time() - start) / 60
+    protocol = (
+        f"Base: {Path(args.base).name}. {n_train} train / {n_val} val images per domain at {imgsz} px, "
+        f"{epochs} epochs, batch {batch}, {seeds} seed(s), CPU (2 cores). Ratios are to full fine-tuning "
+        f"of the same seed, measured in the same run. Total time {minutes:.0f} min."
+    )
+    if args.append:
+        old = json.loads((OUT / "results.json").read_text())
+        n = 1 + max(r.get("batch", 0) for r in old["runs"])
+        runs = old["runs"] + [{**r, "batch": n} for r in runs]
+        protocol = (
+            f"{old['protocol']} Batch {n} ({', '.join(args.methods)}; run later, same protocol): {minutes:.0f} min. "
+            "Every ratio is to `full` of the same seed and batch."
+        )
     results = {
         "mode": "quick" if args.quick else "full",
-        "protocol": f"Base: {Path(args.base).name}. {n_train} train / {n_val} val images per domain at {imgsz} px, "
-        f"{epochs} epochs, batch {batch}, {seeds} seed(s), CPU (2 cores). Ratios are to full fine-tuning "
-        f"of the same seed, measured in the same run. Total time {(time.time() - start) / 60:.0f} min.",
+        "protocol": protocol,
         "domains": domains,
         "zero_shot": zs,
         "base_A": base_a,

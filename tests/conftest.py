@@ -69,18 +69,20 @@ def image_batch(data_yaml: Path, imgsz: int, split: str = "val") -> torch.Tensor
 
 
 def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.05):
-    """A model with adapters whose B is random (as if trained) and its Adapter, for the base at base_pt."""
+    """A model with adapters whose B (and DoRA magnitude) is random, as if trained, and its Adapter, for base_pt."""
     from lora_yolo import LoraConfig, LoraConv2d, add_lora, extract_adapter, fingerprint, select_targets
 
     config = config or LoraConfig()
     model = load_model(base_pt)
     base = fingerprint(model)
-    add_lora(model, select_targets(model, config))
+    add_lora(model, select_targets(model, config), use_dora=config.use_dora)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoraConv2d):
                 m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * scale)
+                if m.use_dora:
+                    m.lora_magnitude_vector.mul_(1 + torch.randn(m.lora_magnitude_vector.shape, generator=g) * scale)
     return model, extract_adapter(model, config, base, full=[])
 
 

@@ -232,3 +232,44 @@ def test_ddp_pickled_trainer_rebuilds_and_trains(demo_base, coco8, tmp_path):
     still = {k for k, t in adapter.tensors.items() if k.endswith("lora_B.weight") and not t.abs().max() > 0}
     assert all(k.startswith("model.23.cv2.2.") for k in still)
     assert (tmp_path / "ddp" / "merged.pt").is_file()
+
+
+def test_dora_with_loraplus_trains_and_merges_exactly(base_pt, coco8, tmp_path):
+    """DoRA magnitudes train (and are stored), LoRA+ keeps its groups through Ultralytics' schedule, merge is exact."""
+    from conftest import head_output
+
+    from lora_yolo import LoraConfig, attach_adapter
+    from lora_yolo.layer import channel_norm
+
+    config = LoraConfig(use_dora=True, loraplus_lr_ratio=4)
+    lrs = []
+    result = train(
+        coco8,
+        model=base_pt,
+        config=config,
+        project=str(tmp_path),
+        name="dora",
+        optimizer="AdamW",
+        lr0=0.01,
+        callbacks={"on_train_epoch_end": [lambda t: lrs.append(sorted({g["lr"] for g in t.optimizer.param_groups}))]},
+        **TINY,
+    )
+    adapter = load_adapter(result.adapter)
+    assert adapter.config.use_dora and adapter.config.loraplus_lr_ratio == 4
+    base = load_model(base_pt)
+    moved = [
+        k
+        for k in adapter.layers
+        if not torch.allclose(
+            adapter.tensors[f"{k}.lora_magnitude_vector"].float(),
+            channel_norm(base.get_submodule(k).weight.float()).half().float(),
+        )
+    ]
+    still = sorted(set(adapter.layers) - set(moved))
+    # Every magnitude trained, except in the stride-32 box branch, which gets exactly zero gradient at 64 px even in
+    # plain Ultralytics training (see test_ddp_pickled_trainer_rebuilds_and_trains).
+    assert len(moved) > 70 and all(k.startswith("model.23.cv2.2.") for k in still), still
+    assert all(len(x) == 2 and x[1] == pytest.approx(4 * x[0]) for x in lrs)  # B's lr is 4x A's, every epoch
+    x = torch.rand(2, 3, 64, 64)
+    unmerged = head_output(attach_adapter(base, adapter), x)
+    assert (head_output(load_model(result.merged), x) - unmerged).abs().max() < 1e-4
