@@ -204,13 +204,13 @@ def _check_consistent(adapter: Adapter, path: Path) -> None:
         raise LoraYoloError(f"{path} holds non-float or non-finite tensors")
 
 
-def check_fits(adapter: Adapter, base: nn.Module, allow_other_weights: bool = False) -> None:
-    """Refuse an adapter made for another base, naming both fingerprints.
+def check_fits(adapter: Adapter, base: nn.Module | dict, allow_other_weights: bool = False) -> None:
+    """Refuse an adapter made for another base (a model, or its `fingerprint`), naming both fingerprints.
 
     A different architecture is always refused; different weights of the same architecture (another training
     of the same model) only with `allow_other_weights`, since the adapter then runs on weights it never saw.
     """
-    have = fingerprint(base)
+    have = base if isinstance(base, dict) else fingerprint(base)
     want = adapter.base
     if have["arch"] != want["arch"]:
         raise LoraYoloError(

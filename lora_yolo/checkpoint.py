@@ -14,18 +14,27 @@ from pathlib import Path
 import torch
 from torch import nn
 from ultralytics import __version__ as ULTRALYTICS_VERSION
-from ultralytics.nn.tasks import DetectionModel, guess_model_task, load_checkpoint, yaml_model_load
+from ultralytics.nn.tasks import (
+    DetectionModel,
+    OBBModel,
+    PoseModel,
+    SegmentationModel,
+    guess_model_task,
+    load_checkpoint,
+    yaml_model_load,
+)
 from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
 
 from lora_yolo.atomic import atomic_path
 from lora_yolo.errors import LoraYoloError, first_line
 
-SUPPORTED_TASKS = ("detect",)
+# Tasks whose head extends Detect, so adapters, class layers and merges work the same way.
+MODEL_CLASSES = {"detect": DetectionModel, "segment": SegmentationModel, "pose": PoseModel, "obb": OBBModel}
 ASSETS = Path(__file__).parent / "assets"  # yolo11n-shapes.pt: the offline demo base (scripts/pretrain_base.py)
 
 
 def load_model(source: str | Path) -> nn.Module:
-    """A detection model in fp32 from a `.pt` checkpoint or an Ultralytics model YAML (e.g. `yolo11n.yaml`).
+    """A model in fp32 from a `.pt` checkpoint or an Ultralytics model YAML (e.g. `yolo11n.yaml`).
 
     A bare official name such as `yolo11n.pt` downloads the usual Ultralytics way when it is not on disk; offline,
     that fails with a message saying how to pass a local checkpoint. `yolo11n-shapes.pt`, the demo base shipped
@@ -38,10 +47,7 @@ def load_model(source: str | Path) -> nn.Module:
     if text.endswith((".yaml", ".yml")):
         try:
             cfg = yaml_model_load(text)
-            task = guess_model_task(cfg)
-            if task not in SUPPORTED_TASKS:
-                raise LoraYoloError(f"{text} is a {task} model; supported tasks: {', '.join(SUPPORTED_TASKS)}")
-            model = DetectionModel(cfg, verbose=False)
+            model = MODEL_CLASSES[check_task(guess_model_task(cfg), text)](cfg, verbose=False)
         except FileNotFoundError:
             raise LoraYoloError(f"model YAML not found: {text}") from None
         except LoraYoloError:
@@ -50,26 +56,43 @@ def load_model(source: str | Path) -> nn.Module:
             raise LoraYoloError(f"{text} is not an Ultralytics model YAML ({first_line(e)})") from None
         model.args = {}
         return model
-    if not text.endswith(".pt"):
-        raise LoraYoloError(f"model must be a .pt checkpoint or a model .yaml, got {text}")
-    if not Path(text).exists() and (ASSETS / text).is_file():  # a checkpoint shipped with lora_yolo, by name
-        text = str(ASSETS / text)
-    local = Path(text).exists()
-    if not local and text not in GITHUB_ASSETS_NAMES:  # only official names download
-        raise LoraYoloError(f"model file not found: {text}")
+    text = resolve_checkpoint(text)
     try:
         model, _ = load_checkpoint(text)
     except Exception as e:
-        if not local:
-            raise LoraYoloError(
-                f"{text} is not on disk and could not be downloaded ({first_line(e)}); "
-                "pass a local checkpoint with --model path/to/model.pt or a model YAML such as yolo11n.yaml"
-            ) from None
-        raise LoraYoloError(f"{text} is not an Ultralytics checkpoint ({first_line(e)})") from None
-    task = getattr(model, "task", None) or guess_model_task(model)
-    if task not in SUPPORTED_TASKS:
-        raise LoraYoloError(f"{text} is a {task} model; supported tasks: {', '.join(SUPPORTED_TASKS)}")
+        raise load_error(text, e) from None
+    check_task(getattr(model, "task", None) or guess_model_task(model), text)
     return model
+
+
+def resolve_checkpoint(source: str | Path) -> str:
+    """The checkpoint to load for `source`: a local `.pt`, a checkpoint shipped with lora_yolo (by name), or an
+    official Ultralytics name (which Ultralytics downloads); anything else is a clear error."""
+    text = str(source)
+    if not text.endswith(".pt"):
+        raise LoraYoloError(f"model must be a .pt checkpoint or a model .yaml, got {text}")
+    if not Path(text).exists() and (ASSETS / text).is_file():
+        return str(ASSETS / text)
+    if not Path(text).exists() and text not in GITHUB_ASSETS_NAMES:  # only official names download
+        raise LoraYoloError(f"model file not found: {text}")
+    return text
+
+
+def load_error(text: str, e: Exception) -> LoraYoloError:
+    """One line for a checkpoint that would not load: offline download, or not a checkpoint at all."""
+    if not Path(text).exists():
+        return LoraYoloError(
+            f"{text} is not on disk and could not be downloaded ({first_line(e)}); "
+            "pass a local checkpoint with --model path/to/model.pt or a model YAML such as yolo11n.yaml"
+        )
+    return LoraYoloError(f"{text} is not an Ultralytics checkpoint ({first_line(e)})")
+
+
+def check_task(task: str | None, source: str) -> str:
+    """The model's task, if LoRA supports it (tasks whose head is a Detect head: see MODEL_CLASSES)."""
+    if task not in MODEL_CLASSES:
+        raise LoraYoloError(f"{source} is a {task} model; supported tasks: {', '.join(MODEL_CLASSES)}")
+    return task
 
 
 def class_count(model: nn.Module) -> int:
@@ -77,14 +100,14 @@ def class_count(model: nn.Module) -> int:
     return int(model.model[-1].nc)
 
 
-def build_for_classes(base: nn.Module, nc: int, names: dict[int, str]) -> DetectionModel:
+def build_for_classes(base: nn.Module, nc: int, names: dict[int, str]) -> nn.Module:
     """A fresh model of `base`'s architecture with `nc` classes, holding every base weight that fits.
 
     This is exactly how Ultralytics' DetectionTrainer.get_model builds a fine-tuning model (YAML, then
     `model.load(base)`, which rebuilds the class branch at the base's width when nc changes), so the trainer and
     `merge` reconstruct the same module tree.
     """
-    model = DetectionModel(deepcopy(base.yaml), nc=nc, ch=base.yaml.get("channels", 3), verbose=False)
+    model = type(base)(deepcopy(base.yaml), nc=nc, ch=base.yaml.get("channels", 3), verbose=False)
     model.names = dict(names)  # before load(), which remaps class rows by name
     model.load(base, verbose=False)
     model.args = dict(getattr(base, "args", {}) or {})

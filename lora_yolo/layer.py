@@ -38,6 +38,20 @@ def channel_norm(weight: torch.Tensor) -> torch.Tensor:
     return weight.flatten(1).norm(dim=1)
 
 
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """scale * B A in `dtype`, shaped like the base weight (out, in, kh, kw), from A (r, in, kh, kw) and B (out, r)."""
+    a = lora_A.to(dtype).flatten(1)  # (r, in * kh * kw)
+    b = lora_B.to(dtype).flatten(1)  # (out, r)
+    return (b @ a).view(b.shape[0], *lora_A.shape[1:]) * scaling
+
+
+def dora_scale(adapted: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """m / ||V||_c per output channel, for V = W + delta W; the norm is detached (a constant in backward, as in the
+    DoRA paper), so DoRA's weight is V * dora_scale(V, m)."""
+    norm = channel_norm(adapted.detach()).clamp_min(torch.finfo(adapted.dtype).tiny)  # a zero filter stays zero
+    return magnitude.to(adapted.dtype) / norm
+
+
 def max_rank(conv: nn.Conv2d) -> int:
     """Largest rank that still adds information: rank(delta W) <= min(out, in * kh * kw)."""
     kh, kw = conv.kernel_size
@@ -115,23 +129,17 @@ class LoraConv2d(nn.Module):
         if not self.use_dora:
             return base(x) + update
         w = base.weight
-        y = (base._conv_forward(x, w, None) + update) * self._dora_scale(w + self._delta(w.dtype)).view(1, -1, 1, 1)
+        scale = dora_scale(w + self._delta(w.dtype), self.lora_magnitude_vector)
+        y = (base._conv_forward(x, w, None) + update) * scale.view(1, -1, 1, 1)
         return y if base.bias is None else y + base.bias.view(1, -1, 1, 1)
 
     def _delta(self, dtype: torch.dtype) -> torch.Tensor:
-        a = self.lora_A.weight.to(dtype).flatten(1)  # (r, in * kh * kw)
-        b = self.lora_B.weight.to(dtype).flatten(1)  # (out, r)
-        return (b @ a).view(self.base_layer.weight.shape) * self.scaling
-
-    def _dora_scale(self, adapted: torch.Tensor) -> torch.Tensor:
-        """m / ||W + delta W||_c, the norm detached (a constant in backward, as in the DoRA paper)."""
-        norm = channel_norm(adapted.detach()).clamp_min(torch.finfo(adapted.dtype).tiny)  # a zero filter stays zero
-        return self.lora_magnitude_vector.to(adapted.dtype) / norm
+        return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling, dtype)
 
     def _adapted(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight this layer computes with: W + delta W, or DoRA's rescaled form, in `dtype`."""
         w = self.base_layer.weight.to(dtype) + self._delta(dtype)
-        return w * self._dora_scale(w).view(-1, 1, 1, 1) if self.use_dora else w
+        return w * dora_scale(w, self.lora_magnitude_vector).view(-1, 1, 1, 1) if self.use_dora else w
 
     def adapted_weight(self) -> torch.Tensor:
         """The adapted conv weight in fp32, shaped like the base weight (out, in, kh, kw): what `merge` writes."""

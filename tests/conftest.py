@@ -68,14 +68,28 @@ def image_batch(data_yaml: Path, imgsz: int, split: str = "val") -> torch.Tensor
     return torch.from_numpy(np.stack(boxed)[..., ::-1].transpose(0, 3, 1, 2).copy()).float() / 255
 
 
-def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.05):
-    """A model with adapters whose B (and DoRA magnitude) is random, as if trained, and its Adapter, for base_pt."""
+def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.05, names: dict | None = None):
+    """A model with adapters whose B (and DoRA magnitude) is random, as if trained, and its Adapter, for base_pt.
+
+    With `names` (a class set other than the base's) the class layers are rebuilt, randomised and stored in full.
+    """
     from lora_yolo import LoraConfig, LoraConv2d, add_lora, extract_adapter, fingerprint, select_targets
+    from lora_yolo.checkpoint import build_for_classes
+    from lora_yolo.targets import class_layers
 
     config = config or LoraConfig()
+    torch.manual_seed(seed)  # A's Kaiming init: the same seed gives the same adapter
     model = load_model(base_pt)
     base = fingerprint(model)
-    add_lora(model, select_targets(model, config), use_dora=config.use_dora)
+    owners = frozenset()
+    if names is not None:
+        model = build_for_classes(model, len(names), names)
+        owners = frozenset(class_layers(model))
+    full = [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in owners]
+    with torch.no_grad():
+        for n in full:
+            model.get_parameter(n).normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+    add_lora(model, select_targets(model, config, full=owners), use_dora=config.use_dora)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -83,7 +97,7 @@ def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.0
                 m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * scale)
                 if m.use_dora:
                     m.lora_magnitude_vector.mul_(1 + torch.randn(m.lora_magnitude_vector.shape, generator=g) * scale)
-    return model, extract_adapter(model, config, base, full=[])
+    return model, extract_adapter(model, config, base, full=full)
 
 
 DEMO_BASE = Path(__file__).resolve().parents[1] / "lora_yolo" / "assets" / "yolo11n-shapes.pt"

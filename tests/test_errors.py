@@ -71,7 +71,7 @@ def test_bad_dataset(monkeypatch, capsys, bad_data, base_pt, case):
     [
         ("no/such.pt", "model file not found"),
         ("README.md", "must be a .pt checkpoint or a model .yaml"),
-        ("yolo11n-seg.yaml", "is a segment model; supported tasks: detect"),
+        ("yolo11n-cls.yaml", "is a classify model; supported tasks: detect, segment, pose, obb"),
     ],
 )
 def test_bad_model(monkeypatch, capsys, model, message):

@@ -1,0 +1,280 @@
+"""`AdapterModel`: one base in memory serving many adapters, switched without reloading (PEFT's multi-adapter verbs).
+
+The base is loaded once and fused the way Ultralytics fuses every model it predicts with (conv+BN folded), so with
+no adapter active it computes exactly what `YOLO(base).predict` computes. An adapter was trained on the unfused conv
+W, before BatchNorm's per-channel scale s; the fused conv holds s * W, so the adapted fused weight is
+  LoRA: s * (W + delta W) = W_fused + s * delta W
+  DoRA: s * dora(W_fused / s + delta W)
+which `SwitchableConv2d` computes on the fly (unmerged) or writes into the conv (`merge_adapter`, zero extra cost).
+
+Adapters that change the class set carry their class layers in full: switching to one swaps those layers, the head's
+class count and the model's names, so predictions and validation speak the adapter's classes.
+
+Example:
+    >>> model = AdapterModel("yolo11n-shapes.pt")
+    >>> model.load_adapter("a.safetensors", "a"); model.load_adapter("b.safetensors", "b")
+    >>> model.set_adapter("a"); model.predict("images/", save=True)
+    >>> model.set_adapter("b"); model.merge_adapter(); model.val(data="b.yaml")
+    >>> model.disable_adapters()  # the base, exactly
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from ultralytics import YOLO
+from ultralytics.nn.modules import Conv
+
+from lora_yolo.adapter import Adapter, check_fits, fingerprint, load_adapter
+from lora_yolo.checkpoint import check_task, load_error, resolve_checkpoint
+from lora_yolo.errors import LoraYoloError
+from lora_yolo.layer import dora_scale, lora_delta
+
+
+class _LayerAdapter(nn.Module):
+    """One adapter's tensors for one conv, as buffers: they follow `.to()`/`.half()` and are never trained here."""
+
+    def __init__(self, adapter: Adapter, layer: str) -> None:
+        super().__init__()
+        r, alpha = adapter.layers[layer]
+        self.scaling = alpha / (r**0.5 if adapter.config.use_rslora else r)
+        self.register_buffer("lora_A", adapter.tensors[f"{layer}.lora_A.weight"].float())
+        self.register_buffer("lora_B", adapter.tensors[f"{layer}.lora_B.weight"].float())
+        magnitude = adapter.tensors.get(f"{layer}.lora_magnitude_vector")
+        self.register_buffer("magnitude", None if magnitude is None else magnitude.float())
+
+
+class SwitchableConv2d(nn.Module):
+    """A fused base conv with any number of named adapters, at most one active, optionally merged into the weight."""
+
+    def __init__(self, base_layer: nn.Conv2d, bn_scale: torch.Tensor) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.register_buffer("bn_scale", bn_scale)  # s: the BatchNorm scale folded into base_layer (ones if none)
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+        self._unmerged: torch.Tensor | None = None  # the base weight while an adapter is merged
+
+    @property
+    def merged(self) -> bool:
+        return self._unmerged is not None
+
+    def add(self, name: str, adapter: Adapter, layer: str) -> None:
+        """Hold `adapter`'s tensors for this conv under `name`, after checking they fit its shape."""
+        a, b = adapter.tensors[f"{layer}.lora_A.weight"], adapter.tensors[f"{layer}.lora_B.weight"]
+        w = self.base_layer.weight
+        if a.shape[1:] != w.shape[1:] or b.shape[0] != w.shape[0]:
+            raise LoraYoloError(f"adapter {name!r} does not fit {layer}: A {tuple(a.shape)}, weight {tuple(w.shape)}")
+        self.adapters[name] = _LayerAdapter(adapter, layer).to(w.device)
+
+    def adapted_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The fused weight with the active adapter applied, in `dtype`."""
+        a = self.adapters[self.active]
+        w = self.base_layer.weight.to(dtype)
+        s = self.bn_scale.to(dtype).view(-1, 1, 1, 1)
+        delta = lora_delta(a.lora_A, a.lora_B, a.scaling, dtype)
+        if a.magnitude is None:
+            return w + s * delta
+        v = torch.where(s != 0, w / s, 0) + delta  # the unfused W + delta W (a channel with s = 0 stays zero)
+        return s * v * dora_scale(v, a.magnitude).view(-1, 1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.active is None or self.merged:
+            return self.base_layer(x)
+        w = self.base_layer.weight
+        return self.base_layer._conv_forward(x, self.adapted_weight(w.dtype), self.base_layer.bias)
+
+    def merge(self) -> None:
+        """Write the active adapter into the conv weight (computed in fp32): the layer then costs a plain conv."""
+        if self.active is None or self.merged:
+            return
+        w = self.base_layer.weight
+        new = self.adapted_weight(torch.float32)
+        if not torch.isfinite(new).all():
+            raise LoraYoloError(f"merging adapter {self.active!r} would make the weights non-finite")
+        self._unmerged = w.detach().clone()
+        with torch.no_grad():
+            w.copy_(new.to(w.dtype))
+
+    def unmerge(self) -> None:
+        """Put the base weight back, bit-exactly."""
+        if self.merged:
+            with torch.no_grad():
+                self.base_layer.weight.copy_(self._unmerged)
+            self._unmerged = None
+
+
+def bn_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """For every Conv+BN block, the per-channel scale gamma / sqrt(var + eps) that fusing folds into its conv."""
+    return {
+        f"{name}.conv": (m.bn.weight / torch.sqrt(m.bn.running_var + m.bn.eps)).detach().float()
+        for name, m in model.named_modules()
+        if isinstance(m, Conv) and hasattr(m, "bn")
+    }
+
+
+class AdapterModel:
+    """An Ultralytics `YOLO` whose base stays loaded while adapters are added, switched, merged and removed.
+
+    `predict`, `val` and `__call__` are Ultralytics' own (same arguments, same `Results`), run with the active
+    adapter. The wrapped `YOLO` is `self.yolo`; train with `lora_yolo.train`, not `self.yolo.train`.
+    """
+
+    def __init__(self, base: str | Path) -> None:
+        path = resolve_checkpoint(base)
+        try:
+            self.yolo = YOLO(path)
+        except Exception as e:
+            raise load_error(path, e) from None
+        model = self.yolo.model.float()
+        check_task(self.yolo.task, path)
+        self.base = fingerprint(model)  # of the unfused base: what adapters record
+        self._scales = bn_scales(model)
+        model.fuse(verbose=False)
+        self._base_classes = (dict(model.names), {})  # names, replaced modules (none)
+        self._adapters: dict[str, Adapter] = {}
+        self._classes: dict[str, tuple[dict[int, str], dict[str, nn.Module]]] = {}
+        self.active_adapter: str | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.yolo.model
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters."""
+        return list(self._adapters)
+
+    def load_adapter(
+        self, source: str | Path | Adapter, name: str | None = None, allow_other_weights: bool = False
+    ) -> str:
+        """Add an adapter (a file or an `Adapter`) under `name` (default: the file's stem); it is not activated."""
+        adapter = source if isinstance(source, Adapter) else load_adapter(source)
+        name = name or (Path(source).stem if not isinstance(source, Adapter) else f"adapter{len(self._adapters)}")
+        if name in self._adapters:
+            raise LoraYoloError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
+        check_fits(adapter, self.base, allow_other_weights)
+        self._classes[name] = self._class_layers(adapter)
+        for layer in adapter.layers:
+            self._switchable(layer).add(name, adapter, layer)
+        self._adapters[name] = adapter
+        return name
+
+    def set_adapter(self, name: str) -> None:
+        """Make `name` the active adapter (any merged adapter is unmerged first); its classes come with it."""
+        if name not in self._adapters:
+            raise LoraYoloError(f"no adapter named {name!r}; loaded: {', '.join(self._adapters) or 'none'}")
+        self._activate(name)
+
+    def disable_adapters(self) -> None:
+        """No adapter active: the base, with its own classes, exactly as loaded."""
+        self._activate(None)
+
+    def delete_adapter(self, name: str) -> None:
+        """Forget an adapter (disabling it first if it is active)."""
+        if name not in self._adapters:
+            raise LoraYoloError(f"no adapter named {name!r}")
+        if self.active_adapter == name:
+            self.disable_adapters()
+        for layer in self._layers():
+            layer.adapters.pop(name, None)
+        del self._adapters[name], self._classes[name]
+
+    def merge_adapter(self) -> None:
+        """Fold the active adapter into the weights: inference then costs exactly the base. `unmerge_adapter` undoes."""
+        if self.active_adapter is None:
+            raise LoraYoloError("no active adapter to merge; call set_adapter first")
+        for layer in self._layers():
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        """Restore the base weights bit-exactly; the adapter stays active, computed on the fly."""
+        for layer in self._layers():
+            layer.unmerge()
+
+    def predict(self, *args: Any, **kwargs: Any) -> list:
+        """Ultralytics' `YOLO.predict` with the active adapter."""
+        return self.yolo.predict(*args, **kwargs)
+
+    def val(self, *args: Any, **kwargs: Any) -> Any:
+        """Ultralytics' `YOLO.val` with the active adapter."""
+        return self.yolo.val(*args, **kwargs)
+
+    __call__ = predict
+
+    def _activate(self, name: str | None) -> None:
+        self.unmerge_adapter()
+        for layer in self._layers():
+            layer.active = name if name in layer.adapters else None
+        self._set_classes(*(self._classes[name] if name else self._base_classes))
+        self.active_adapter = name
+
+    def _layers(self) -> list[SwitchableConv2d]:
+        return [m for m in self.model.modules() if isinstance(m, SwitchableConv2d)]
+
+    def _switchable(self, layer: str) -> SwitchableConv2d:
+        """The switchable conv at `layer`, made from the base's fused conv there on first use."""
+        base_modules = self._base_classes[1]
+        try:
+            module = base_modules.get(layer) or self.model.get_submodule(layer)
+        except AttributeError:
+            raise LoraYoloError(f"adapter layer {layer} is not in the base model") from None
+        if isinstance(module, SwitchableConv2d):
+            return module
+        if type(module) is not nn.Conv2d:
+            raise LoraYoloError(f"adapter layer {layer} is a {type(module).__name__}, not a conv")
+        switchable = SwitchableConv2d(
+            module, self._scales.get(layer, torch.ones(module.out_channels)).to(module.weight.device)
+        )
+        if layer in base_modules:  # a class layer: other adapters' class sets may replace it
+            base_modules[layer] = switchable
+        parent, _, attr = layer.rpartition(".")
+        if getattr(self.model.get_submodule(parent), attr) is module:  # not replaced by the active class set
+            setattr(self.model.get_submodule(parent), attr, switchable)
+        return switchable
+
+    def _class_layers(self, adapter: Adapter) -> tuple[dict[int, str], dict[str, nn.Module]]:
+        """The adapter's class names and, for tensors trained in full, replacement modules built from the base's."""
+        modules: dict[str, nn.Module] = {}
+        for key in adapter.full:
+            owner, _, param = key.rpartition(".")
+            if owner not in modules:
+                modules[owner] = self._base_copy(owner)
+            t = adapter.tensors[key].to(modules[owner].weight.device, torch.float32)
+            setattr(modules[owner], param, nn.Parameter(t, requires_grad=False))
+        for m in modules.values():
+            if isinstance(m, nn.Conv2d):
+                m.out_channels = m.weight.shape[0]
+        if not modules and adapter.nc != self.base["nc"]:
+            raise LoraYoloError(
+                f"adapter has {adapter.nc} classes but no class layers for a {self.base['nc']}-class base"
+            )
+        return dict(adapter.names), modules
+
+    def _base_copy(self, path: str) -> nn.Module:
+        """A copy of the base's own module at `path` (remembered, before any adapter replaces it), unadapted."""
+        base_modules = self._base_classes[1]
+        if path not in base_modules:
+            base_modules[path] = self.model.get_submodule(path)
+        module = base_modules[path]
+        if not isinstance(module, SwitchableConv2d):
+            return deepcopy(module)
+        copy = deepcopy(module.base_layer)
+        if module.merged:
+            copy.weight.data = module._unmerged.clone()
+        return copy
+
+    def _set_classes(self, names: dict[int, str], modules: dict[str, nn.Module]) -> None:
+        """Install a class set: names, head class count, and the class layers (the base's where none is given)."""
+        for path, base_module in self._base_classes[1].items():
+            parent, _, attr = path.rpartition(".")
+            setattr(self.model.get_submodule(parent), attr, modules.get(path, base_module))
+        head = self.model.model[-1]
+        head.nc, head.no = len(names), len(names) + head.reg_max * 4
+        if self.model.names != names:
+            self.model.names = dict(names)
+            self.yolo.predictor = None  # Ultralytics' predictor caches the names it was set up with

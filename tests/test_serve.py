@@ -1,0 +1,133 @@
+"""AdapterModel: one fused base, many adapters; switching, disabling, merging and class sets, against plain models."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+from conftest import head_output, random_adapter
+from ultralytics import YOLO
+
+from lora_yolo import LoraConfig, LoraYoloError, load_model, merge_lora
+from lora_yolo.serve import AdapterModel, SwitchableConv2d
+
+NEW = {0: "disc", 1: "ring", 2: "cross", 3: "star"}
+
+
+@pytest.fixture(scope="module")
+def served(base_pt):
+    """The base with three adapters: LoRA, DoRA, and a LoRA for a 4-class set; and the plain merged models."""
+    model = AdapterModel(base_pt)
+    plain = {}
+    for name, kwargs in {
+        "a": dict(seed=1),
+        "dora": dict(seed=2, config=LoraConfig(use_dora=True, targets=["neck", "head"])),
+        "classes": dict(seed=3, names=NEW),
+    }.items():
+        trained, adapter = random_adapter(base_pt, **kwargs)
+        model.load_adapter(adapter, name)
+        plain[name] = merge_lora(trained)
+    return model, plain
+
+
+X = torch.rand(2, 3, 96, 96)
+
+
+def test_disabled_is_exactly_the_base_ultralytics_predicts_with(served, base_pt):
+    model, _ = served
+    model.disable_adapters()
+    fused = YOLO(str(base_pt)).model.fuse(verbose=False)  # what YOLO(base).predict runs
+    assert torch.equal(head_output(model.model, X), head_output(fused, X))
+    assert (head_output(model.model, X) - head_output(load_model(base_pt), X)).abs().max() < 1e-4  # unfused
+
+
+@pytest.mark.parametrize("name", ["a", "dora", "classes"])
+def test_each_adapter_equals_its_plain_merged_model(served, name):
+    model, plain = served
+    model.set_adapter(name)
+    expected = head_output(plain[name], X)
+    got = head_output(model.model, X)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() < 1e-4  # fused vs unfused rounding only
+    model.merge_adapter()
+    assert (head_output(model.model, X) - got).abs().max() < 1e-5
+    model.unmerge_adapter()
+    assert torch.equal(head_output(model.model, X), got)
+
+
+def test_switching_keeps_the_base_in_place_and_is_repeatable(served):
+    model, _ = served
+    weights = {n: p.data_ptr() for n, p in model.model.named_parameters()}
+    model.set_adapter("a")
+    first = head_output(model.model, X)
+    model.set_adapter("dora")
+    model.merge_adapter()
+    model.set_adapter("classes")
+    model.set_adapter("a")
+    assert torch.equal(head_output(model.model, X), first)
+    same = {n: p.data_ptr() for n, p in model.model.named_parameters() if n in weights}
+    assert same == {n: weights[n] for n in same}  # no tensor reallocated: nothing reloaded
+    model.disable_adapters()
+    assert not any(m.merged or m.active for m in model.model.modules() if isinstance(m, SwitchableConv2d))
+
+
+def test_class_set_switches_with_the_adapter(served, coco8):
+    model, _ = served
+    image = sorted((coco8.parent / "images" / "val").glob("*.jpg"))[0]
+    model.set_adapter("classes")
+    assert model.model.names == NEW and model.model.model[-1].nc == 4
+    result = model.predict(image, imgsz=96, conf=0.0, max_det=5, verbose=False)[0]
+    assert result.names == NEW and len(result.boxes) and set(result.boxes.cls.int().tolist()) <= set(NEW)
+    model.set_adapter("a")
+    assert len(model.model.names) == 80 and model.model.model[-1].nc == 80
+    result = model.predict(image, imgsz=96, conf=0.0, max_det=5, verbose=False)[0]
+    assert len(result.names) == 80
+    model.disable_adapters()
+    assert head_output(model.model, X).shape[1] == 4 + 80
+
+
+def test_switch_is_much_faster_than_loading_a_checkpoint(served, base_pt):
+    """Medians of 5, side by side; the full number is in scripts/bench_switch.py (README)."""
+    model, _ = served
+
+    def median(f):
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[2]
+
+    switch = median(lambda: (model.set_adapter("classes"), model.set_adapter("a")))
+    load = median(lambda: YOLO(str(base_pt)))
+    assert switch < load / 5, (switch, load)
+
+
+def test_errors_name_the_problem(served, base_pt, tmp_path):
+    model, _ = served
+    with pytest.raises(LoraYoloError, match="no adapter named 'zzz'; loaded: a, dora, classes"):
+        model.set_adapter("zzz")
+    with pytest.raises(LoraYoloError, match="already loaded"):
+        model.load_adapter(random_adapter(base_pt)[1], "a")
+    other = copy.deepcopy(random_adapter(base_pt)[1])
+    other.base = {**other.base, "arch": "0" * 16}
+    with pytest.raises(LoraYoloError, match="does not fit this base"):
+        model.load_adapter(other, "other")
+    model.disable_adapters()
+    with pytest.raises(LoraYoloError, match="no active adapter"):
+        model.merge_adapter()
+
+
+def test_load_order_and_merged_state_do_not_matter(served, base_pt):
+    """Adapters loaded in reverse order, one loaded while another is merged: each still equals its plain model."""
+    _, plain = served
+    model = AdapterModel(base_pt)
+    model.load_adapter(random_adapter(base_pt, seed=3, names=NEW)[1], "classes")
+    model.set_adapter("classes")
+    model.merge_adapter()
+    model.load_adapter(random_adapter(base_pt, seed=1)[1], "a")  # targets the class layers "classes" replaces
+    for name in ("a", "classes", "a"):
+        model.set_adapter(name)
+        assert (head_output(model.model, X) - head_output(plain[name], X)).abs().max() < 1e-4, name
