@@ -225,6 +225,65 @@ def export(
     typer.echo(path)
 
 
+AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", "-a", help="Adapter .safetensors to apply.")]
+BaseOpt = Annotated[str, typer.Option("--model", "-m", help="The base .pt checkpoint the adapter was trained on.")]
+OtherWeightsOpt = Annotated[
+    bool, typer.Option(help="Accept a base with other weights than the adapter's (same architecture).")
+]
+
+
+def _overrides(ctx: typer.Context, **flags: Any) -> dict[str, Any]:
+    """Flags given on the command line plus key=value pass-through (a flag wins over the same key passed through);
+    an unknown or reserved key is a usage error (exit 2), caught before any work."""
+    from lora_yolo.serve import RESERVED
+    from lora_yolo.train import check_args
+
+    overrides = {**_passthrough(ctx.args), **{k: v for k, v in flags.items() if v is not None}}
+    try:
+        check_args(overrides, RESERVED, ctx.command.name)
+    except LoraYoloError as e:
+        raise typer.BadParameter(str(e)) from None
+    return overrides
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def predict(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="Image, folder, video or glob, as for `yolo predict`.")],
+    model: BaseOpt = "yolo11n.pt",
+    adapter: AdapterOpt = None,
+    imgsz: Annotated[Optional[int], typer.Option(help="Image size.")] = None,
+    conf: Annotated[Optional[float], typer.Option(help="Confidence threshold.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, 0, ...")] = None,
+    allow_other_weights: OtherWeightsOpt = False,
+) -> None:
+    """Predict with a base and an adapter (no merged file); Ultralytics' usual outputs (save=True by default)."""
+    from lora_yolo.serve import predict as predict_lora
+
+    overrides = {"save": True, **_overrides(ctx, imgsz=imgsz, conf=conf, device=device)}
+    save_dir, images, boxes = predict_lora(source, model, adapter, allow_other_weights, **overrides)
+    typer.echo(f"{images} images, {boxes} detections; results in {save_dir}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def val(
+    ctx: typer.Context,
+    data: Annotated[str, typer.Argument(help="Ultralytics dataset YAML.")],
+    model: BaseOpt = "yolo11n.pt",
+    adapter: AdapterOpt = None,
+    imgsz: Annotated[Optional[int], typer.Option(help="Image size.")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, 0, ...")] = None,
+    allow_other_weights: OtherWeightsOpt = False,
+) -> None:
+    """Validate a base with an adapter (no merged file) with Ultralytics' validator; prints mAP."""
+    from lora_yolo.serve import validate
+
+    overrides = _overrides(ctx, imgsz=imgsz, batch=batch, device=device)
+    metrics = validate(data, model, adapter, allow_other_weights, **overrides)
+    typer.echo(f"mAP50 {metrics.box.map50:.4f}  mAP50-95 {metrics.box.map:.4f}; results in {metrics.save_dir}")
+
+
 def run() -> None:
     """Console entry point: known errors become one line on stderr and exit 1 (usage errors exit 2)."""
     try:

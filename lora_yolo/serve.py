@@ -138,6 +138,7 @@ class AdapterModel:
         self._base_classes = (dict(model.names), {})  # names, replaced modules (none)
         self._adapters: dict[str, Adapter] = {}
         self._classes: dict[str, tuple[dict[int, str], dict[str, nn.Module]]] = {}
+        self._switchables: dict[str, SwitchableConv2d] = {}  # by conv path, whether or not in the model right now
         self.active_adapter: str | None = None
 
     @property
@@ -180,20 +181,23 @@ class AdapterModel:
             raise LoraYoloError(f"no adapter named {name!r}")
         if self.active_adapter == name:
             self.disable_adapters()
-        for layer in self._layers():
+        for layer in self._switchables.values():
             layer.adapters.pop(name, None)
         del self._adapters[name], self._classes[name]
 
     def merge_adapter(self) -> None:
-        """Fold the active adapter into the weights: inference then costs exactly the base. `unmerge_adapter` undoes."""
+        """Fold the active adapter into the weights, and put the plain convs back in the model: inference then runs
+        exactly the base's modules. `unmerge_adapter` undoes it."""
         if self.active_adapter is None:
             raise LoraYoloError("no active adapter to merge; call set_adapter first")
-        for layer in self._layers():
+        for path, layer in self._switchables.items():
             layer.merge()
+            self._replace(path, layer, layer.base_layer)
 
     def unmerge_adapter(self) -> None:
         """Restore the base weights bit-exactly; the adapter stays active, computed on the fly."""
-        for layer in self._layers():
+        for path, layer in self._switchables.items():
+            self._replace(path, layer.base_layer, layer)
             layer.unmerge()
 
     def predict(self, *args: Any, **kwargs: Any) -> list:
@@ -208,33 +212,34 @@ class AdapterModel:
 
     def _activate(self, name: str | None) -> None:
         self.unmerge_adapter()
-        for layer in self._layers():
+        for layer in self._switchables.values():
             layer.active = name if name in layer.adapters else None
         self._set_classes(*(self._classes[name] if name else self._base_classes))
         self.active_adapter = name
 
-    def _layers(self) -> list[SwitchableConv2d]:
-        return [m for m in self.model.modules() if isinstance(m, SwitchableConv2d)]
+    def _replace(self, path: str, old: nn.Module, new: nn.Module) -> None:
+        """Put `new` at `path` if `old` is there (a class set of the active adapter may hold that place instead)."""
+        parent, _, attr = path.rpartition(".")
+        owner = self.model.get_submodule(parent)
+        if getattr(owner, attr) is old:
+            setattr(owner, attr, new)
 
     def _switchable(self, layer: str) -> SwitchableConv2d:
         """The switchable conv at `layer`, made from the base's fused conv there on first use."""
+        if layer in self._switchables:
+            return self._switchables[layer]
         base_modules = self._base_classes[1]
         try:
             module = base_modules.get(layer) or self.model.get_submodule(layer)
         except AttributeError:
             raise LoraYoloError(f"adapter layer {layer} is not in the base model") from None
-        if isinstance(module, SwitchableConv2d):
-            return module
         if type(module) is not nn.Conv2d:
             raise LoraYoloError(f"adapter layer {layer} is a {type(module).__name__}, not a conv")
-        switchable = SwitchableConv2d(
-            module, self._scales.get(layer, torch.ones(module.out_channels)).to(module.weight.device)
-        )
+        scale = self._scales.get(layer, torch.ones(module.out_channels))
+        switchable = self._switchables[layer] = SwitchableConv2d(module, scale.to(module.weight.device))
         if layer in base_modules:  # a class layer: other adapters' class sets may replace it
             base_modules[layer] = switchable
-        parent, _, attr = layer.rpartition(".")
-        if getattr(self.model.get_submodule(parent), attr) is module:  # not replaced by the active class set
-            setattr(self.model.get_submodule(parent), attr, switchable)
+        self._replace(layer, module, switchable)
         return switchable
 
     def _class_layers(self, adapter: Adapter) -> tuple[dict[int, str], dict[str, nn.Module]]:
@@ -278,3 +283,73 @@ class AdapterModel:
         if self.model.names != names:
             self.model.names = dict(names)
             self.yolo.predictor = None  # Ultralytics' predictor caches the names it was set up with
+
+
+# Arguments the predict/val commands own.
+RESERVED = {"model": "--model", "source": "SOURCE", "data": "DATA", "mode": "(the command)", "task": "(the model's)"}
+
+
+def serving_model(base: str | Path, adapter: str | Path | None, allow_other_weights: bool = False) -> AdapterModel:
+    """The base with `adapter` active and merged (so it runs at the base's speed), or the base alone."""
+    model = AdapterModel(base)
+    if adapter is not None:
+        model.set_adapter(model.load_adapter(adapter, allow_other_weights=allow_other_weights))
+        model.merge_adapter()
+    return model
+
+
+def predict(
+    source: str | Path,
+    base: str | Path,
+    adapter: str | Path | None = None,
+    allow_other_weights: bool = False,
+    **overrides: Any,
+) -> tuple[Path, int, int]:
+    """Ultralytics prediction on `source` with `base` + `adapter`, no merged file; returns (save_dir, images, boxes).
+
+    `overrides` are Ultralytics predict arguments (imgsz, conf, save, ...); results are streamed, so any source
+    size works.
+
+    Example:
+        >>> predict("images/", "yolo11n.pt", "runs/detect/train/adapter.safetensors", save=True)
+    """
+    from lora_yolo.train import check_args
+
+    check_args(overrides, RESERVED, "predict")
+    if not Path(source).exists() and "://" not in str(source):
+        raise LoraYoloError(f"source not found: {source}")
+    model = serving_model(base, adapter, allow_other_weights)
+    # Ultralytics' predictor itself, with YOLO.predict's defaults: YOLO.predict takes any program whose name ends in
+    # "yolo" (lora-yolo does) for its own CLI, and then returns nothing.
+    args = {**model.yolo.overrides, "conf": 0.25, "batch": 1, "rect": True, **overrides, "mode": "predict"}
+    predictor = model.yolo.task_map[model.yolo.task]["predictor"](overrides=args)
+    predictor.setup_model(model=model.model, verbose=False)
+    images = boxes = 0
+    for result in predictor(source=str(source), stream=True):
+        images += 1
+        boxes += len(result)  # detections (boxes, masks, keypoints or oriented boxes) in this image
+    return Path(predictor.save_dir), images, boxes
+
+
+def validate(
+    data: str | Path,
+    base: str | Path,
+    adapter: str | Path | None = None,
+    allow_other_weights: bool = False,
+    **overrides: Any,
+) -> Any:
+    """Ultralytics validation of `base` + `adapter` on the dataset YAML `data`; returns Ultralytics' metrics.
+
+    Example:
+        >>> metrics = validate("data.yaml", "yolo11n.pt", "adapter.safetensors", imgsz=640)
+        >>> metrics.box.map
+    """
+    from lora_yolo.datacheck import check_dataset
+    from lora_yolo.train import check_args
+
+    check_args(overrides, RESERVED, "val")
+    nc = check_dataset(data)["nc"]
+    model = serving_model(base, adapter, allow_other_weights)
+    if nc != len(model.model.names):
+        raise LoraYoloError(f"{data} has {nc} classes, the model with this adapter predicts {len(model.model.names)}")
+    return model.val(data=str(data), **overrides)

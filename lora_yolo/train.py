@@ -37,13 +37,18 @@ RESERVED = {
 
 def check_train_args(overrides: dict[str, Any]) -> None:
     """Refuse keys Ultralytics does not know (suggesting the closest) and keys LoRA training owns."""
+    check_args(overrides, RESERVED, "training")
+
+
+def check_args(overrides: dict[str, Any], reserved: dict[str, str], mode: str) -> None:
+    """Refuse pass-through keys Ultralytics does not know (suggesting the closest) and keys a command owns."""
     for key in overrides:
-        if key in RESERVED:
-            raise LoraYoloError(f"'{key}' cannot be passed through; use {RESERVED[key]}")
+        if key in reserved:
+            raise LoraYoloError(f"'{key}' cannot be passed through; use {reserved[key]}")
         if key not in DEFAULT_CFG_DICT:
             close = difflib.get_close_matches(key, DEFAULT_CFG_DICT, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise LoraYoloError(f"'{key}' is not an Ultralytics training argument{hint}")
+            raise LoraYoloError(f"'{key}' is not an Ultralytics {mode} argument{hint}")
 
 
 @dataclass

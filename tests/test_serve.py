@@ -52,6 +52,7 @@ def test_each_adapter_equals_its_plain_merged_model(served, name):
     assert got.shape == expected.shape
     assert (got - expected).abs().max() < 1e-4  # fused vs unfused rounding only
     model.merge_adapter()
+    assert not any(isinstance(m, SwitchableConv2d) for m in model.model.modules())  # plain convs: the base's cost
     assert (head_output(model.model, X) - got).abs().max() < 1e-5
     model.unmerge_adapter()
     assert torch.equal(head_output(model.model, X), got)
