@@ -169,25 +169,29 @@ def load_adapter(path: str | Path) -> Adapter:
                     f"this lora-yolo reads version {FORMAT_VERSION}"
                 )
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        layers = {k: (int(r), float(a)) for k, (r, a) in json.loads(meta["layers"]).items()}
-        adapter = Adapter(
-            tensors=tensors,
-            config=LoraConfig.from_dict(json.loads(meta["lora_config"])),
-            layers=layers,
-            full=list(json.loads(meta["full"])),
-            nc=int(meta["nc"]),
-            names={int(k): v for k, v in json.loads(meta["names"]).items()},
-            base=dict(json.loads(meta["base"])),
-        )
+        adapter = parse_metadata(tensors, meta)
     except LoraYoloError:
         raise
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise LoraYoloError(f"{path} is not a readable adapter file ({type(e).__name__}: {e})") from None
-    _check_consistent(adapter, path)
+    check_tensors(adapter, path)
     return adapter
 
 
-def _check_consistent(adapter: Adapter, path: Path) -> None:
+def parse_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Adapter:
+    """The Adapter that `Adapter.metadata()` describes, holding `tensors` (not yet checked against it)."""
+    return Adapter(
+        tensors=tensors,
+        config=LoraConfig.from_dict(json.loads(meta["lora_config"])),
+        layers={k: (int(r), float(a)) for k, (r, a) in json.loads(meta["layers"]).items()},
+        full=list(json.loads(meta["full"])),
+        nc=int(meta["nc"]),
+        names={int(k): v for k, v in json.loads(meta["names"]).items()},
+        base=dict(json.loads(meta["base"])),
+    )
+
+
+def check_tensors(adapter: Adapter, path: Path) -> None:
     """The tensors must be exactly what the metadata promises, with shapes that agree with the ranks."""
     dora = adapter.config.use_dora
     expected = {n for layer in adapter.layers for n in lora_tensor_names(layer, dora)} | set(adapter.full)

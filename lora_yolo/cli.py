@@ -284,6 +284,24 @@ def val(
     typer.echo(f"mAP50 {metrics.box.map50:.4f}  mAP50-95 {metrics.box.map:.4f}; results in {metrics.save_dir}")
 
 
+@app.command()
+def convert(
+    source: Annotated[str, typer.Argument(help="An adapter .safetensors (--to peft) or a PEFT folder (--from peft).")],
+    output: Annotated[str, typer.Argument(help="The PEFT folder (--to peft) or adapter .safetensors to write.")],
+    to: Annotated[Optional[str], typer.Option("--to", help="Target format: peft.")] = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help="Source format: peft.")] = None,
+    base: Annotated[
+        Optional[str], typer.Option("--base", "-b", help="With --from peft, for a PEFT adapter not made by lora-yolo.")
+    ] = None,
+) -> None:
+    """Convert an adapter to PEFT's LoRA format (adapter_config.json + adapter_model.safetensors), or back."""
+    from lora_yolo.peft_format import convert as convert_adapter
+
+    if (to, from_) not in {("peft", None), (None, "peft")}:
+        raise typer.BadParameter("give exactly one of --to peft or --from peft")
+    typer.echo(convert_adapter(source, output, to, base))
+
+
 def run() -> None:
     """Console entry point: known errors become one line on stderr and exit 1 (usage errors exit 2)."""
     try:

@@ -10,6 +10,7 @@ import torch
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # PEFT reads adapters from local folders only
 
 from lora_yolo.checkpoint import load_model, save_checkpoint  # noqa: E402
 

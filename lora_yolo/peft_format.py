@@ -1,0 +1,187 @@
+"""Convert adapters to and from PEFT's LoRA format: a folder with `adapter_config.json` and `adapter_model.safetensors`.
+
+The layers are the same (PEFT's Conv2d LoRA is also A = conv in -> r with the base kernel, B = 1x1 r -> out, scale
+alpha / r or alpha / sqrt(r), DoRA's magnitude per output channel), so conversion only renames tensors:
+  ours  `model.16.cv1.conv.lora_A.weight`        PEFT  `base_model.model.model.16.cv1.conv.lora_A.weight`
+  ours  `<conv>.lora_magnitude_vector` (out,)   PEFT  `<...>.lora_magnitude_vector` (1, out, 1, 1)
+  ours  tensors trained in full (class layers)   PEFT  `modules_to_save`, under their own names
+Module names are those of the Ultralytics model itself (`YOLO(...).model`), which is what PEFT wraps:
+`PeftModel.from_pretrained(YOLO("base.pt").model, DIR)`. For an adapter with its own class set, PEFT needs the model
+built for those classes first (`lora_yolo.checkpoint.build_for_classes`), since its class layers have another shape.
+
+Our metadata (class names, base fingerprint, config) travels in the safetensors header under `lora_yolo`, so a round
+trip is exact; an adapter made by PEFT itself converts too, given the base it was trained on. Nothing is unpickled:
+PEFT's older `adapter_model.bin` is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lora_yolo.adapter import Adapter, check_header, check_tensors, fingerprint, parse_metadata
+from lora_yolo.atomic import atomic_path
+from lora_yolo.checkpoint import class_count
+from lora_yolo.config import LoraConfig
+from lora_yolo.errors import LoraYoloError
+
+PREFIX = "base_model.model."
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+MAGNITUDE = ".lora_magnitude_vector"
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
+    """Write `adapter` as a PEFT LoRA folder (created if needed; its two files replaced atomically); returns it.
+
+    Example:
+        >>> to_peft(load_adapter("adapter.safetensors"), "peft-adapter/")
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LoraYoloError(f"{out} exists and is not a folder")
+    ranks = Counter(r for r, _ in adapter.layers.values())
+    alphas = Counter(a for _, a in adapter.layers.values())
+    r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    config = adapter.config
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": adapter.base.get("path") or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.lora_dropout,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "target_modules": sorted(adapter.layers),
+        "rank_pattern": {re.escape(n): lr for n, (lr, _) in sorted(adapter.layers.items()) if lr != r},
+        "alpha_pattern": {re.escape(n): la for n, (_, la) in sorted(adapter.layers.items()) if la != alpha},
+        "modules_to_save": sorted({k.rpartition(".")[0] for k in adapter.full}) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    tensors = {}
+    for name, t in adapter.tensors.items():
+        tensors[PREFIX + name] = (t.view(1, -1, 1, 1) if name.endswith(MAGNITUDE) else t).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "lora_yolo": json.dumps(adapter.metadata())})
+    with atomic_path(out / CONFIG) as tmp:
+        tmp.write_text(json.dumps(peft_config, indent=2), encoding="utf-8")
+    return out
+
+
+def from_peft(peft_dir: str | Path, base: nn.Module | None = None) -> Adapter:
+    """Read a PEFT LoRA folder as an `Adapter`; `base` (the model it was trained on) is needed unless we wrote it.
+
+    Example:
+        >>> adapter = from_peft("peft-adapter/", base=load_model("base.pt"))
+    """
+    folder = Path(peft_dir)
+    config_file, weights = folder / CONFIG, folder / WEIGHTS
+    if not folder.is_dir():
+        raise LoraYoloError(f"PEFT adapter folder not found: {folder}")
+    if not weights.is_file():
+        pickled = " (only adapter_model.bin, a pickle: save it with safe_serialization=True)"
+        raise LoraYoloError(f"{folder} has no {WEIGHTS}{pickled if (folder / 'adapter_model.bin').exists() else ''}")
+    config = _read_config(config_file)
+    check_header(weights)
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata() or {}
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    if any(not k.startswith(PREFIX) for k in raw):
+        raise LoraYoloError(f"{weights} has tensors outside '{PREFIX}': not a PEFT adapter of a whole model")
+    tensors = {k[len(PREFIX) :]: v for k, v in raw.items()}
+    tensors = {k: v.flatten() if k.endswith(MAGNITUDE) else v for k, v in tensors.items()}
+    layers = {k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")}
+    plan = {n: (int(tensors[f"{n}.lora_A.weight"].shape[0]), _alpha(config, n)) for n in sorted(layers)}
+    full = sorted(k for k in tensors if ".lora_" not in k)
+    if "lora_yolo" in meta:  # written by to_peft: everything else is in our own metadata
+        try:
+            adapter = parse_metadata(tensors, json.loads(meta["lora_yolo"]))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise LoraYoloError(f"{weights} has damaged lora_yolo metadata ({type(e).__name__})") from None
+    else:
+        if base is None:
+            raise LoraYoloError(f"{folder} was not written by lora-yolo: pass the base it was trained on (--base)")
+        adapter = _foreign(tensors, plan, full, config, base)
+    if adapter.layers != plan or sorted(adapter.full) != full:
+        raise LoraYoloError(f"{folder}: {CONFIG} and the lora_yolo metadata disagree on the layers")
+    check_tensors(adapter, weights)
+    return adapter
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise LoraYoloError(f"{path.parent} has no {CONFIG}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise LoraYoloError(f"{path} is too large to be an adapter config")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise LoraYoloError(f"{path} is not JSON") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise LoraYoloError(f"{path} is not a PEFT LoRA config (peft_type {config.get('peft_type')!r})")
+    unsupported = {
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "lora_bias": False,
+        "layers_to_transform": None,
+        "layer_replication": None,
+    }
+    for key, ok in unsupported.items():
+        if config.get(key, ok) != ok:
+            raise LoraYoloError(f"{path}: {key}={config[key]!r} is not supported (lora-yolo supports {key}={ok!r})")
+    return config
+
+
+def _alpha(config: dict, layer: str) -> float:
+    """A layer's alpha as PEFT resolves it: the first alpha_pattern key matching the end of the name."""
+    for key, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", layer):
+            return float(alpha)
+    return float(config.get("lora_alpha", 8))
+
+
+def _foreign(tensors: dict, plan: dict, full: list[str], config: dict, base: nn.Module) -> Adapter:
+    """An Adapter for a PEFT folder made by PEFT itself: the base fingerprint and class set come from `base`."""
+    nc = class_count(base)
+    if full:
+        nc = int(tensors[next(k for k in full if k.endswith(".weight"))].shape[0])
+    names = dict(base.names) if nc == class_count(base) else {i: f"class{i}" for i in range(nc)}
+    lora = LoraConfig(
+        r=Counter(r for r, _ in plan.values()).most_common(1)[0][0] if plan else int(config.get("r", 8)),
+        lora_alpha=float(config.get("lora_alpha", 8)),
+        lora_dropout=float(config.get("lora_dropout") or 0.0),
+        use_rslora=bool(config.get("use_rslora", False)),
+        use_dora=bool(config.get("use_dora", False)),
+        targets=[],
+        include=[f"^{re.escape(n)}$" for n in plan],
+    )
+    return Adapter(tensors, lora, plan, full, nc, names, fingerprint(base))
+
+
+def convert(source: str | Path, output: str | Path, to_format: str | None, base: str | Path | None = None) -> Path:
+    """`to_format="peft"`: our adapter file -> a PEFT folder. `to_format=None`: a PEFT folder -> our adapter file.
+
+    Example:
+        >>> convert("adapter.safetensors", "peft-adapter/", "peft")
+        >>> convert("peft-adapter/", "adapter.safetensors", None, base="yolo11n.pt")
+    """
+    from lora_yolo.adapter import load_adapter, save_adapter
+    from lora_yolo.checkpoint import load_model
+
+    if to_format == "peft":
+        return to_peft(load_adapter(source), output)
+    if Path(output).resolve() == Path(source).resolve():
+        raise LoraYoloError(f"output {output} would overwrite the input")
+    adapter = from_peft(source, load_model(base) if base is not None else None)
+    return save_adapter(adapter, output, dtype=next(iter(adapter.tensors.values())).dtype)

@@ -1,0 +1,115 @@
+"""PEFT interoperability: our adapters load in PEFT with the same outputs, PEFT's own adapters convert back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import head_output, random_adapter
+
+from lora_yolo import LoraConfig, LoraYoloError, attach_adapter, load_adapter, load_model, save_adapter
+from lora_yolo.checkpoint import build_for_classes
+from lora_yolo.peft_format import CONFIG, WEIGHTS, from_peft, to_peft
+
+peft = pytest.importorskip("peft", reason="peft is a test-only dependency (pip install -e .[dev])")
+NEW = {0: "disc", 1: "ring", 2: "cross", 3: "star"}
+X = torch.rand(2, 3, 64, 64)
+
+
+def peft_model(model, folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that a YOLO model is not a transformers model
+        return peft.PeftModel.from_pretrained(model, str(folder)).eval()
+
+
+def ours_and_peft(base_pt, adapter, folder, double: bool = False):
+    """Head outputs of base + adapter in lora-yolo and in PEFT (same class set, fp32 or fp64)."""
+    ours = attach_adapter(load_model(base_pt), adapter)
+    theirs = peft_model(build_for_classes(load_model(base_pt), adapter.nc, adapter.names), to_peft(adapter, folder))
+    x = X.double() if double else X
+    if double:
+        ours, theirs = ours.double(), theirs.double()
+    return head_output(ours, x), head_output(theirs, x)
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        ("lora", {}),
+        ("rank-and-alpha-patterns", {"config": LoraConfig(rank_pattern={r"model\.23\.": 4}, alpha_pattern={"cv2": 4})}),
+        ("rslora", {"config": LoraConfig(use_rslora=True)}),
+        ("dora", {"config": LoraConfig(use_dora=True)}),
+        ("new-classes", {"names": NEW}),
+    ],
+)
+def test_peft_loads_our_adapter_with_the_same_outputs(base_pt, tmp_path, kind, kwargs):
+    _, adapter = random_adapter(base_pt, **kwargs)
+    ours, theirs = ours_and_peft(base_pt, adapter, tmp_path / "fp32")
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() < 1e-5  # PEFT runs a second conv path, we fold it into the conv: rounding
+    ours64, theirs64 = ours_and_peft(base_pt, adapter, tmp_path / "fp64", double=True)
+    assert (ours64 - theirs64).abs().max() < 1e-12  # in fp64: the same function
+    config = json.loads((tmp_path / "fp32" / CONFIG).read_text())
+    assert config["peft_type"] == "LORA" and len(config["target_modules"]) == len(adapter.layers)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_round_trip_is_exact(base_pt, tmp_path, dora):
+    _, adapter = random_adapter(base_pt, config=LoraConfig(use_dora=dora), names=NEW)
+    stored = load_adapter(save_adapter(adapter, tmp_path / "a.safetensors"))
+    back = from_peft(to_peft(stored, tmp_path / "peft"))
+    assert back.tensors.keys() == stored.tensors.keys()
+    assert all(torch.equal(back.tensors[k], stored.tensors[k]) for k in stored.tensors)
+    for field in ("config", "layers", "full", "nc", "names", "base"):
+        assert getattr(back, field) == getattr(stored, field), field
+
+
+def test_adapter_made_by_peft_converts_with_its_base(base_pt, tmp_path):
+    model = load_model(base_pt)
+    targets = ["model.13.cv1.conv", "model.16.m.0.cv1.conv", "model.23.cv2.1.2", "model.10.m.0.attn.qkv.conv"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, rank_pattern={"cv2.1.2": 2}, use_dora=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        made = peft.get_peft_model(model, config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in made.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    made.save_pretrained(str(tmp_path / "peft"))
+    with pytest.raises(LoraYoloError, match="pass the base"):
+        from_peft(tmp_path / "peft")
+    adapter = from_peft(tmp_path / "peft", load_model(base_pt))
+    assert sorted(adapter.layers) == sorted(targets) and adapter.layers["model.23.cv2.1.2"] == (2, 8.0)
+    ours = head_output(attach_adapter(load_model(base_pt), adapter), X)
+    assert (ours - head_output(made.eval(), X)).abs().max() < 1e-5
+
+
+def test_cli_convert_both_ways_and_refusals(base_pt, tmp_path):
+    _, adapter = random_adapter(base_pt)
+    src = save_adapter(adapter, tmp_path / "a.safetensors")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "lora_yolo.cli", *map(str, args)], capture_output=True, text=True)
+
+    out = cli("convert", src, tmp_path / "peft", "--to", "peft")
+    assert out.returncode == 0, out.stderr
+    assert {p.name for p in (tmp_path / "peft").iterdir()} == {CONFIG, WEIGHTS}
+    out = cli("convert", tmp_path / "peft", tmp_path / "back.safetensors", "--from", "peft")
+    assert out.returncode == 0, out.stderr
+    back, original = load_adapter(tmp_path / "back.safetensors"), load_adapter(src)
+    assert back.metadata() == original.metadata()
+    assert all(torch.equal(back.tensors[k], original.tensors[k]) for k in original.tensors)
+    assert cli("convert", src, tmp_path / "x", "--to", "lora").returncode == 2
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    out = cli("convert", tmp_path / "bin", tmp_path / "y.safetensors", "--from", "peft")
+    assert out.returncode == 1 and "a pickle" in out.stderr and "Traceback" not in out.stderr
+    config = json.loads((tmp_path / "peft" / CONFIG).read_text())
+    (tmp_path / "peft" / CONFIG).write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    out = cli("convert", tmp_path / "peft", tmp_path / "z.safetensors", "--from", "peft")
+    assert out.returncode == 1 and "fan_in_fan_out=True is not supported" in out.stderr
