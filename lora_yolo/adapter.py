@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 from torch import nn
+from ultralytics.nn.tasks import guess_model_task
 
 from lora_yolo.atomic import atomic_path
 from lora_yolo.checkpoint import build_for_classes, class_count
@@ -68,13 +69,14 @@ class Adapter:
     nc: int
     names: dict[int, str]
     base: dict  # fingerprint() of the base
+    task: str = "detect"  # the base's Ultralytics task
 
     def metadata(self) -> dict[str, str]:
         """The safetensors header metadata (string values only)."""
         return {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
-            "task": "detect",
+            "task": self.task,
             "lora_config": json.dumps(self.config.to_dict()),
             "layers": json.dumps({k: list(v) for k, v in self.layers.items()}),
             "full": json.dumps(self.full),
@@ -188,6 +190,7 @@ def parse_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Ad
         nc=int(meta["nc"]),
         names={int(k): v for k, v in json.loads(meta["names"]).items()},
         base=dict(json.loads(meta["base"])),
+        task=str(meta.get("task", "detect")),
     )
 
 
@@ -263,6 +266,7 @@ def extract_adapter(model: nn.Module, config: LoraConfig, base: dict, full: list
         nc=class_count(model),
         names=dict(model.names),
         base=base,
+        task=guess_model_task(model),
     )
 
 

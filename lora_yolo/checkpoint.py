@@ -47,21 +47,22 @@ def load_model(source: str | Path) -> nn.Module:
     if text.endswith((".yaml", ".yml")):
         try:
             cfg = yaml_model_load(text)
-            model = MODEL_CLASSES[check_task(guess_model_task(cfg), text)](cfg, verbose=False)
+            task = check_task(guess_model_task(cfg), text)
+            model = MODEL_CLASSES[task](cfg, verbose=False)
         except FileNotFoundError:
             raise LoraYoloError(f"model YAML not found: {text}") from None
         except LoraYoloError:
             raise
         except Exception as e:
             raise LoraYoloError(f"{text} is not an Ultralytics model YAML ({first_line(e)})") from None
-        model.args = {}
+        model.args, model.task = {}, task
         return model
     text = resolve_checkpoint(text)
     try:
         model, _ = load_checkpoint(text)
     except Exception as e:
         raise load_error(text, e) from None
-    check_task(getattr(model, "task", None) or guess_model_task(model), text)
+    model.task = check_task(getattr(model, "task", None) or guess_model_task(model), text)
     return model
 
 

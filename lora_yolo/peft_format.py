@@ -24,6 +24,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from ultralytics.nn.tasks import guess_model_task
 
 from lora_yolo.adapter import Adapter, check_header, check_tensors, fingerprint, parse_metadata
 from lora_yolo.atomic import atomic_path
@@ -166,7 +167,7 @@ def _foreign(tensors: dict, plan: dict, full: list[str], config: dict, base: nn.
         targets=[],
         include=[f"^{re.escape(n)}$" for n in plan],
     )
-    return Adapter(tensors, lora, plan, full, nc, names, fingerprint(base))
+    return Adapter(tensors, lora, plan, full, nc, names, fingerprint(base), guess_model_task(base))
 
 
 def convert(source: str | Path, output: str | Path, to_format: str | None, base: str | Path | None = None) -> Path:

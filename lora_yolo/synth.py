@@ -6,12 +6,16 @@ backgrounds with distractor blobs. A *domain* fixes the classes and the look:
 - `A`: the pretraining domain (circle, square, triangle on light noisy backgrounds);
 - `B1`: A's classes in another appearance (dark textured backgrounds, other colours, blur, smaller objects);
 - `B2`: classes A never had (star, cross, ring, diamond) on A-like backgrounds.
+
+Every object also knows its outline, so the same images label every task with a Detect-style head: `detect` (boxes),
+`segment` (outline polygons), `obb` (the outline's minimum-area rotated rectangle) and `pose` (two keypoints: the
+centre and the outline's first vertex, which turns with the shape).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -38,6 +42,41 @@ DOMAINS = {
     "B1": Domain(("circle", "square", "triangle"), "dark", (0.06, 0.18), 1.5, (3, 8), 6),
     "B2": Domain(("star", "cross", "ring", "diamond"), "light", (0.08, 0.22), 0.5, (2, 6), 4),
 }
+
+
+@dataclass
+class Shape:
+    """One drawn object: its class, clipped box (x0, y0, x1, y1) and outline (N, 2), in pixels."""
+
+    cls: int
+    box: tuple[float, float, float, float]
+    outline: np.ndarray = field(repr=False)
+
+    def label(self, task: str, size: int) -> str:
+        """The object's line in an Ultralytics label file for `task`, coordinates normalised by the image size."""
+        x0, y0, x1, y1 = self.box
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        if task in ("detect", "pose"):
+            values = [cx, cy, x1 - x0, y1 - y0]
+        elif task == "segment":
+            values = self.outline.flatten()
+        elif task == "obb":
+            values = cv2.boxPoints(cv2.minAreaRect(self.outline.astype(np.float32))).flatten()
+        else:
+            raise LoraYoloError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+        line = f"{self.cls} " + " ".join(f"{v:.6f}" for v in np.clip(np.asarray(values, float) / size, 0, 1))
+        if task == "pose":  # two visible keypoints: the centre and the outline's first vertex
+            line += "".join(f" {x / size:.6f} {y / size:.6f} 2" for x, y in ((cx, cy), self.outline[0]))
+        return line
+
+
+TASKS = ("detect", "segment", "obb", "pose")
+
+
+def _circle(cx: float, cy: float, r: float, angle: float, n: int = 24) -> np.ndarray:
+    """Outline points of a circle, starting at `angle`."""
+    thetas = angle + np.arange(n) * 2 * math.pi / n
+    return np.stack([cx + r * np.cos(thetas), cy + r * np.sin(thetas)], 1)
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
@@ -81,8 +120,8 @@ def _background(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
     return img
 
 
-def render(rng: np.random.Generator, domain: Domain, size: int) -> tuple[np.ndarray, list[tuple[int, float, ...]]]:
-    """One image (uint8 BGR) and its labels (class, cx, cy, w, h), normalised."""
+def render(rng: np.random.Generator, domain: Domain, size: int) -> tuple[np.ndarray, list[Shape]]:
+    """One image (uint8 BGR) and the shapes drawn on it."""
     img = _background(rng, size, domain.background)
     for _ in range(rng.integers(0, domain.distractors + 1)):  # blobs that look a little like objects
         c = tuple(float(v) for v in rng.uniform(0, 255, 3))
@@ -99,16 +138,16 @@ def render(rng: np.random.Generator, domain: Domain, size: int) -> tuple[np.ndar
         angle = float(rng.uniform(0, 2 * math.pi))
         if kind == "circle":
             cv2.circle(img, (int(cx), int(cy)), int(r), colour, -1)
-            box = (cx - r, cy - r, cx + r, cy + r)
+            box, outline = (cx - r, cy - r, cx + r, cy + r), _circle(cx, cy, r, angle)
         elif kind == "ring":
             cv2.circle(img, (int(cx), int(cy)), int(r), colour, max(2, int(r * 0.3)))
-            box = (cx - r, cy - r, cx + r, cy + r)
+            box, outline = (cx - r, cy - r, cx + r, cy + r), _circle(cx, cy, r, angle)
         else:
             pts = _polygon(kind, cx, cy, r, angle)
             cv2.fillPoly(img, [pts], colour)
-            box = (*pts.min(0), *pts.max(0))
-        x0, y0, x1, y1 = (min(max(v, 0), size - 1) for v in box)
-        labels.append((cls, (x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size))
+            box, outline = (*pts.min(0), *pts.max(0)), pts.astype(float)
+        box = tuple(float(min(max(v, 0), size - 1)) for v in box)
+        labels.append(Shape(cls, box, np.clip(outline, 0, size - 1)))
     if domain.blur:
         sigma = rng.uniform(0, domain.blur)
         if sigma > 0.3:
@@ -116,14 +155,20 @@ def render(rng: np.random.Generator, domain: Domain, size: int) -> tuple[np.ndar
     return np.clip(img, 0, 255).astype(np.uint8), labels
 
 
-def make_dataset(root: str | Path, domain: str, n_train: int, n_val: int, imgsz: int = 160, seed: int = 0) -> Path:
-    """Write a dataset (images/, labels/, data.yaml) under `root`; returns the data.yaml path.
+def make_dataset(
+    root: str | Path, domain: str, n_train: int, n_val: int, imgsz: int = 160, seed: int = 0, task: str = "detect"
+) -> Path:
+    """Write a dataset (images/, labels/, data.yaml) for `task` under `root`; returns the data.yaml path.
+
+    The images depend only on the domain and seed, not on the task.
 
     Example:
         >>> make_dataset("datasets/shapes-b2", "B2", n_train=120, n_val=40)
     """
     if domain not in DOMAINS:
         raise LoraYoloError(f"unknown domain {domain!r}; domains: {', '.join(DOMAINS)}")
+    if task not in TASKS:
+        raise LoraYoloError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     spec, root = DOMAINS[domain], Path(root)
     rng = np.random.default_rng([seed, list(DOMAINS).index(domain)])
     for split, n in (("train", n_train), ("val", n_val)):
@@ -132,9 +177,11 @@ def make_dataset(root: str | Path, domain: str, n_train: int, n_val: int, imgsz:
         for i in range(n):
             img, labels = render(rng, spec, imgsz)
             cv2.imwrite(str(root / "images" / split / f"{i:05d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 80])
-            lines = [f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}" for c, x, y, w, h in labels]
+            lines = [shape.label(task, imgsz) for shape in labels]
             (root / "labels" / split / f"{i:05d}.txt").write_text("\n".join(lines) + "\n")
     data = {"train": "images/train", "val": "images/val", "names": dict(enumerate(spec.classes))}
+    if task == "pose":
+        data.update(kpt_shape=[2, 3], flip_idx=[0, 1])
     path = root / "data.yaml"
     header = f"# Synthetic domain {domain} from lora_yolo.synth (seed {seed}, {imgsz} px). No 'path': root is here.\n"
     path.write_text(header + yaml.safe_dump(data, sort_keys=False))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ultralytics.models.yolo.detect import DetectionValidator
+import torch
 from ultralytics.utils import DEFAULT_CFG_DICT
 
 from lora_yolo.adapter import load_adapter
@@ -22,7 +22,7 @@ from lora_yolo.config import LoraConfig
 from lora_yolo.datacheck import check_dataset
 from lora_yolo.errors import LoraYoloError, TrainingInterrupted, first_line
 from lora_yolo.presets import resolve_config
-from lora_yolo.trainer import ADAPTER, ADAPTER_LAST, CONFIG_FILE, MERGED, LoraDetectionTrainer, base_file
+from lora_yolo.trainer import ADAPTER, ADAPTER_LAST, CONFIG_FILE, MERGED, TRAINERS, LoraTrainerMixin, base_file
 
 # Train arguments that LoRA owns: passing them would silently fight the adapter setup.
 RESERVED = {
@@ -30,7 +30,7 @@ RESERVED = {
     "data": "DATA",
     "resume": "--resume",
     "freeze": "--targets/--include/--exclude",
-    "task": "(detect only)",
+    "task": "(the base model's task)",
     "mode": "(train)",
 }
 
@@ -135,13 +135,16 @@ def train(
     if resume is not None:
         if not Path(resume).is_file():
             raise LoraYoloError(f"resume checkpoint not found: {resume}")
-        trainer = _trainer(overrides={**overrides, "resume": str(resume)})
+        trainer = _trainer(_resume_task(resume), overrides={**overrides, "resume": str(resume)})
     else:
         if data is None:
             raise LoraYoloError("DATA is required (a dataset YAML) unless --resume is given")
         check_dataset(data)
         base = load_model(model)
-        trainer = _trainer(overrides={**overrides, "model": str(model), "data": str(data)}, lora=config)
+        task = base.task if hasattr(base, "task") else "detect"
+        trainer = _trainer(
+            task, overrides={**overrides, "model": str(model), "data": str(data), "task": task}, lora=config
+        )
         # As Ultralytics' Model.train does: build the model before train(), so the DDP launcher pickles the model
         # with its adapters and each worker trains that very model.
         trainer.model = trainer.get_model(cfg=base.yaml, weights=None if str(model).endswith(".yaml") else base)
@@ -192,15 +195,25 @@ def _stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _trainer(**kwargs: Any) -> LoraDetectionTrainer:
-    """The trainer; what Ultralytics refuses while setting up (a GPU that is not there, a bad value) is one line."""
+def _resume_task(checkpoint: str | Path) -> str:
+    """The task of an interrupted run, from its own last.pt (a checkpoint this user's run wrote)."""
     try:
-        return LoraDetectionTrainer(**kwargs)
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        return ckpt["train_args"].get("task") or "detect"
+    except Exception as e:
+        raise LoraYoloError(f"{checkpoint} is not an Ultralytics training checkpoint ({first_line(e)})") from None
+
+
+def _trainer(task: str, **kwargs: Any) -> LoraTrainerMixin:
+    """The task's trainer; what Ultralytics refuses while setting up (a GPU that is not there, a bad value) is one
+    line."""
+    try:
+        return TRAINERS[task][0](**kwargs)
     except (ValueError, SyntaxError, TypeError, FileNotFoundError, RuntimeError) as e:
         raise LoraYoloError(first_line(e)) from None
 
 
-def _validate(trainer: LoraDetectionTrainer, model: str | Path, name: str) -> dict[str, float]:
+def _validate(trainer: LoraTrainerMixin, model: str | Path, name: str) -> dict[str, float]:
     """Ultralytics validation of a checkpoint with the run's own settings, saved under the run folder."""
     args = {**vars(trainer.args), "mode": "val", "plots": False, "save_json": False}
-    return DetectionValidator(save_dir=trainer.save_dir / name, args=args)(model=str(model))
+    return TRAINERS[trainer.args.task][1](save_dir=trainer.save_dir / name, args=args)(model=str(model))

@@ -1,4 +1,7 @@
-"""`LoraDetectionTrainer`: Ultralytics' own DetectionTrainer, with adapters added to the model it builds.
+"""LoRA trainers: Ultralytics' own task trainers, with adapters added to the model they build.
+
+`LoraTrainerMixin` holds the LoRA changes; `LoraDetectionTrainer`, `LoraSegmentationTrainer`, `LoraPoseTrainer` and
+`LoraOBBTrainer` put it in front of Ultralytics' trainer for each task whose head extends Detect (`TRAINERS`).
 
 Everything Ultralytics does around the model (augmentation, EMA, AMP, schedulers, loggers, plots, validation,
 callbacks, DDP) stays its own; this class changes only what it must, each where Ultralytics decides it:
@@ -27,13 +30,15 @@ from copy import deepcopy
 from pathlib import Path
 
 from torch import nn
-from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.nn.tasks import DetectionModel
+from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
+from ultralytics.models.yolo.obb import OBBTrainer, OBBValidator
+from ultralytics.models.yolo.pose import PoseTrainer, PoseValidator
+from ultralytics.models.yolo.segment import SegmentationTrainer, SegmentationValidator
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, YAML
 from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
 
 from lora_yolo.adapter import Adapter, attach_adapter, extract_adapter, fingerprint, load_adapter, save_adapter
-from lora_yolo.checkpoint import build_for_classes, class_count, load_model, save_checkpoint
+from lora_yolo.checkpoint import MODEL_CLASSES, build_for_classes, class_count, load_model, save_checkpoint
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_layers, set_trainable, unload_lora
@@ -69,8 +74,9 @@ class _DropFreezeLines(logging.Filter):
         return not str(record.msg).startswith("Freezing layer")
 
 
-class LoraDetectionTrainer(DetectionTrainer):
-    """DetectionTrainer that trains LoRA adapters (and, for a new class set, the class layers) on a frozen base.
+class LoraTrainerMixin:
+    """Trains LoRA adapters (and, for a new class set, the class layers) on a frozen base, in front of an
+    Ultralytics task trainer.
 
     Example:
         >>> trainer = LoraDetectionTrainer(overrides={"data": "coco8.yaml", "model": "base.pt"}, lora=LoraConfig())
@@ -81,8 +87,8 @@ class LoraDetectionTrainer(DetectionTrainer):
         super().__init__(cfg, overrides, _callbacks)
         self.lora_config = lora or LoraConfig()
 
-    def get_model(self, cfg=None, weights: nn.Module | None = None, verbose: bool = True) -> DetectionModel:
-        """Build the fine-tuning model as DetectionTrainer does, then add adapters; resume rebuilds base + adapter."""
+    def get_model(self, cfg=None, weights: nn.Module | None = None, verbose: bool = True) -> nn.Module:
+        """Build the fine-tuning model as Ultralytics' trainer does, add adapters; resume rebuilds base + adapter."""
         if weights is not None and lora_layers(weights):
             model = self._resume_model(weights)
         else:
@@ -90,14 +96,22 @@ class LoraDetectionTrainer(DetectionTrainer):
         self.args.freeze = freeze_list(model)
         return model
 
-    def _new_model(self, cfg, weights: nn.Module | None) -> DetectionModel:
+    def _new_model(self, cfg, weights: nn.Module | None) -> nn.Module:
+        kpt = {"data_kpt_shape": tuple(self.data["kpt_shape"])} if self.args.task == "pose" else {}
         if weights is None:  # a model YAML: the random init is the base, kept beside the run so merge can find it
-            base = DetectionModel(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=False)
+            base = MODEL_CLASSES[self.args.task](
+                cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=False, **kpt
+            )
             base.half().float()  # on the fp16 grid, so fp16 checkpoints (last.pt) hold the base exactly
             base.names = self.data["names"]
             base.pt_path = str(self.wdir / BASE)  # written by _setup_train, see _write_run_files
         else:
             base = weights
+        if kpt and tuple(base.yaml.get("kpt_shape", ())) != kpt["data_kpt_shape"]:
+            raise LoraYoloError(
+                f"the dataset's kpt_shape {list(kpt['data_kpt_shape'])} differs from the base's "
+                f"{base.yaml.get('kpt_shape')}: LoRA adapts a pose model to new data with the same keypoints"
+            )
         model = build_for_classes(base, self.data["nc"], self.data["names"])
         full = class_layers(model) if class_count(base) != self.data["nc"] else []
         config = self.lora_config
@@ -110,7 +124,7 @@ class LoraDetectionTrainer(DetectionTrainer):
         }
         return model
 
-    def _resume_model(self, weights: nn.Module) -> DetectionModel:
+    def _resume_model(self, weights: nn.Module) -> nn.Module:
         """Base weights come from the base file, not from the fp16 checkpoint, so they stay bit-exact."""
         adapter = adapter_of(weights)
         model = attach_adapter(load_model(base_file(adapter)), adapter)
@@ -245,3 +259,28 @@ def write_merged(run_dir: Path, train_args: dict) -> Path:
     """`merged.pt` in `run_dir`: the run's base with `adapter.safetensors` merged in, in a fresh model."""
     base = base_file(load_adapter(run_dir / ADAPTER))
     return merge_files(base, [str(run_dir / ADAPTER)], run_dir / MERGED, train_args=train_args)
+
+
+class LoraDetectionTrainer(LoraTrainerMixin, DetectionTrainer):
+    """LoRA training of a detection model."""
+
+
+class LoraSegmentationTrainer(LoraTrainerMixin, SegmentationTrainer):
+    """LoRA training of a segmentation model (the mask prototype and coefficient convs adapt like any other)."""
+
+
+class LoraPoseTrainer(LoraTrainerMixin, PoseTrainer):
+    """LoRA training of a pose model on data with the base's keypoint layout."""
+
+
+class LoraOBBTrainer(LoraTrainerMixin, OBBTrainer):
+    """LoRA training of an oriented-box model."""
+
+
+# task -> (trainer, validator): every Ultralytics task whose head extends Detect.
+TRAINERS = {
+    "detect": (LoraDetectionTrainer, DetectionValidator),
+    "segment": (LoraSegmentationTrainer, SegmentationValidator),
+    "pose": (LoraPoseTrainer, PoseValidator),
+    "obb": (LoraOBBTrainer, OBBValidator),
+}

@@ -1,0 +1,94 @@
+"""Segmentation, pose and oriented boxes: train, merge, serve and export with LoRA, end to end on generated data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import ultralytics
+from conftest import make_base
+from ultralytics import YOLO
+
+from lora_yolo import attach_adapter, load_adapter, load_model
+from lora_yolo.export import export_model
+from lora_yolo.serve import AdapterModel
+from lora_yolo.synth import make_dataset
+from lora_yolo.train import train
+
+pytestmark = pytest.mark.slow
+TINY = dict(epochs=2, imgsz=64, batch=4, nbs=4, warmup_epochs=0, workers=0, plots=False, device="cpu", seed=0)
+CFG = Path(ultralytics.__file__).parent / "cfg" / "models" / "11"
+
+
+def base_for(task: str, folder: Path) -> Path:
+    """A random yolo11n base of the task: 80 classes (the data has 3, so class layers retrain in full); for pose,
+    the data's keypoint layout (2 keypoints), as a pose base pretrained on that layout would have."""
+    cfg = {"segment": "yolo11n-seg.yaml", "obb": "yolo11n-obb.yaml", "pose": "yolo11n-pose.yaml"}[task]
+    if task == "pose":
+        text = (CFG / "yolo11-pose.yaml").read_text().replace("kpt_shape: [17, 3]", "kpt_shape: [2, 3]")
+        (folder / cfg).write_text(text)
+        cfg = str(folder / cfg)
+    return make_base(folder / f"{task}-base.pt", cfg)
+
+
+@pytest.fixture(scope="module", params=["segment", "pose", "obb"])
+def task_run(request, tmp_path_factory):
+    task = request.param
+    folder = tmp_path_factory.mktemp(task)
+    data = make_dataset(folder / "data", "A", n_train=8, n_val=4, imgsz=64, seed=0, task=task)
+    base = base_for(task, folder)
+    result = train(data, model=base, project=str(folder / "runs"), name=task, **TINY)
+    return task, base, data, result
+
+
+def raw(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The model's inference outputs, as its ONNX export has them: boxes, classes and the task's extra channels
+    (mask coefficients, keypoints, angle), plus the mask prototypes for segmentation."""
+    model.eval()
+    with torch.no_grad():
+        y = model(x)[0]
+    return list(y) if isinstance(y, (list, tuple)) else [y]
+
+
+def close(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        np.allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-4) for u, v in zip(a, b)
+    )
+
+
+def test_trains_with_the_tasks_own_trainer_and_merges_exactly(task_run):
+    task, base, _, result = task_run
+    adapter = load_adapter(result.adapter)
+    assert adapter.task == task and adapter.nc == 3 and adapter.full  # 80 -> 3 classes: class layers in full
+    assert any(t.abs().sum() > 0 for k, t in adapter.tensors.items() if k.endswith("lora_B.weight"))
+    merged = YOLO(str(result.merged))  # plain Ultralytics
+    assert merged.task == task and len(merged.names) == 3
+    x = torch.rand(2, 3, 64, 64)
+    unmerged = raw(attach_adapter(load_model(base), adapter), x)
+    assert close(raw(load_model(result.merged), x), unmerged)
+    extra = {"segment": 32, "pose": 2 * 3, "obb": 1}[task]  # mask coefficients, 2 keypoints x (x, y, v), angle
+    assert unmerged[0].shape[1] == 4 + 3 + extra
+    assert result.metrics["mAP50-95"] >= 0  # merged.pt validated by the task's own validator
+
+
+def test_served_with_adapter_gives_the_tasks_results(task_run):
+    task, base, data, result = task_run
+    model = AdapterModel(base)
+    model.set_adapter(model.load_adapter(result.adapter))
+    image = sorted((data.parent / "images" / "val").glob("*.jpg"))[0]
+    out = model.predict(image, imgsz=64, conf=0.0, max_det=3, verbose=False)[0]
+    extra = {"segment": out.masks, "pose": out.keypoints, "obb": out.obb}[task]
+    assert extra is not None and len(extra) > 0 and out.names == load_adapter(result.adapter).names
+
+
+def test_exports_to_onnx_matching_pytorch(task_run, tmp_path):
+    import onnxruntime as ort
+
+    _, _, _, result = task_run
+    onnx = export_model(result.merged, "onnx", output=tmp_path / "m.onnx", imgsz=64)
+    x = torch.rand(1, 3, 64, 64)
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert close(got, raw(load_model(result.merged).fuse(verbose=False), x))
