@@ -58,7 +58,49 @@ def max_rank(conv: nn.Conv2d) -> int:
     return min(conv.out_channels, conv.in_channels * kh * kw)
 
 
-class LoraConv2d(nn.Module):
+class MergeableConv(nn.Module):
+    """A module around a conv (`base_layer`) whose adapted weight can be written into the conv and taken back out.
+
+    Subclasses say what the adapted weight is (`adapted_weight`); merging computes it in fp32, refuses non-finite
+    values (PEFT's safe_merge) and keeps the original weight, so `unmerge` restores it bit-exactly.
+    """
+
+    base_layer: nn.Conv2d
+    _unmerged: torch.Tensor | None = None  # the base weight, kept while merged
+
+    @property
+    def merged(self) -> bool:
+        return self._unmerged is not None
+
+    @property
+    def original_weight(self) -> torch.Tensor:
+        """The base conv's own weight, merged or not."""
+        return self._unmerged if self.merged else self.base_layer.weight.detach()
+
+    def adapted_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        """Write the adapted weight into the base conv: the module then costs a plain conv."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        new = self.adapted_weight().to(w.device)
+        if not torch.isfinite(new).all():
+            raise LoraYoloError("merging would make the weights non-finite (NaN or Inf in the adapter)")
+        self._unmerged = w.detach().clone()
+        with torch.no_grad():
+            w.copy_(new.to(w.dtype))
+
+    def unmerge(self) -> None:
+        """Put the original base weight back, exactly."""
+        if self.merged:
+            with torch.no_grad():
+                self.base_layer.weight.copy_(self._unmerged)
+            self._unmerged = None
+
+
+class LoraConv2d(MergeableConv):
     """A conv with a low-rank adapter beside it; `base_layer` keeps the original module, untouched until merge.
 
     Example:
@@ -106,11 +148,6 @@ class LoraConv2d(nn.Module):
         self.use_dora = use_dora
         if use_dora:  # PEFT's name; stored (out,) here, PEFT keeps (1, out, 1, 1)
             self.lora_magnitude_vector = nn.Parameter(channel_norm(w.detach().float()).to(w.dtype))
-        self._unmerged: torch.Tensor | None = None  # the base weight, kept while merged
-
-    @property
-    def merged(self) -> bool:
-        return self._unmerged is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """conv(x, W) + scale * B(A(x)), computed as one conv with W + delta W when there is no dropout.
@@ -150,25 +187,6 @@ class LoraConv2d(nn.Module):
         if self.use_dora:
             return self.adapted_weight() - self.base_layer.weight.float()
         return self._delta(torch.float32)
-
-    def merge(self) -> None:
-        """Write the adapted weight into the base conv (computed in fp32); the module then costs a plain conv."""
-        if self.merged:
-            return
-        w = self.base_layer.weight
-        new = self.adapted_weight().to(w.device)
-        if not torch.isfinite(new).all():
-            raise LoraYoloError("merging would make the weights non-finite (NaN or Inf in the adapter)")
-        self._unmerged = w.detach().clone()
-        with torch.no_grad():
-            w.copy_(new.to(w.dtype))
-
-    def unmerge(self) -> None:
-        """Put the original base weight back, exactly."""
-        if self.merged:
-            with torch.no_grad():
-                self.base_layer.weight.copy_(self._unmerged)
-            self._unmerged = None
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.use_dora else ""

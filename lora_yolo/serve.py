@@ -32,7 +32,7 @@ from ultralytics.nn.modules import Conv
 from lora_yolo.adapter import Adapter, check_fits, fingerprint, load_adapter
 from lora_yolo.checkpoint import check_task, load_error, resolve_checkpoint
 from lora_yolo.errors import LoraYoloError
-from lora_yolo.layer import dora_scale, lora_delta
+from lora_yolo.layer import MergeableConv, dora_scale, lora_delta
 
 
 class _LayerAdapter(nn.Module):
@@ -48,7 +48,7 @@ class _LayerAdapter(nn.Module):
         self.register_buffer("magnitude", None if magnitude is None else magnitude.float())
 
 
-class SwitchableConv2d(nn.Module):
+class SwitchableConv2d(MergeableConv):
     """A fused base conv with any number of named adapters, at most one active, optionally merged into the weight."""
 
     def __init__(self, base_layer: nn.Conv2d, bn_scale: torch.Tensor) -> None:
@@ -57,11 +57,6 @@ class SwitchableConv2d(nn.Module):
         self.register_buffer("bn_scale", bn_scale)  # s: the BatchNorm scale folded into base_layer (ones if none)
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
-        self._unmerged: torch.Tensor | None = None  # the base weight while an adapter is merged
-
-    @property
-    def merged(self) -> bool:
-        return self._unmerged is not None
 
     def add(self, name: str, adapter: Adapter, layer: str) -> None:
         """Hold `adapter`'s tensors for this conv under `name`, after checking they fit its shape."""
@@ -89,23 +84,9 @@ class SwitchableConv2d(nn.Module):
         return self.base_layer._conv_forward(x, self.adapted_weight(w.dtype), self.base_layer.bias)
 
     def merge(self) -> None:
-        """Write the active adapter into the conv weight (computed in fp32): the layer then costs a plain conv."""
-        if self.active is None or self.merged:
-            return
-        w = self.base_layer.weight
-        new = self.adapted_weight(torch.float32)
-        if not torch.isfinite(new).all():
-            raise LoraYoloError(f"merging adapter {self.active!r} would make the weights non-finite")
-        self._unmerged = w.detach().clone()
-        with torch.no_grad():
-            w.copy_(new.to(w.dtype))
-
-    def unmerge(self) -> None:
-        """Put the base weight back, bit-exactly."""
-        if self.merged:
-            with torch.no_grad():
-                self.base_layer.weight.copy_(self._unmerged)
-            self._unmerged = None
+        """Write the active adapter into the conv weight; nothing to do when no adapter here is active."""
+        if self.active is not None:
+            super().merge()
 
 
 def bn_scales(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -269,8 +250,7 @@ class AdapterModel:
         if not isinstance(module, SwitchableConv2d):
             return deepcopy(module)
         copy = deepcopy(module.base_layer)
-        if module.merged:
-            copy.weight.data = module._unmerged.clone()
+        copy.weight.data = module.original_weight.clone()
         return copy
 
     def _set_classes(self, names: dict[int, str], modules: dict[str, nn.Module]) -> None:
