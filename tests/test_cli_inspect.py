@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from lora_yolo import LoraConfig, inspect_model
+from lora_yolo import LoraConfig, inspect_model, load_model
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -36,3 +36,11 @@ def test_bad_rank_is_usage_error():
 def test_missing_model_is_one_line_error():
     out = cli("inspect", "no/such/model.pt")
     assert out.returncode == 1 and out.stderr.strip() == "error: model file not found: no/such/model.pt"
+
+
+def test_inspect_dora_adds_one_parameter_per_output_channel(base_pt):
+    plain = json.loads(cli("inspect", str(base_pt), "--json", "--targets", "neck").stdout)
+    dora = json.loads(cli("inspect", str(base_pt), "--json", "--targets", "neck", "--dora").stdout)
+    model = load_model(base_pt)
+    extra = sum(model.get_submodule(r["name"]).out_channels for r in plain["layers"] if r["lora_params"])
+    assert extra > 0 and dora["totals"]["lora_params"] == plain["totals"]["lora_params"] + extra
