@@ -1,4 +1,4 @@
-"""lora-yolo: LoRA fine-tuning for Ultralytics YOLO detectors.
+"""lora-yolo: LoRA fine-tuning for Ultralytics YOLO models (detect, segment, pose, obb).
 
 The library behind the `lora-yolo` command; every command is one call here.
 """
@@ -10,11 +10,14 @@ from lora_yolo.errors import LoraYoloError
 from lora_yolo.inject import add_lora, lora_layers, lora_state_dict, merge_lora
 from lora_yolo.inspect import inspect_model
 from lora_yolo.layer import LoraConv2d
+from lora_yolo.peft_format import from_peft, to_peft
+from lora_yolo.serve import AdapterModel
 from lora_yolo.targets import describe_convs, select_targets
 
 __version__ = "0.1.0"
 __all__ = [
     "Adapter",
+    "AdapterModel",
     "LoraConfig",
     "LoraConv2d",
     "LoraYoloError",
@@ -23,6 +26,7 @@ __all__ = [
     "describe_convs",
     "extract_adapter",
     "fingerprint",
+    "from_peft",
     "inspect_model",
     "load_adapter",
     "load_model",
@@ -32,4 +36,5 @@ __all__ = [
     "save_adapter",
     "save_checkpoint",
     "select_targets",
+    "to_peft",
 ]

@@ -35,18 +35,24 @@ METHODS = {
     "full": ("ultralytics", {}),
     "freeze-backbone": ("ultralytics", {"freeze": "backbone"}),
     "head-only": ("ultralytics", {"freeze": "all-but-head"}),
-    "lora-default": ("lora", {"config": "default"}),
+    # Plain LoRA rows pin use_dora=False: "lora-default" is the default preset as it was before DoRA won (batch 1),
+    # kept under its name so every batch compares; "lora-dora" is the default preset since.
+    "lora-default": ("lora", {"config": "default", "use_dora": False}),
     "lora-neck-head": ("lora", {"config": "neck_head"}),
     "lora-high-capacity": ("lora", {"config": "high_capacity"}),
-    "lora-r4": ("lora", {"config": "default", "r": 4, "lora_alpha": 8}),
-    "lora-r16": ("lora", {"config": "default", "r": 16, "lora_alpha": 32}),
+    "lora-r4": ("lora", {"config": "default", "use_dora": False, "r": 4, "lora_alpha": 8}),
+    "lora-r16": ("lora", {"config": "default", "use_dora": False, "r": 16, "lora_alpha": 32}),
     "lora-dora": ("lora", {"config": "default", "use_dora": True}),
-    "lora-plus4": ("lora", {"config": "default", "loraplus_lr_ratio": 4}),
-    "lora-plus16": ("lora", {"config": "default", "loraplus_lr_ratio": 16}),  # diverged at lr0 0.01 (B1, seed 0)
-    "lora-plus4-lr0.005": ("lora", {"config": "default", "loraplus_lr_ratio": 4, "train": {"lr0": 0.005}}),
+    "lora-plus4": ("lora", {"config": "default", "use_dora": False, "loraplus_lr_ratio": 4}),
+    # diverged at lr0 0.01 (B1, seed 0, epoch 9)
+    "lora-plus16": ("lora", {"config": "default", "use_dora": False, "loraplus_lr_ratio": 16}),
+    "lora-plus4-lr0.005": (
+        "lora",
+        {"config": "default", "use_dora": False, "loraplus_lr_ratio": 4, "train": {"lr0": 0.005}},
+    ),
     # Candidates tried while choosing the defaults (run them with --methods).
-    "lora-all-lr0.005": ("lora", {"config": "default", "train": {"lr0": 0.005}}),
-    "lora-all-lr0.02": ("lora", {"config": "default", "train": {"lr0": 0.02}}),
+    "lora-all-lr0.005": ("lora", {"config": "default", "use_dora": False, "train": {"lr0": 0.005}}),
+    "lora-all-lr0.02": ("lora", {"config": "default", "use_dora": False, "train": {"lr0": 0.02}}),
     "lora-neck-head-lr0.005": ("lora", {"config": "neck_head", "train": {"lr0": 0.005}}),
     "lora-neck-head-lr0.01": ("lora", {"config": "neck_head", "train": {"lr0": 0.01}}),
 }

@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-from lora_yolo import LoraConfig, inspect_model, load_model
+from lora_yolo import inspect_model, load_model
+from lora_yolo.presets import resolve_config
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -17,7 +18,7 @@ def test_inspect_json_totals(base_pt):
     out = cli("inspect", str(base_pt), "--json", "--targets", "head", "--rank", "4")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    report = inspect_model(base_pt, LoraConfig(targets=["head"], r=4))
+    report = inspect_model(base_pt, resolve_config("default", targets=["head"], r=4)[0])  # what the CLI builds
     assert data["totals"]["lora_params"] == report.lora_params == sum(r["lora_params"] for r in data["layers"])
     assert data["totals"]["adapter_bytes"] == report.adapter_bytes
 
@@ -39,7 +40,7 @@ def test_missing_model_is_one_line_error():
 
 
 def test_inspect_dora_adds_one_parameter_per_output_channel(base_pt):
-    plain = json.loads(cli("inspect", str(base_pt), "--json", "--targets", "neck").stdout)
+    plain = json.loads(cli("inspect", str(base_pt), "--json", "--targets", "neck", "--no-dora").stdout)
     dora = json.loads(cli("inspect", str(base_pt), "--json", "--targets", "neck", "--dora").stdout)
     model = load_model(base_pt)
     extra = sum(model.get_submodule(r["name"]).out_channels for r in plain["layers"] if r["lora_params"])
