@@ -163,7 +163,8 @@ class AdapterModel:
         if self.active_adapter == name:
             self.disable_adapters()
         for layer in self._switchables.values():
-            layer.adapters.pop(name, None)
+            if name in layer.adapters:
+                del layer.adapters[name]
         del self._adapters[name], self._classes[name]
 
     def merge_adapter(self) -> None:

@@ -132,3 +132,15 @@ def test_load_order_and_merged_state_do_not_matter(served, base_pt):
     for name in ("a", "classes", "a"):
         model.set_adapter(name)
         assert (head_output(model.model, X) - head_output(plain[name], X)).abs().max() < 1e-4, name
+
+
+def test_delete_adapter_forgets_it_and_restores_the_base_when_active(base_pt):
+    model = AdapterModel(base_pt)
+    name = model.load_adapter(random_adapter(base_pt, seed=3, names=NEW)[1], "classes")
+    model.set_adapter(name)
+    model.delete_adapter(name)
+    assert model.adapters == [] and model.active_adapter is None and len(model.model.names) == 80
+    fused = YOLO(str(base_pt)).model.fuse(verbose=False)
+    assert torch.equal(head_output(model.model, X), head_output(fused, X))
+    with pytest.raises(LoraYoloError, match="no adapter named 'classes'"):
+        model.set_adapter("classes")
