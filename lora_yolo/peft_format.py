@@ -31,6 +31,7 @@ from lora_yolo.atomic import atomic_path
 from lora_yolo.checkpoint import class_count
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
+from lora_yolo.targets import class_layers
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -154,9 +155,8 @@ def _alpha(config: dict, layer: str) -> float:
 
 def _foreign(tensors: dict, plan: dict, full: list[str], config: dict, base: nn.Module) -> Adapter:
     """An Adapter for a PEFT folder made by PEFT itself: the base fingerprint and class set come from `base`."""
-    nc = class_count(base)
-    if full:
-        nc = int(tensors[next(k for k in full if k.endswith(".weight"))].shape[0])
+    classes = {f"{layer}.weight" for layer in class_layers(base)} & set(full)  # class layers saved in full
+    nc = int(tensors[min(classes)].shape[0]) if classes else class_count(base)
     names = dict(base.names) if nc == class_count(base) else {i: f"class{i}" for i in range(nc)}
     lora = LoraConfig(
         r=Counter(r for r, _ in plan.values()).most_common(1)[0][0] if plan else int(config.get("r", 8)),

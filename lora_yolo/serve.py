@@ -106,6 +106,11 @@ class AdapterModel:
     """
 
     def __init__(self, base: str | Path) -> None:
+        if str(base).endswith((".yaml", ".yml")):
+            raise LoraYoloError(
+                f"serving needs the base checkpoint, not a model YAML ({base}); a run trained from a YAML keeps its "
+                "base as weights/base.pt"
+            )
         path = resolve_checkpoint(base)
         try:
             self.yolo = YOLO(path)

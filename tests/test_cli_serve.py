@@ -65,3 +65,5 @@ def test_errors_are_one_line(files, demo_base, tmp_path):
     assert typo.returncode == 2 and "did you mean 'conf'?" in typo.stderr
     nosource = cli("predict", tmp_path / "nothing", "--model", demo_base)
     assert nosource.returncode == 1 and "source not found" in nosource.stderr
+    yaml_base = cli("predict", IMAGES, "--model", "yolo11n.yaml")
+    assert yaml_base.returncode == 1 and "keeps its base as weights/base.pt" in yaml_base.stderr

@@ -59,7 +59,8 @@ def test_peft_loads_our_adapter_with_the_same_outputs(base_pt, tmp_path, kind, k
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_round_trip_is_exact(base_pt, tmp_path, dora):
-    _, adapter = random_adapter(base_pt, config=LoraConfig(use_dora=dora), names=NEW)
+    config = LoraConfig(use_dora=dora, rank_pattern={r"model\.23\.": 4}, alpha_pattern={"cv2": 4})
+    _, adapter = random_adapter(base_pt, config=config, names=NEW)
     stored = load_adapter(save_adapter(adapter, tmp_path / "a.safetensors"))
     back = from_peft(to_peft(stored, tmp_path / "peft"))
     assert back.tensors.keys() == stored.tensors.keys()
@@ -68,23 +69,33 @@ def test_round_trip_is_exact(base_pt, tmp_path, dora):
         assert getattr(back, field) == getattr(stored, field), field
 
 
-def test_adapter_made_by_peft_converts_with_its_base(base_pt, tmp_path):
+@pytest.mark.parametrize("new_classes", [False, True])
+def test_adapter_made_by_peft_converts_with_its_base(base_pt, tmp_path, new_classes):
+    from lora_yolo.targets import class_layers
+
     model = load_model(base_pt)
+    saved = None
+    if new_classes:  # PEFT trained a 4-class model built from the base, its class layers in modules_to_save
+        model = build_for_classes(model, 4, {i: f"class{i}" for i in range(4)})
+        saved = class_layers(model)
     targets = ["model.13.cv1.conv", "model.16.m.0.cv1.conv", "model.23.cv2.1.2", "model.10.m.0.attn.qkv.conv"]
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, rank_pattern={"cv2.1.2": 2}, use_dora=True)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, rank_pattern={"cv2.1.2": 2}, use_dora=True, modules_to_save=saved
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         made = peft.get_peft_model(model, config)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in made.named_parameters():
-            if "lora_B" in name or "magnitude" in name:
+            if "lora_B" in name or "magnitude" in name or "modules_to_save" in name:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
     made.save_pretrained(str(tmp_path / "peft"))
     with pytest.raises(LoraYoloError, match="pass the base"):
         from_peft(tmp_path / "peft")
     adapter = from_peft(tmp_path / "peft", load_model(base_pt))
     assert sorted(adapter.layers) == sorted(targets) and adapter.layers["model.23.cv2.1.2"] == (2, 8.0)
+    assert adapter.nc == (4 if new_classes else 80)
     ours = head_output(attach_adapter(load_model(base_pt), adapter), X)
     assert (ours - head_output(made.eval(), X)).abs().max() < 1e-5
 
