@@ -76,9 +76,14 @@ class TrainResult:
 
     def table(self) -> str:
         """Human-readable summary."""
-        base = self.base_metrics
+        base, m = self.base_metrics, self.metrics
         rows = [
-            ("mAP50 / mAP50-95, fine-tuned", f"{self.metrics['mAP50']:.4f} / {self.metrics['mAP50-95']:.4f}"),
+            ("mAP50 / mAP50-95, fine-tuned", f"{m['mAP50']:.4f} / {m['mAP50-95']:.4f}"),
+            *[
+                (f"{kind} mAP50 / mAP50-95, fine-tuned", f"{m[f'{kind} mAP50']:.4f} / {m[f'{kind} mAP50-95']:.4f}")
+                for kind in ("mask", "pose")
+                if f"{kind} mAP50" in m
+            ],
             (
                 "mAP50 / mAP50-95, base zero-shot",
                 f"{base['mAP50']:.4f} / {base['mAP50-95']:.4f}" if base else "n/a (classes differ)",
@@ -103,7 +108,13 @@ class TrainResult:
 
 
 def _map(metrics: dict[str, float]) -> dict[str, float]:
-    return {"mAP50": float(metrics["metrics/mAP50(B)"]), "mAP50-95": float(metrics["metrics/mAP50-95(B)"])}
+    """Box mAP50 / mAP50-95, plus mask (segment) or keypoint (pose) mAP when the task reports them."""
+    out = {"mAP50": float(metrics["metrics/mAP50(B)"]), "mAP50-95": float(metrics["metrics/mAP50-95(B)"])}
+    for suffix, kind in (("M", "mask"), ("P", "pose")):
+        if f"metrics/mAP50({suffix})" in metrics:
+            out[f"{kind} mAP50"] = float(metrics[f"metrics/mAP50({suffix})"])
+            out[f"{kind} mAP50-95"] = float(metrics[f"metrics/mAP50-95({suffix})"])
+    return out
 
 
 def _epoch_seconds(results_csv: Path) -> float:
