@@ -151,6 +151,19 @@ def check_header(path: Path) -> None:
         raise LoraYoloError(f"{path} is damaged: {data:,} data bytes, the header accounts for {position:,}")
 
 
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors file, header checked first with bounded reads; never unpickles.
+
+    Any damage is a `LoraYoloError` naming the file.
+    """
+    check_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoraYoloError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
 def load_adapter(path: str | Path) -> Adapter:
     """Read and validate an adapter file; any damage or inconsistency is a `LoraYoloError` naming the file.
 
@@ -159,39 +172,35 @@ def load_adapter(path: str | Path) -> Adapter:
     path = Path(path)
     if not path.is_file():
         raise LoraYoloError(f"adapter file not found: {path}")
-    check_header(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise LoraYoloError(f"{path} is not a lora-yolo adapter (no '{FORMAT}' metadata)")
-            if meta.get("format_version") != str(FORMAT_VERSION):
-                raise LoraYoloError(
-                    f"{path} has adapter format version {meta.get('format_version')!r}, "
-                    f"this lora-yolo reads version {FORMAT_VERSION}"
-                )
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        adapter = parse_metadata(tensors, meta)
-    except LoraYoloError:
-        raise
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise LoraYoloError(f"{path} is not a readable adapter file ({type(e).__name__}: {e})") from None
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != FORMAT:
+        raise LoraYoloError(f"{path} is not a lora-yolo adapter (no '{FORMAT}' metadata)")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise LoraYoloError(
+            f"{path} has adapter format version {meta.get('format_version')!r}, "
+            f"this lora-yolo reads version {FORMAT_VERSION}"
+        )
+    adapter = parse_metadata(tensors, meta, path)
     check_tensors(adapter, path)
     return adapter
 
 
-def parse_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Adapter:
-    """The Adapter that `Adapter.metadata()` describes, holding `tensors` (not yet checked against it)."""
-    return Adapter(
-        tensors=tensors,
-        config=LoraConfig.from_dict(json.loads(meta["lora_config"])),
-        layers={k: (int(r), float(a)) for k, (r, a) in json.loads(meta["layers"]).items()},
-        full=list(json.loads(meta["full"])),
-        nc=int(meta["nc"]),
-        names={int(k): v for k, v in json.loads(meta["names"]).items()},
-        base=dict(json.loads(meta["base"])),
-        task=str(meta.get("task", "detect")),
-    )
+def parse_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Adapter:
+    """The Adapter that `Adapter.metadata()` describes, holding `tensors` (not yet checked against it); metadata of
+    the wrong shape is a `LoraYoloError` naming `path`."""
+    try:
+        return Adapter(
+            tensors=tensors,
+            config=LoraConfig.from_dict(json.loads(meta["lora_config"])),
+            layers={k: (int(r), float(a)) for k, (r, a) in json.loads(meta["layers"]).items()},
+            full=list(json.loads(meta["full"])),
+            nc=int(meta["nc"]),
+            names={int(k): v for k, v in json.loads(meta["names"]).items()},
+            base=dict(json.loads(meta["base"])),
+            task=str(meta.get("task", "detect")),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LoraYoloError(f"{path} has damaged adapter metadata ({type(e).__name__}: {e})") from None
 
 
 def check_tensors(adapter: Adapter, path: Path) -> None:

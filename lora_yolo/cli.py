@@ -41,6 +41,13 @@ RankPatternOpt = Annotated[
 ]
 ADAPTER_HELP = "ADAPTER.safetensors[:WEIGHT], repeatable; weights scale each adapter's update."
 AdaptersOpt = Annotated[Optional[list[str]], typer.Option("--adapter", "-a", help=ADAPTER_HELP)]
+AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", "-a", help="Adapter .safetensors to apply.")]
+BaseOpt = Annotated[str, typer.Option("--model", "-m", help="The base .pt checkpoint the adapter was trained on.")]
+OtherWeightsOpt = Annotated[
+    bool, typer.Option(help="Accept a base with other weights than the adapter's (same architecture).")
+]
+
+
 AlphaPatternOpt = Annotated[
     Optional[list[str]], typer.Option("--alpha-pattern", help="REGEX=A per-layer alpha (repeatable).")
 ]
@@ -160,7 +167,7 @@ def train(
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run from its weights/last.pt.")] = None,
 ) -> None:
     """Train LoRA adapters on DATA; extra key=value arguments go to Ultralytics' trainer (e.g. mosaic=0.5)."""
-    from lora_yolo.train import check_train_args
+    from lora_yolo.train import RESERVED
     from lora_yolo.train import train as train_lora
 
     lora, preset_args = lora_options(
@@ -178,11 +185,7 @@ def train(
         alpha_pattern,
     )
     flags = dict(epochs=epochs, imgsz=imgsz, batch=batch, device=device, lr0=lr0, project=project, name=name, seed=seed)
-    overrides = {**preset_args, **{k: v for k, v in flags.items() if v is not None}, **_passthrough(ctx.args)}
-    try:
-        check_train_args(overrides)  # a misspelled key is a usage error (exit 2), caught before any work
-    except LoraYoloError as e:
-        raise typer.BadParameter(str(e)) from None
+    overrides = _overrides(ctx, RESERVED, "training", preset_args, **flags)
     result = train_lora(data, model=model, config=lora, resume=resume, **overrides)
     typer.echo("\n" + result.table())
 
@@ -192,9 +195,7 @@ def merge(
     base: Annotated[str, typer.Option("--base", "-b", help="The base .pt checkpoint the adapters were trained on.")],
     adapter: Annotated[list[str], typer.Option("--adapter", "-a", help=ADAPTER_HELP)],  # required here
     output: Annotated[str, typer.Option("--output", "-o", help="Merged checkpoint to write.")] = "merged.pt",
-    allow_other_weights: Annotated[
-        bool, typer.Option(help="Accept a base with other weights than the adapter's (same architecture).")
-    ] = False,
+    allow_other_weights: OtherWeightsOpt = False,
 ) -> None:
     """Fold adapters into their base: a plain Ultralytics checkpoint, inputs untouched, written atomically."""
     from lora_yolo.merge import merge_files
@@ -225,22 +226,16 @@ def export(
     typer.echo(path)
 
 
-AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", "-a", help="Adapter .safetensors to apply.")]
-BaseOpt = Annotated[str, typer.Option("--model", "-m", help="The base .pt checkpoint the adapter was trained on.")]
-OtherWeightsOpt = Annotated[
-    bool, typer.Option(help="Accept a base with other weights than the adapter's (same architecture).")
-]
+def _overrides(
+    ctx: typer.Context, reserved: dict[str, str], mode: str, defaults: dict[str, Any] | None = None, **flags: Any
+) -> dict[str, Any]:
+    """Ultralytics arguments: `defaults` (a preset's), then the flags given, then key=value pass-through, each
+    winning over the one before; an unknown or reserved key is a usage error (exit 2), caught before any work."""
+    from lora_yolo.passthrough import check_args
 
-
-def _overrides(ctx: typer.Context, **flags: Any) -> dict[str, Any]:
-    """Flags given on the command line plus key=value pass-through (a flag wins over the same key passed through);
-    an unknown or reserved key is a usage error (exit 2), caught before any work."""
-    from lora_yolo.serve import RESERVED
-    from lora_yolo.train import check_args
-
-    overrides = {**_passthrough(ctx.args), **{k: v for k, v in flags.items() if v is not None}}
+    overrides = {**(defaults or {}), **{k: v for k, v in flags.items() if v is not None}, **_passthrough(ctx.args)}
     try:
-        check_args(overrides, RESERVED, ctx.command.name)
+        check_args(overrides, reserved, mode)
     except LoraYoloError as e:
         raise typer.BadParameter(str(e)) from None
     return overrides
@@ -258,9 +253,10 @@ def predict(
     allow_other_weights: OtherWeightsOpt = False,
 ) -> None:
     """Predict with a base and an adapter (no merged file); Ultralytics' usual outputs (save=True by default)."""
+    from lora_yolo.serve import RESERVED
     from lora_yolo.serve import predict as predict_lora
 
-    overrides = {"save": True, **_overrides(ctx, imgsz=imgsz, conf=conf, device=device)}
+    overrides = _overrides(ctx, RESERVED, "predict", {"save": True}, imgsz=imgsz, conf=conf, device=device)
     save_dir, images, boxes = predict_lora(source, model, adapter, allow_other_weights, **overrides)
     typer.echo(f"{images} images, {boxes} detections; results in {save_dir}")
 
@@ -277,9 +273,9 @@ def val(
     allow_other_weights: OtherWeightsOpt = False,
 ) -> None:
     """Validate a base with an adapter (no merged file) with Ultralytics' validator; prints mAP."""
-    from lora_yolo.serve import validate
+    from lora_yolo.serve import RESERVED, validate
 
-    overrides = _overrides(ctx, imgsz=imgsz, batch=batch, device=device)
+    overrides = _overrides(ctx, RESERVED, "val", imgsz=imgsz, batch=batch, device=device)
     metrics = validate(data, model, adapter, allow_other_weights, **overrides)
     typer.echo(f"mAP50 {metrics.box.map50:.4f}  mAP50-95 {metrics.box.map:.4f}; results in {metrics.save_dir}")
 

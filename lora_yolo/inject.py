@@ -22,6 +22,12 @@ def lora_tensor_names(layer: str, use_dora: bool) -> list[str]:
     return [f"{layer}{s}" for s in LORA_SUFFIXES[: 3 if use_dora else 2]]
 
 
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `path` of `model` (e.g. `model.16.cv1.conv`)."""
+    parent_name, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, module)
+
+
 def add_lora(
     model: nn.Module,
     plan: dict[str, tuple[int, float]],
@@ -35,9 +41,8 @@ def add_lora(
         >>> add_lora(model, select_targets(model, LoraConfig()))
     """
     for name, (r, alpha) in plan.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, attr, LoraConv2d(getattr(parent, attr), r, alpha, lora_dropout, use_rslora, use_dora))
+        conv = model.get_submodule(name)
+        replace_module(model, name, LoraConv2d(conv, r, alpha, lora_dropout, use_rslora, use_dora))
     return model
 
 
@@ -78,8 +83,7 @@ def unload_lora(model: nn.Module) -> nn.Module:
 def _unwrap(model: nn.Module, merge: bool) -> nn.Module:
     for name, layer in lora_layers(model).items():
         layer.merge() if merge else layer.unmerge()
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, layer.base_layer)
+        replace_module(model, name, layer.base_layer)
     return model
 
 

@@ -33,6 +33,11 @@ def lora_param_count(conv: nn.Conv2d, r: int, use_dora: bool = False) -> int:
     return r * conv.in_channels * kh * kw + conv.out_channels * r + (conv.out_channels if use_dora else 0)
 
 
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """The update's scale: alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
 def channel_norm(weight: torch.Tensor) -> torch.Tensor:
     """||W||_c: the L2 norm of each output channel's filter, shape (out,). DoRA's magnitude starts here."""
     return weight.flatten(1).norm(dim=1)
@@ -127,7 +132,7 @@ class LoraConv2d(MergeableConv):
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         # Dropout on A's input only, so the base path sees the clean input (as in PEFT).
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         w = base_layer.weight

@@ -21,12 +21,11 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from ultralytics.nn.tasks import guess_model_task
 
-from lora_yolo.adapter import Adapter, check_header, check_tensors, fingerprint, parse_metadata
+from lora_yolo.adapter import Adapter, check_tensors, fingerprint, parse_metadata, read_safetensors
 from lora_yolo.atomic import atomic_path
 from lora_yolo.checkpoint import class_count
 from lora_yolo.config import LoraConfig
@@ -95,10 +94,7 @@ def from_peft(peft_dir: str | Path, base: nn.Module | None = None) -> Adapter:
         pickled = " (only adapter_model.bin, a pickle: save it with safe_serialization=True)"
         raise LoraYoloError(f"{folder} has no {WEIGHTS}{pickled if (folder / 'adapter_model.bin').exists() else ''}")
     config = _read_config(config_file)
-    check_header(weights)
-    with safe_open(str(weights), framework="pt") as f:
-        meta = f.metadata() or {}
-        raw = {k: f.get_tensor(k) for k in f.keys()}
+    raw, meta = read_safetensors(weights)
     if any(not k.startswith(PREFIX) for k in raw):
         raise LoraYoloError(f"{weights} has tensors outside '{PREFIX}': not a PEFT adapter of a whole model")
     tensors = {k[len(PREFIX) :]: v for k, v in raw.items()}
@@ -108,9 +104,10 @@ def from_peft(peft_dir: str | Path, base: nn.Module | None = None) -> Adapter:
     full = sorted(k for k in tensors if ".lora_" not in k)
     if "lora_yolo" in meta:  # written by to_peft: everything else is in our own metadata
         try:
-            adapter = parse_metadata(tensors, json.loads(meta["lora_yolo"]))
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise LoraYoloError(f"{weights} has damaged lora_yolo metadata ({type(e).__name__})") from None
+            ours = json.loads(meta["lora_yolo"])
+        except ValueError:
+            raise LoraYoloError(f"{weights} has damaged lora_yolo metadata (not JSON)") from None
+        adapter = parse_metadata(tensors, ours if isinstance(ours, dict) else {}, weights)
     else:
         if base is None:
             raise LoraYoloError(f"{folder} was not written by lora-yolo: pass the base it was trained on (--base)")

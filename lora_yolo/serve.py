@@ -31,8 +31,11 @@ from ultralytics.nn.modules import Conv
 
 from lora_yolo.adapter import Adapter, check_fits, fingerprint, load_adapter
 from lora_yolo.checkpoint import check_task, load_error, resolve_checkpoint
+from lora_yolo.datacheck import check_dataset
 from lora_yolo.errors import LoraYoloError
-from lora_yolo.layer import MergeableConv, dora_scale, lora_delta
+from lora_yolo.inject import replace_module
+from lora_yolo.layer import MergeableConv, dora_scale, lora_delta, lora_scaling
+from lora_yolo.passthrough import check_args
 
 
 class _LayerAdapter(nn.Module):
@@ -41,7 +44,7 @@ class _LayerAdapter(nn.Module):
     def __init__(self, adapter: Adapter, layer: str) -> None:
         super().__init__()
         r, alpha = adapter.layers[layer]
-        self.scaling = alpha / (r**0.5 if adapter.config.use_rslora else r)
+        self.scaling = lora_scaling(r, alpha, adapter.config.use_rslora)
         self.register_buffer("lora_A", adapter.tensors[f"{layer}.lora_A.weight"].float())
         self.register_buffer("lora_B", adapter.tensors[f"{layer}.lora_B.weight"].float())
         magnitude = adapter.tensors.get(f"{layer}.lora_magnitude_vector")
@@ -206,10 +209,8 @@ class AdapterModel:
 
     def _replace(self, path: str, old: nn.Module, new: nn.Module) -> None:
         """Put `new` at `path` if `old` is there (a class set of the active adapter may hold that place instead)."""
-        parent, _, attr = path.rpartition(".")
-        owner = self.model.get_submodule(parent)
-        if getattr(owner, attr) is old:
-            setattr(owner, attr, new)
+        if self.model.get_submodule(path) is old:
+            replace_module(self.model, path, new)
 
     def _switchable(self, layer: str) -> SwitchableConv2d:
         """The switchable conv at `layer`, made from the base's fused conv there on first use."""
@@ -262,8 +263,7 @@ class AdapterModel:
     def _set_classes(self, names: dict[int, str], modules: dict[str, nn.Module]) -> None:
         """Install a class set: names, head class count, and the class layers (the base's where none is given)."""
         for path, base_module in self._base_classes[1].items():
-            parent, _, attr = path.rpartition(".")
-            setattr(self.model.get_submodule(parent), attr, modules.get(path, base_module))
+            replace_module(self.model, path, modules.get(path, base_module))
         head = self.model.model[-1]
         head.nc, head.no = len(names), len(names) + head.reg_max * 4
         if self.model.names != names:
@@ -299,8 +299,6 @@ def predict(
     Example:
         >>> predict("images/", "yolo11n.pt", "runs/detect/train/adapter.safetensors", save=True)
     """
-    from lora_yolo.train import check_args
-
     check_args(overrides, RESERVED, "predict")
     if not Path(source).exists() and "://" not in str(source):
         raise LoraYoloError(f"source not found: {source}")
@@ -330,9 +328,6 @@ def validate(
         >>> metrics = validate("data.yaml", "yolo11n.pt", "adapter.safetensors", imgsz=640)
         >>> metrics.box.map
     """
-    from lora_yolo.datacheck import check_dataset
-    from lora_yolo.train import check_args
-
     check_args(overrides, RESERVED, "val")
     nc = check_dataset(data)["nc"]
     model = serving_model(base, adapter, allow_other_weights)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import difflib
 import signal
 import statistics
 import threading
@@ -14,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ultralytics.utils import DEFAULT_CFG_DICT
 
 from lora_yolo.adapter import load_adapter
 from lora_yolo.checkpoint import load_model
 from lora_yolo.config import LoraConfig
 from lora_yolo.datacheck import check_dataset
 from lora_yolo.errors import LoraYoloError, TrainingInterrupted, first_line
+from lora_yolo.passthrough import check_args
 from lora_yolo.presets import resolve_config
 from lora_yolo.trainer import ADAPTER, ADAPTER_LAST, CONFIG_FILE, MERGED, TRAINERS, LoraTrainerMixin, base_file
 
@@ -33,22 +32,6 @@ RESERVED = {
     "task": "(the base model's task)",
     "mode": "(train)",
 }
-
-
-def check_train_args(overrides: dict[str, Any]) -> None:
-    """Refuse keys Ultralytics does not know (suggesting the closest) and keys LoRA training owns."""
-    check_args(overrides, RESERVED, "training")
-
-
-def check_args(overrides: dict[str, Any], reserved: dict[str, str], mode: str) -> None:
-    """Refuse pass-through keys Ultralytics does not know (suggesting the closest) and keys a command owns."""
-    for key in overrides:
-        if key in reserved:
-            raise LoraYoloError(f"'{key}' cannot be passed through; use {reserved[key]}")
-        if key not in DEFAULT_CFG_DICT:
-            close = difflib.get_close_matches(key, DEFAULT_CFG_DICT, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise LoraYoloError(f"'{key}' is not an Ultralytics {mode} argument{hint}")
 
 
 @dataclass
@@ -142,7 +125,7 @@ def train(
     if config is None and resume is None:  # the default preset, its training arguments under the caller's
         config, preset_args = resolve_config(None)
         overrides = {**preset_args, **overrides}
-    check_train_args(overrides)
+    check_args(overrides, RESERVED, "training")
     if resume is not None:
         if not Path(resume).is_file():
             raise LoraYoloError(f"resume checkpoint not found: {resume}")

@@ -173,14 +173,18 @@ class LoraTrainerMixin:
         groups = []
         for group in optimizer.param_groups:
             settings = {k: v for k, v in group.items() if k != "params"}
-            split = {"": [], "B": [], "m": []}
+            rest, lora_b, magnitudes = [], [], []
             for p in group["params"]:
                 name = names[id(p)]
-                kind = "B" if name.endswith(".lora_B.weight") and ratio != 1 else ""
-                split["m" if name.endswith(".lora_magnitude_vector") else kind].append(p)
-            groups.append({**settings, "params": split[""]})
-            groups.append({**settings, "params": split["B"], "lr": settings["lr"] * ratio})
-            groups.append({**settings, "params": split["m"], "weight_decay": 0.0, "param_group": "bn"})  # no decay
+                if name.endswith(".lora_magnitude_vector"):
+                    magnitudes.append(p)
+                elif ratio != 1 and name.endswith(".lora_B.weight"):
+                    lora_b.append(p)
+                else:
+                    rest.append(p)
+            groups.append({**settings, "params": rest})
+            groups.append({**settings, "params": lora_b, "lr": settings["lr"] * ratio})
+            groups.append({**settings, "params": magnitudes, "weight_decay": 0.0, "param_group": "bn"})  # no decay
         optimizer.param_groups.clear()
         for group in groups:
             if group["params"]:

@@ -11,7 +11,7 @@ import ultralytics
 from conftest import make_base
 from ultralytics import YOLO
 
-from lora_yolo import attach_adapter, load_adapter, load_model
+from lora_yolo import LoraYoloError, attach_adapter, load_adapter, load_model
 from lora_yolo.export import export_model
 from lora_yolo.serve import AdapterModel
 from lora_yolo.synth import make_dataset
@@ -95,3 +95,10 @@ def test_exports_to_onnx_matching_pytorch(task_run, tmp_path):
     session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert close(got, raw(load_model(result.merged).fuse(verbose=False), x))
+
+
+def test_pose_data_with_another_keypoint_layout_is_refused(tmp_path):
+    data = make_dataset(tmp_path / "data", "A", n_train=2, n_val=2, imgsz=64, seed=0, task="pose")  # 2 keypoints
+    base = make_base(tmp_path / "pose17.pt", "yolo11n-pose.yaml")  # 17 keypoints
+    with pytest.raises(LoraYoloError, match=r"kpt_shape \[2, 3\] differs from the base's \[17, 3\]"):
+        train(data, model=base, project=str(tmp_path / "runs"), **TINY)
