@@ -3,6 +3,12 @@
 The library behind the `lora-yolo` command; every command is one call here.
 """
 
+# isort: off
+from lora_yolo.compat import require_ultralytics
+
+require_ultralytics()  # first: the imports below use Ultralytics names that older versions lack
+# isort: on
+
 from lora_yolo.adapter import Adapter, attach_adapter, extract_adapter, fingerprint, load_adapter, save_adapter
 from lora_yolo.checkpoint import load_model, save_checkpoint
 from lora_yolo.config import LoraConfig

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from lora_yolo.checkpoint import build_for_classes, class_count
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_plan, lora_tensor_names
+from lora_yolo.targets import class_layers
 
 FORMAT = "lora-yolo-adapter"
 FORMAT_VERSION = 1
@@ -124,7 +126,7 @@ def check_header(path: Path) -> None:
             raise LoraYoloError(f"{path} is truncated: its header needs {8 + n:,} bytes, the file has {size:,}")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             raise LoraYoloError(f"{path} is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict) or len(header) > MAX_TENSORS + 1:
         raise LoraYoloError(f"{path} has a malformed header")
@@ -185,22 +187,75 @@ def load_adapter(path: str | Path) -> Adapter:
     return adapter
 
 
-def parse_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Adapter:
-    """The Adapter that `Adapter.metadata()` describes, holding `tensors` (not yet checked against it); metadata of
-    the wrong shape is a `LoraYoloError` naming `path`."""
+def parse_json(text: str, what: str, path: Path) -> object:
+    """`json.loads` for text from a file: malformed or absurdly nested JSON is a `LoraYoloError` naming `path`."""
     try:
-        return Adapter(
-            tensors=tensors,
-            config=LoraConfig.from_dict(json.loads(meta["lora_config"])),
-            layers={k: (int(r), float(a)) for k, (r, a) in json.loads(meta["layers"]).items()},
-            full=list(json.loads(meta["full"])),
-            nc=int(meta["nc"]),
-            names={int(k): v for k, v in json.loads(meta["names"]).items()},
-            base=dict(json.loads(meta["base"])),
-            task=str(meta.get("task", "detect")),
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        raise LoraYoloError(f"{path} has damaged {what} (not JSON)") from None
+
+
+def parse_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Adapter:
+    """The Adapter that `Adapter.metadata()` describes, holding `tensors` (not yet checked against it).
+
+    Every field is checked for type and range here, so later code can trust it: ranks are positive integers, alphas
+    finite and positive, `names` are exactly the class ids 0..nc-1. Anything else is a `LoraYoloError` naming `path`.
+    """
+
+    def field(key: str) -> object:
+        if key not in meta:
+            raise LoraYoloError(f"{path} has damaged adapter metadata (no {key!r})")
+        return parse_json(meta[key], f"adapter metadata {key!r}", path)
+
+    def bad(what: str) -> LoraYoloError:
+        return LoraYoloError(f"{path} has damaged adapter metadata ({what})")
+
+    config, layers, full, nc, names, base = (field(k) for k in ("lora_config", "layers", "full", "nc", "names", "base"))
+    if not isinstance(config, dict):
+        raise bad("lora_config is not a mapping")
+    try:
+        config = LoraConfig.from_dict(config)
+    except LoraYoloError as e:
+        raise bad(f"lora_config: {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise bad(f"lora_config: {type(e).__name__}") from None
+    if (
+        not isinstance(layers, dict)
+        or not layers
+        or not all(
+            isinstance(v, list) and len(v) == 2 and _positive_int(v[0]) and _positive_number(v[1])
+            for v in layers.values()
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise LoraYoloError(f"{path} has damaged adapter metadata ({type(e).__name__}: {e})") from None
+    ):
+        raise bad("layers must map at least one conv to [rank >= 1, alpha > 0]")
+    if not isinstance(full, list) or not all(isinstance(n, str) for n in full) or len(set(full)) != len(full):
+        raise bad("full must be a list of distinct tensor names")
+    if not _positive_int(nc):
+        raise bad(f"nc must be a positive integer, got {str(nc)[:20]!r}")
+    if not isinstance(names, dict) or set(names) != {str(i) for i in range(nc)}:
+        raise bad(f"names must give exactly the class ids 0..{nc - 1} (nc={nc})")
+    if not all(isinstance(v, str) for v in names.values()):
+        raise bad("class names must be strings")
+    if not isinstance(base, dict) or not all(isinstance(base.get(k), str) for k in ("arch", "weights")):
+        raise bad("base must record the base's arch and weights fingerprints")
+    return Adapter(
+        tensors=tensors,
+        config=config,
+        layers={k: (int(r), float(a)) for k, (r, a) in layers.items()},
+        full=full,
+        nc=nc,
+        names={int(k): v for k, v in names.items()},
+        base=base,
+        task=str(meta.get("task", "detect")),
+    )
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def check_tensors(adapter: Adapter, path: Path) -> None:
@@ -230,8 +285,8 @@ def check_fits(adapter: Adapter, base: nn.Module | dict, allow_other_weights: bo
     want = adapter.base
     if have["arch"] != want["arch"]:
         raise LoraYoloError(
-            f"adapter does not fit this base: it was trained on architecture {want['arch']} ({want['yaml']}, "
-            f"nc={want['nc']}), the base is {have['arch']} ({have['yaml']}, nc={have['nc']})"
+            f"adapter does not fit this base: it was trained on architecture {want['arch']} ({want.get('yaml')}, "
+            f"nc={want.get('nc')}), the base is {have['arch']} ({have['yaml']}, nc={have['nc']})"
         )
     if have["weights"] != want["weights"]:
         text = (
@@ -243,6 +298,48 @@ def check_fits(adapter: Adapter, base: nn.Module | dict, allow_other_weights: bo
         warnings.warn(f"{text}: applying it anyway, as asked", stacklevel=2)
 
 
+def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: list[str], names: dict) -> None:
+    """Every tensor of `adapter` must fit the base whose modules (by name, unadapted) are `modules`.
+
+    LoRA layers must be plain ungrouped zero-padded convs with A (r, in, kh, kw) and B (out, r, 1, 1); tensors trained
+    in full must be parameters of a base module, shaped like the base's, except that the class convs `classes` have
+    one row per adapter class. An adapter whose class set differs from the base's `names` must carry those class
+    convs in full: the base's rows would otherwise be used for other classes (or be random, for new ones).
+    A crafted file fails here with one line instead of deep inside torch.
+    """
+    for layer, (r, _) in adapter.layers.items():
+        conv = modules.get(layer)
+        if type(conv) is not nn.Conv2d:
+            what = "is not in the base model" if conv is None else f"is a {type(conv).__name__}, not a conv"
+            raise LoraYoloError(f"adapter layer {layer} {what}")
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise LoraYoloError(f"adapter layer {layer} is a grouped or non-zero-padded conv, which LoRA cannot adapt")
+        a, b = adapter.tensors[f"{layer}.lora_A.weight"], adapter.tensors[f"{layer}.lora_B.weight"]
+        want_a, want_b = (r, conv.in_channels, *conv.kernel_size), (conv.out_channels, r, 1, 1)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise LoraYoloError(
+                f"adapter layer {layer}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the base conv "
+                f"(expected {want_a}, {want_b})"
+            )
+    for key in adapter.full:
+        owner, _, param = key.rpartition(".")
+        module = modules.get(owner)
+        base_param = dict(module.named_parameters(recurse=False)).get(param) if module is not None else None
+        if base_param is None:
+            raise LoraYoloError(f"adapter tensor {key} (trained in full) is not a parameter of the base model")
+        want = (adapter.nc, *base_param.shape[1:]) if owner in classes else tuple(base_param.shape)
+        if tuple(adapter.tensors[key].shape) != want:
+            raise LoraYoloError(
+                f"adapter tensor {key} {tuple(adapter.tensors[key].shape)} does not fit the base ({want})"
+            )
+    missing = [c for c in classes if any(f"{c}.{n}" not in adapter.full for n, _ in modules[c].named_parameters())]
+    if missing and adapter.names != dict(names):
+        raise LoraYoloError(
+            f"adapter predicts other classes than the base ({adapter.nc} vs {len(names)}) but does not carry the "
+            f"class layer {missing[0]}"
+        )
+
+
 def attach_adapter(base: nn.Module, adapter: Adapter, allow_other_weights: bool = False) -> nn.Module:
     """A new model: `base` rebuilt for the adapter's classes, with the adapter attached (unmerged). `base` is untouched.
 
@@ -250,14 +347,10 @@ def attach_adapter(base: nn.Module, adapter: Adapter, allow_other_weights: bool 
         >>> model = attach_adapter(load_model("base.pt"), load_adapter("adapter.safetensors"))
     """
     check_fits(adapter, base, allow_other_weights)
+    check_layers(adapter, dict(base.named_modules()), class_layers(base), base.names)
     model = build_for_classes(base, adapter.nc, adapter.names)
     config = adapter.config
     add_lora(model, adapter.layers, config.lora_dropout, config.use_rslora, config.use_dora)
-    state = model.state_dict()
-    for name, t in adapter.tensors.items():
-        if name not in state or state[name].shape != t.shape:
-            got = tuple(state[name].shape) if name in state else "missing"
-            raise LoraYoloError(f"adapter tensor {name} {tuple(t.shape)} does not fit the model ({got})")
     model.load_state_dict(adapter.tensors, strict=False)
     return model
 

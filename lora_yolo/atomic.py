@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,9 +32,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise LoraYoloError(f"cannot write to {path.parent}: {e.strerror}") from e
     os.close(fd)
     tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any other file we write
+    _usual_mode(tmp, 0o666)  # mkstemp makes 0600; the result should look like any other file we write
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -45,3 +44,40 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it becomes `path` with one rename.
+
+    `path` must not exist or be an empty folder (a rename replaces an empty folder, never a full one: a reader sees
+    no folder, or the complete new one). On any error the temporary folder is removed and `path` is left as it was.
+
+    Example:
+        >>> with atomic_dir("peft-adapter") as tmp:
+        ...     (tmp / "adapter_config.json").write_text("{}")
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise LoraYoloError(f"output folder does not exist: {path.parent}")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise LoraYoloError(f"cannot write to {path.parent}: {e.strerror}") from e
+    _usual_mode(tmp, 0o777)  # mkdtemp makes 0700; the result should look like any other folder we write
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LoraYoloError(f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _usual_mode(path: Path, mode: int) -> None:
+    """Give `path` the permissions a plain open() or mkdir() would: `mode` less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)

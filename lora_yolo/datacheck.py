@@ -15,17 +15,27 @@ from lora_yolo.errors import LoraYoloError, first_line
 
 
 def _images(source: str | list) -> list[Path]:
-    """Image files of a split given as a folder, a .txt list of files, or a list of either."""
+    """Image files of a split, found as Ultralytics' dataset finds them: a folder (searched recursively), or a file
+    listing one image per line, where a line starting with `./` is relative to the list file and any other line is
+    used as written."""
     files = []
     for item in source if isinstance(source, list) else [source]:
         p = Path(item)
         if p.is_dir():
-            files += [f for f in p.rglob("*") if f.suffix[1:].lower() in IMG_FORMATS]
-        elif p.suffix == ".txt" and p.is_file():
-            files += [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
+            files += [f for f in p.rglob("*.*") if f.suffix[1:].lower() in IMG_FORMATS]
         elif p.is_file():
-            files.append(p)
+            lines = p.read_text(encoding="utf-8-sig", errors="replace").strip().splitlines()
+            lines = [str(p.parent / x[2:]) if x.startswith("./") else x for x in lines]
+            files += [Path(x) for x in lines if x.rpartition(".")[-1].lower() in IMG_FORMATS]
     return files
+
+
+def _class_id(field: str) -> float | None:
+    """A label's class id as Ultralytics reads it (a float: `0` and `0.0` are both class 0), or None if not a number."""
+    try:
+        return float(field)
+    except ValueError:
+        return None
 
 
 def check_dataset(data: str | Path) -> dict:
@@ -58,9 +68,14 @@ def check_dataset(data: str | Path) -> dict:
         for label in img2label_paths([str(f) for f in _images(resolved[split])]):
             if not Path(label).is_file():
                 continue
-            for line in Path(label).read_text().splitlines():
+            for line in Path(label).read_text(encoding="utf-8-sig", errors="replace").splitlines():
                 fields = line.split()
-                if fields and (not fields[0].lstrip("-").isdigit() or not 0 <= int(fields[0]) < nc):
+                if not fields:
+                    continue
+                cls = _class_id(fields[0])
+                if cls is None or not cls.is_integer() or cls < 0:
+                    raise LoraYoloError(f"{label}: class id {fields[0][:20]!r} is not a class index (0-{nc - 1})")
+                if cls >= nc:
                     raise LoraYoloError(
                         f"{label}: label class {fields[0]} exceeds dataset class count {nc}. "
                         f"Possible class labels are 0-{nc - 1}"

@@ -1,7 +1,9 @@
 """Export a merged model to ONNX, TorchScript, OpenVINO, ... through Ultralytics' own exporter.
 
-The export runs on a copy in a temporary folder and its result is moved into place at the end, so a failed export
-leaves no half-written file and never touches the inputs. `base` + `adapter` are merged in memory first.
+The export runs on a copy in a temporary folder and its result is moved into place at the end with one rename, so a
+failed export leaves no half-written file and never touches the inputs. `base` + `adapter` are merged in memory first.
+`--output` naming an existing folder puts the export inside it; nothing that exists is deleted: a file of the same
+name is replaced atomically, a folder of the same name only when it is empty (a full one is refused).
 """
 
 from __future__ import annotations
@@ -55,8 +57,12 @@ def export_model(
         raise LoraYoloError(f"model file not found: {source}")
     stem = source.stem if model is not None else f"{source.stem}-merged"
     target = Path(output) if output else source.with_name(stem + known[format])
+    if target.is_dir() and output:  # an existing folder: the export goes into it, under its usual name
+        target = target / (stem + known[format])
     if not target.parent.is_dir():
         raise LoraYoloError(f"output folder does not exist: {target.parent}")
+    if target.is_dir() and any(target.iterdir()):
+        raise LoraYoloError(f"{target} already exists and is not empty; remove it or choose another --output")
     precision = {"quantize": 16 if half else None} if "quantize" in DEFAULT_CFG_DICT else {"half": half}
     with tempfile.TemporaryDirectory(prefix=".lora-yolo-export-", dir=target.parent) as tmp:
         work = Path(tmp) / f"{stem}.pt"
@@ -71,9 +77,13 @@ def export_model(
         except Exception as e:
             hint = "; install the export extra: pip install 'lora-yolo[export]'" if isinstance(e, ImportError) else ""
             raise LoraYoloError(f"{format} export failed: {first_line(e)}{hint}") from None
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(exported, target)  # atomic within the target's folder
+        if Path(exported).is_dir() != target.is_dir() and target.exists():
+            kind = "a folder" if Path(exported).is_dir() else "a file"
+            raise LoraYoloError(f"{format} export is {kind}, and {target} exists as something else")
+        try:
+            os.replace(exported, target)  # one rename: replaces a file or an empty folder, never anything else
+        except OSError as e:
+            raise LoraYoloError(f"cannot write {target}: {e.strerror or e}") from None
     return target
 
 

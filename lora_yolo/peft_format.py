@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 from torch import nn
 from ultralytics.nn.tasks import guess_model_task
 
-from lora_yolo.adapter import Adapter, check_tensors, fingerprint, parse_metadata, read_safetensors
-from lora_yolo.atomic import atomic_path
+from lora_yolo.adapter import Adapter, check_tensors, fingerprint, parse_json, parse_metadata, read_safetensors
+from lora_yolo.atomic import atomic_dir
 from lora_yolo.checkpoint import class_count
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
@@ -39,7 +39,11 @@ MAX_CONFIG_BYTES = 1 << 20
 
 
 def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
-    """Write `adapter` as a PEFT LoRA folder (created if needed; its two files replaced atomically); returns it.
+    """Write `adapter` as a PEFT LoRA folder; returns it.
+
+    The folder must be new or empty: its two files are written into a temporary folder beside it, which then takes
+    its place with one rename, so a crash leaves either no adapter or a complete one. Replacing an existing PEFT
+    adapter's two files cannot be atomic (two renames), and would delete what the user has there: it is refused.
 
     Example:
         >>> to_peft(load_adapter("adapter.safetensors"), "peft-adapter/")
@@ -47,6 +51,10 @@ def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LoraYoloError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise LoraYoloError(f"{out} is not empty; write the PEFT adapter to a new or empty folder")
+    if not out.parent.is_dir():
+        raise LoraYoloError(f"output folder does not exist: {out.parent}")
     ranks = Counter(r for r, _ in adapter.layers.values())
     alphas = Counter(a for _, a in adapter.layers.values())
     r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
@@ -72,11 +80,9 @@ def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
     tensors = {}
     for name, t in adapter.tensors.items():
         tensors[PREFIX + name] = (t.view(1, -1, 1, 1) if name.endswith(MAGNITUDE) else t).contiguous()
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "lora_yolo": json.dumps(adapter.metadata())})
-    with atomic_path(out / CONFIG) as tmp:
-        tmp.write_text(json.dumps(peft_config, indent=2), encoding="utf-8")
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lora_yolo": json.dumps(adapter.metadata())})
+        (tmp / CONFIG).write_text(json.dumps(peft_config, indent=2), encoding="utf-8")
     return out
 
 
@@ -97,17 +103,20 @@ def from_peft(peft_dir: str | Path, base: nn.Module | None = None) -> Adapter:
     raw, meta = read_safetensors(weights)
     if any(not k.startswith(PREFIX) for k in raw):
         raise LoraYoloError(f"{weights} has tensors outside '{PREFIX}': not a PEFT adapter of a whole model")
+    if any(v.ndim == 0 for v in raw.values()):
+        raise LoraYoloError(f"{weights} holds a scalar tensor: not a LoRA adapter")
     tensors = {k[len(PREFIX) :]: v for k, v in raw.items()}
     tensors = {k: v.flatten() if k.endswith(MAGNITUDE) else v for k, v in tensors.items()}
     layers = {k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")}
+    if not layers:
+        raise LoraYoloError(f"{weights} holds no LoRA tensors (no '.lora_A.weight')")
     plan = {n: (int(tensors[f"{n}.lora_A.weight"].shape[0]), _alpha(config, n)) for n in sorted(layers)}
     full = sorted(k for k in tensors if ".lora_" not in k)
     if "lora_yolo" in meta:  # written by to_peft: everything else is in our own metadata
-        try:
-            ours = json.loads(meta["lora_yolo"])
-        except ValueError:
-            raise LoraYoloError(f"{weights} has damaged lora_yolo metadata (not JSON)") from None
-        adapter = parse_metadata(tensors, ours if isinstance(ours, dict) else {}, weights)
+        ours = parse_json(meta["lora_yolo"], "lora_yolo metadata", weights)
+        if not isinstance(ours, dict) or not all(isinstance(v, str) for v in ours.values()):
+            raise LoraYoloError(f"{weights} has damaged lora_yolo metadata (not a mapping of strings)")
+        adapter = parse_metadata(tensors, ours, weights)
     else:
         if base is None:
             raise LoraYoloError(f"{folder} was not written by lora-yolo: pass the base it was trained on (--base)")
@@ -119,16 +128,19 @@ def from_peft(peft_dir: str | Path, base: nn.Module | None = None) -> Adapter:
 
 
 def _read_config(path: Path) -> dict:
+    """PEFT's adapter_config.json, with every field lora-yolo reads checked for type and range."""
     if not path.is_file():
         raise LoraYoloError(f"{path.parent} has no {CONFIG}")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise LoraYoloError(f"{path} is too large to be an adapter config")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
         raise LoraYoloError(f"{path} is not JSON") from None
+    config = parse_json(text, "adapter config", path)
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise LoraYoloError(f"{path} is not a PEFT LoRA config (peft_type {config.get('peft_type')!r})")
+        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise LoraYoloError(f"{path} is not a PEFT LoRA config (peft_type {found!r})")
     unsupported = {
         "fan_in_fan_out": False,
         "bias": "none",
@@ -139,7 +151,26 @@ def _read_config(path: Path) -> dict:
     for key, ok in unsupported.items():
         if config.get(key, ok) != ok:
             raise LoraYoloError(f"{path}: {key}={config[key]!r} is not supported (lora-yolo supports {key}={ok!r})")
+    try:  # the same checks as our own config: PEFT's field names are ours
+        LoraConfig(
+            r=config.get("r", 8),
+            lora_alpha=config.get("lora_alpha", 8),
+            lora_dropout=config.get("lora_dropout") or 0.0,
+            use_rslora=config.get("use_rslora", False),
+            use_dora=config.get("use_dora", False) or False,
+            rank_pattern=_mapping(config, "rank_pattern", path),
+            alpha_pattern=_mapping(config, "alpha_pattern", path),
+        )
+    except LoraYoloError as e:
+        raise LoraYoloError(f"{path}: {e}") from None
     return config
+
+
+def _mapping(config: dict, key: str, path: Path) -> dict:
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise LoraYoloError(f"{path}: {key} must be a mapping of regex -> value")
+    return value
 
 
 def _alpha(config: dict, layer: str) -> float:

@@ -29,13 +29,14 @@ from torch import nn
 from ultralytics import YOLO
 from ultralytics.nn.modules import Conv
 
-from lora_yolo.adapter import Adapter, check_fits, fingerprint, load_adapter
+from lora_yolo.adapter import Adapter, check_fits, check_layers, fingerprint, load_adapter
 from lora_yolo.checkpoint import check_task, load_error, resolve_checkpoint
 from lora_yolo.datacheck import check_dataset
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.inject import replace_module
 from lora_yolo.layer import MergeableConv, dora_scale, lora_delta, lora_scaling
 from lora_yolo.passthrough import check_args
+from lora_yolo.targets import class_layers
 
 
 class _LayerAdapter(nn.Module):
@@ -62,12 +63,8 @@ class SwitchableConv2d(MergeableConv):
         self.active: str | None = None
 
     def add(self, name: str, adapter: Adapter, layer: str) -> None:
-        """Hold `adapter`'s tensors for this conv under `name`, after checking they fit its shape."""
-        a, b = adapter.tensors[f"{layer}.lora_A.weight"], adapter.tensors[f"{layer}.lora_B.weight"]
-        w = self.base_layer.weight
-        if a.shape[1:] != w.shape[1:] or b.shape[0] != w.shape[0]:
-            raise LoraYoloError(f"adapter {name!r} does not fit {layer}: A {tuple(a.shape)}, weight {tuple(w.shape)}")
-        self.adapters[name] = _LayerAdapter(adapter, layer).to(w.device)
+        """Hold `adapter`'s tensors for this conv under `name` (their shapes were checked by `check_layers`)."""
+        self.adapters[name] = _LayerAdapter(adapter, layer).to(self.base_layer.weight.device)
 
     def adapted_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The fused weight with the active adapter applied, in `dtype`."""
@@ -124,6 +121,8 @@ class AdapterModel:
         self.base = fingerprint(model)  # of the unfused base: what adapters record
         self._scales = bn_scales(model)
         model.fuse(verbose=False)
+        self._modules = dict(model.named_modules())  # the fused base's own modules, before any adapter replaces one
+        self._class_convs = class_layers(model)
         self._base_classes = (dict(model.names), {})  # names, replaced modules (none)
         self._adapters: dict[str, Adapter] = {}
         self._classes: dict[str, tuple[dict[int, str], dict[str, nn.Module]]] = {}
@@ -144,10 +143,15 @@ class AdapterModel:
     ) -> str:
         """Add an adapter (a file or an `Adapter`) under `name` (default: the file's stem); it is not activated."""
         adapter = source if isinstance(source, Adapter) else load_adapter(source)
-        name = name or (Path(source).stem if not isinstance(source, Adapter) else f"adapter{len(self._adapters)}")
+        name = name or (
+            Path(source).stem.replace(".", "_") if not isinstance(source, Adapter) else f"adapter{len(self._adapters)}"
+        )
+        if not name or "." in name:
+            raise LoraYoloError(f"adapter name {name!r} must be non-empty and contain no '.'")
         if name in self._adapters:
             raise LoraYoloError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
         check_fits(adapter, self.base, allow_other_weights)
+        check_layers(adapter, self._modules, self._class_convs, self._base_classes[0])
         self._classes[name] = self._class_layers(adapter)
         for layer in adapter.layers:
             self._switchable(layer).add(name, adapter, layer)
@@ -217,12 +221,7 @@ class AdapterModel:
         if layer in self._switchables:
             return self._switchables[layer]
         base_modules = self._base_classes[1]
-        try:
-            module = base_modules.get(layer) or self.model.get_submodule(layer)
-        except AttributeError:
-            raise LoraYoloError(f"adapter layer {layer} is not in the base model") from None
-        if type(module) is not nn.Conv2d:
-            raise LoraYoloError(f"adapter layer {layer} is a {type(module).__name__}, not a conv")
+        module = base_modules.get(layer) or self.model.get_submodule(layer)  # a conv: check_layers made sure
         scale = self._scales.get(layer, torch.ones(module.out_channels))
         switchable = self._switchables[layer] = SwitchableConv2d(module, scale.to(module.weight.device))
         if layer in base_modules:  # a class layer: other adapters' class sets may replace it
@@ -242,10 +241,6 @@ class AdapterModel:
         for m in modules.values():
             if isinstance(m, nn.Conv2d):
                 m.out_channels = m.weight.shape[0]
-        if not modules and adapter.nc != self.base["nc"]:
-            raise LoraYoloError(
-                f"adapter has {adapter.nc} classes but no class layers for a {self.base['nc']}-class base"
-            )
         return dict(adapter.names), modules
 
     def _base_copy(self, path: str) -> nn.Module:

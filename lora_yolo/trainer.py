@@ -9,9 +9,12 @@ callbacks, DDP) stays its own; this class changes only what it must, each where 
 - `get_model` builds the fine-tuning model exactly as DetectionTrainer does, adds the adapters, and turns the
   frozen set into Ultralytics' own `freeze` list. That matters: `_setup_train` sets `requires_grad=True` on every
   parameter not named in `freeze`, and builds the optimizer, DDP wrapper and EMA right after, before any callback.
+  The class convs are trained in full whenever the dataset's class names differ from the base's.
 - `build_optimizer` takes Ultralytics' optimizer and splits out two kinds of adapter tensor: LoRA's B, at
   `loraplus_lr_ratio` times the learning rate (LoRA+), and DoRA's magnitudes, without weight decay (decay would
-  shrink every channel's norm, which the magnitude is).
+  shrink every channel's norm, which the magnitude is); under MuSGD the adapters take its SGD part.
+- `_load_checkpoint_state` (resume) puts the exact base back into the EMA after Ultralytics loads its fp16 copy.
+- `_handle_nan_recovery` stops every rank on a NaN seen by any rank, with one message.
 - `_model_train` puts frozen BatchNorm layers in eval mode each epoch (train mode would update their running
   statistics although their weights are frozen) and checks the trainable set has not drifted.
 - `save_model` also writes the EMA's adapter (the weights Ultralytics validates) as safetensors.
@@ -19,7 +22,10 @@ callbacks, DDP) stays its own; this class changes only what it must, each where 
   which would drop an unmerged adapter.
 
 The LoRA state travels on the model as `model.lora_meta` (a plain dict), so it survives EMA deep copies,
-checkpoint pickles and the cloudpickle that Ultralytics' DDP launcher uses to rebuild the model in each worker.
+checkpoint pickles and the cloudpickle that Ultralytics' DDP launcher uses to rebuild the model in each worker;
+everything read after the model is built (the LoRA+ ratio) is read from there, since the worker's trainer is
+rebuilt from Ultralytics' arguments alone. Knowledge distillation (`distill_model=`) is refused: Ultralytics wraps
+the model in a DistillationModel, which carries no adapters.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import math
 from copy import deepcopy
 from pathlib import Path
 
+from torch import distributed as dist
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.models.yolo.obb import OBBTrainer, OBBValidator
@@ -38,7 +45,8 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, YAML
 from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
 
 from lora_yolo.adapter import Adapter, attach_adapter, extract_adapter, fingerprint, load_adapter, save_adapter
-from lora_yolo.checkpoint import MODEL_CLASSES, build_for_classes, class_count, load_model, save_checkpoint
+from lora_yolo.atomic import atomic_path
+from lora_yolo.checkpoint import MODEL_CLASSES, build_for_classes, load_model, save_checkpoint
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_layers, set_trainable, unload_lora
@@ -85,6 +93,13 @@ class LoraTrainerMixin:
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, lora: LoraConfig | None = None):
         super().__init__(cfg, overrides, _callbacks)
+        if self.args.distill_model is not None:
+            raise LoraYoloError(
+                "distill_model is not supported: Ultralytics' distillation wraps the model in a DistillationModel, "
+                "which carries no adapters; train without it"
+            )
+        # Only for building the model: once built, the config travels on it (`lora_meta`), which is what a DDP
+        # worker gets (Ultralytics rebuilds the trainer there from its arguments, without `lora=`).
         self.lora_config = lora or LoraConfig()
 
     def get_model(self, cfg=None, weights: nn.Module | None = None, verbose: bool = True) -> nn.Module:
@@ -113,7 +128,8 @@ class LoraTrainerMixin:
                 f"{base.yaml.get('kpt_shape')}: LoRA adapts a pose model to new data with the same keypoints"
             )
         model = build_for_classes(base, self.data["nc"], self.data["names"])
-        full = class_layers(model) if class_count(base) != self.data["nc"] else []
+        # By names, not by count: model.load() maps class rows by name, so any new name starts from a random row.
+        full = class_layers(model) if dict(base.names) != dict(self.data["names"]) else []
         config = self.lora_config
         plan = select_targets(model, config, full=frozenset(full))
         add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
@@ -129,7 +145,6 @@ class LoraTrainerMixin:
         adapter = adapter_of(weights)
         model = attach_adapter(load_model(base_file(adapter)), adapter)
         model.lora_meta = weights.lora_meta
-        self.lora_config = adapter.config
         return model
 
     def _setup_train(self):
@@ -156,7 +171,8 @@ class LoraTrainerMixin:
         Written here, in the process that trains, rather than in get_model: Ultralytics' DDP launcher deletes the
         run folder after the parent has built the model.
         """
-        YAML.save(self.save_dir / CONFIG_FILE, model.lora_meta["config"])
+        with atomic_path(self.save_dir / CONFIG_FILE) as tmp:
+            YAML.save(tmp, model.lora_meta["config"])
         base = Path(model.lora_meta["base"]["path"])
         if base == (self.wdir / BASE).resolve() and not base.exists():
             save_checkpoint(unload_lora(deepcopy(model)), base, train_args={})
@@ -164,27 +180,35 @@ class LoraTrainerMixin:
     def build_optimizer(self, model, *args, **kwargs):
         """Ultralytics' optimizer, with LoRA's B at `loraplus_lr_ratio` x lr and DoRA magnitudes without decay.
 
-        Each new group copies its source group's settings (`param_group` included, which Ultralytics' warmup and
-        resume read), so the schedulers scale it as they scale the rest.
+        The ratio is read from the model's own `lora_meta`, so a DDP worker (whose trainer is rebuilt without `lora=`)
+        uses the same one. Each new group copies its source group's settings (`param_group` included, which
+        Ultralytics' warmup and resume read), so the schedulers scale it as they scale the rest. With MuSGD
+        (Ultralytics' `optimizer=auto` choice for long runs) the adapter tensors take the optimizer's SGD part:
+        Muon orthogonalises a weight's update, and for an adapted conv that update is B A, not either factor; tensors
+        trained in full (class layers) keep Muon.
         """
         optimizer = super().build_optimizer(model, *args, **kwargs)
-        ratio = self.lora_config.loraplus_lr_ratio
+        ratio = LoraConfig.from_dict(unwrap_model(model).lora_meta["config"]).loraplus_lr_ratio
         names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
         groups = []
         for group in optimizer.param_groups:
             settings = {k: v for k, v in group.items() if k != "params"}
-            rest, lora_b, magnitudes = [], [], []
+            adapter = {**settings, "use_muon": False, "param_group": "weight"} if settings.get("use_muon") else settings
+            rest, lora, lora_b, magnitudes = [], [], [], []
             for p in group["params"]:
                 name = names[id(p)]
                 if name.endswith(".lora_magnitude_vector"):
                     magnitudes.append(p)
                 elif ratio != 1 and name.endswith(".lora_B.weight"):
                     lora_b.append(p)
+                elif adapter is not settings and name.endswith(LORA_SUFFIXES):
+                    lora.append(p)
                 else:
                     rest.append(p)
             groups.append({**settings, "params": rest})
-            groups.append({**settings, "params": lora_b, "lr": settings["lr"] * ratio})
-            groups.append({**settings, "params": magnitudes, "weight_decay": 0.0, "param_group": "bn"})  # no decay
+            groups.append({**adapter, "params": lora})
+            groups.append({**adapter, "params": lora_b, "lr": settings["lr"] * ratio})
+            groups.append({**adapter, "params": magnitudes, "weight_decay": 0.0, "param_group": "bn"})  # no decay
         optimizer.param_groups.clear()
         for group in groups:
             if group["params"]:
@@ -205,10 +229,18 @@ class LoraTrainerMixin:
                 m.eval()
 
     def _handle_nan_recovery(self, epoch: int) -> bool:
-        """Stop on a non-finite loss instead of Ultralytics' reload-and-retry: the adapters saved so far stay good."""
-        bad = (self.loss is not None and not self.loss.isfinite()) or (
+        """Stop on a non-finite loss instead of Ultralytics' reload-and-retry: the adapters saved so far stay good.
+
+        Every rank calls this at the same point of the epoch loop; under DDP the ranks agree first (any rank's NaN
+        counts), so all of them stop together instead of the others waiting forever in the next collective.
+        """
+        bad = (self.loss is not None and not bool(self.loss.isfinite().all())) or (
             self.fitness is not None and not math.isfinite(self.fitness)
         )
+        if dist.is_available() and dist.is_initialized():
+            seen = [False] * dist.get_world_size()
+            dist.all_gather_object(seen, bad)
+            bad = any(seen)
         if bad:
             last = self.save_dir / ADAPTER_LAST
             kept = f"the last good adapter is {last}" if last.exists() else "no adapter was saved before it"
@@ -216,6 +248,19 @@ class LoraTrainerMixin:
                 f"training diverged: the loss became NaN/Inf in epoch {epoch + 1}; {kept}. Lower lr0 or the rank"
             )
         return False
+
+    def _load_checkpoint_state(self, ckpt: dict) -> None:
+        """Ultralytics' resume of optimizer, EMA and counters; then the EMA's frozen tensors from the model.
+
+        The checkpoint's EMA is fp16, so loading it would round a base that is not on the fp16 grid; the model's
+        base comes from the base file itself (`_resume_model`), so it is the exact one.
+        """
+        super()._load_checkpoint_state(ckpt)
+        if self.ema:
+            model = unwrap_model(self.model)
+            keep = trainable_names(model)
+            frozen = {k: v for k, v in model.state_dict().items() if k not in keep}
+            self.ema.ema.load_state_dict(frozen, strict=False)
 
     def save_model(self):
         """Ultralytics' checkpoints, plus the EMA's adapter: `adapter_last` always, `adapter` when it is the best."""
@@ -232,8 +277,10 @@ class LoraTrainerMixin:
         if RANK not in {-1, 0} or not (self.save_dir / ADAPTER).exists():
             return
         for f in (self.last, self.best):
-            if f.exists():
-                strip_optimizer(f)  # as Ultralytics does: final checkpoints without optimizer state
+            if f.exists():  # as Ultralytics does: final checkpoints without optimizer state, but replaced atomically
+                with atomic_path(f) as tmp:
+                    if not strip_optimizer(f, s=str(tmp)):
+                        raise LoraYoloError(f"{f} is not a readable checkpoint")
         merged = write_merged(self.save_dir, vars(self.args))
         LOGGER.info(f"\nValidating {merged}...")
         self.validator.args.plots = self.args.plots

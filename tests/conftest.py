@@ -1,8 +1,12 @@
-"""Shared fixtures: tiny offline base checkpoints built from Ultralytics model YAMLs, and the shared COCO8 data."""
+"""Shared fixtures and helpers: tiny offline base checkpoints built from Ultralytics model YAMLs, the shared COCO8
+data, the CLI in a fresh process, and the strict-skips mode CI runs under (LORA_YOLO_STRICT_SKIPS=1)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +16,100 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # PEFT reads adapters from local folders only
 
+from ultralytics.utils import ROOT as ULTRALYTICS_ROOT  # noqa: E402
+from ultralytics.utils import YAML  # noqa: E402
+
 from lora_yolo.checkpoint import load_model, save_checkpoint  # noqa: E402
 
-COCO8 = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "coco8" / "coco8.yaml"
+pytest_plugins = ["pytester"]  # tests/test_strict_skips.py runs the strict-skips mode on throwaway test files
+
+ROOT = Path(__file__).resolve().parents[1]
+COCO8 = ROOT.parent / "shared" / "datasets" / "coco8" / "coco8.yaml"
+LORA_YOLO = Path(sys.executable).parent / "lora-yolo"  # the console script `pip install -e .[dev]` puts beside python
+# Short CPU training runs. nbs=batch and no warmup: every batch is an optimizer step at the real learning rate, even
+# in a 2-batch run.
+TINY = dict(epochs=2, imgsz=64, batch=4, nbs=4, warmup_epochs=0, workers=0, plots=False, device="cpu", seed=0)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def cli(*args, cwd: Path | None = None, console_script: bool = False) -> subprocess.CompletedProcess:
+    """`lora-yolo ARGS` in a fresh process (arguments go through str); stdout and stderr captured as text.
+
+    By default it runs `python -m lora_yolo.cli` with this interpreter. With `console_script` it runs the installed
+    `lora-yolo` script, as users do: Ultralytics reads argv[0], and a program whose name ends in "yolo" gets its CLI's
+    defaults (predict saves annotated images, as `yolo predict` does). The script missing is a failure, not a skip:
+    README's test command installs the package (`pip install -e .[dev]`), which creates it.
+    """
+    if console_script:
+        if not LORA_YOLO.is_file():
+            pytest.fail(
+                f"the lora-yolo console script is not at {LORA_YOLO}: install the package first, as README's "
+                "test command does (pip install -e '.[dev]')",
+                pytrace=False,
+            )
+        command = [str(LORA_YOLO)]
+    else:
+        command = [sys.executable, "-m", "lora_yolo.cli"]
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+STRICT_SKIPS = "LORA_YOLO_STRICT_SKIPS"
+
+
+class StrictSkips:
+    """With LORA_YOLO_STRICT_SKIPS=1 (CI sets it), a skip is a failure, so nothing CI should test goes untested.
+
+    A test that skips (in setup, e.g. a fixture's `pytest.skip`, or in its body) is reported as failed, with the skip
+    reason. A module skipped while collecting (a module-level `pytest.importorskip`) has no test to fail: it is listed
+    at the end and the session's exit status is set to "tests failed". Without the variable, skips stay skips (the
+    shared COCO8 or the peft extra may truly be missing on a user's machine). Expected failures (xfail) are untouched.
+    """
+
+    def __init__(self) -> None:
+        self.collect_skips: list[str] = []
+
+    @staticmethod
+    def active() -> bool:
+        return os.environ.get(STRICT_SKIPS) == "1"
+
+    @staticmethod
+    def reason(report) -> str:
+        longrepr = report.longrepr
+        return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        report = yield
+        if self.active() and report.skipped and not hasattr(report, "wasxfail"):
+            message = f"{STRICT_SKIPS}=1, so a skip is a failure: {self.reason(report)}"
+            failure = pytest.CallInfo.from_call(lambda: pytest.fail(message, pytrace=False), when=report.when)
+            report = pytest.TestReport.from_item_and_call(item, failure)
+        return report
+
+    def pytest_collectreport(self, report) -> None:
+        if self.active() and report.skipped:
+            self.collect_skips.append(f"{report.nodeid}: {self.reason(report)}")
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session) -> None:
+        if self.collect_skips and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.collect_skips:
+            terminalreporter.section(f"skipped while collecting, a failure under {STRICT_SKIPS}=1", red=True)
+            for line in self.collect_skips:
+                terminalreporter.line(line, red=True)
+
+
+def pytest_configure(config) -> None:
+    config.pluginmanager.register(StrictSkips(), "lora-yolo-strict-skips")
+
+
+COCO_NAMES = YAML.load(ULTRALYTICS_ROOT / "cfg" / "datasets" / "coco8.yaml")["names"]  # in the package: offline
 
 
 def make_base(path: Path, cfg: str = "yolo11n.yaml", seed: int = 0) -> Path:
@@ -27,6 +122,8 @@ def make_base(path: Path, cfg: str = "yolo11n.yaml", seed: int = 0) -> Path:
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     model.half().float()  # on the fp16 grid, like every released Ultralytics checkpoint
+    if len(model.names) == len(COCO_NAMES):  # an 80-class base knows COCO's names, as a released yolo11n.pt does
+        model.names = dict(COCO_NAMES)
     return save_checkpoint(model, path, train_args={})
 
 
@@ -101,15 +198,15 @@ def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.0
     return model, extract_adapter(model, config, base, full=full)
 
 
-DEMO_BASE = Path(__file__).resolve().parents[1] / "lora_yolo" / "assets" / "yolo11n-shapes.pt"
-SHAPES_B1 = Path(__file__).resolve().parents[1] / "datasets" / "shapes-b1" / "data.yaml"
+DEMO_BASE = ROOT / "lora_yolo" / "assets" / "yolo11n-shapes.pt"
+SHAPES_B1 = ROOT / "datasets" / "shapes-b1" / "data.yaml"
 
 
 @pytest.fixture(scope="session")
 def demo_base() -> Path:
     """The shipped demo base (pretrained on synthetic domain A): a model whose detections mean something."""
-    if not DEMO_BASE.is_file():
-        pytest.skip(f"demo base not found at {DEMO_BASE} (made by scripts/pretrain_base.py)")
+    if not DEMO_BASE.is_file():  # committed with the package: its absence is a broken checkout, not a missing extra
+        pytest.fail(f"demo base not found at {DEMO_BASE} (committed; made by scripts/pretrain_base.py)", pytrace=False)
     return DEMO_BASE
 
 

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+
+from conftest import cli
 
 from lora_yolo import inspect_model, load_model
 from lora_yolo.presets import resolve_config
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lora_yolo.cli", *args], capture_output=True, text=True)
 
 
 def test_inspect_json_totals(base_pt):

@@ -3,29 +3,25 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import SHAPES_B1, random_adapter
+from conftest import SHAPES_B1, cli, random_adapter
 from ultralytics import YOLO
 
 from lora_yolo.adapter import save_adapter
 from lora_yolo.merge import merge_files
 
-LORA_YOLO = Path(sys.executable).parent / "lora-yolo"  # the console script: its name ends in "yolo", as users run it
 IMAGES = SHAPES_B1.parent / "images" / "val"
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(LORA_YOLO), *map(str, args)], capture_output=True, text=True)
+def lora_yolo(*args):
+    """The installed console script, as users run it: its name ends in "yolo", so Ultralytics applies its CLI's
+    defaults (conftest.cli). This file checks the entry point, so the script missing fails, it does not skip."""
+    return cli(*args, console_script=True)
 
 
 @pytest.fixture(scope="module")
 def files(demo_base, tmp_path_factory):
-    if not LORA_YOLO.is_file():
-        pytest.skip(f"console script not installed at {LORA_YOLO}")
     tmp = tmp_path_factory.mktemp("serve")
     adapter = save_adapter(random_adapter(demo_base, scale=0.02)[1], tmp / "a.safetensors")
     merged = merge_files(demo_base, [str(adapter)], tmp / "merged.pt")
@@ -34,7 +30,9 @@ def files(demo_base, tmp_path_factory):
 
 def test_predict_with_adapter_matches_merged_checkpoint(files, demo_base):
     tmp, adapter, merged = files
-    out = cli("predict", IMAGES, "--model", demo_base, "--adapter", adapter, "--imgsz", 160, f"project={tmp}", "name=p")
+    out = lora_yolo(
+        "predict", IMAGES, "--model", demo_base, "--adapter", adapter, "--imgsz", 160, f"project={tmp}", "name=p"
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     images, boxes = map(int, re.search(r"(\d+) images, (\d+) detections", out.stdout).groups())
     expected = YOLO(str(merged)).predict(str(IMAGES), imgsz=160, conf=0.25, verbose=False)
@@ -45,25 +43,25 @@ def test_predict_with_adapter_matches_merged_checkpoint(files, demo_base):
 
 def test_val_with_adapter_matches_merged_checkpoint(files, demo_base):
     tmp, adapter, merged = files
-    out = cli("val", SHAPES_B1, "--model", demo_base, "--adapter", adapter, "--imgsz", 160, f"project={tmp}")
+    out = lora_yolo("val", SHAPES_B1, "--model", demo_base, "--adapter", adapter, "--imgsz", 160, f"project={tmp}")
     assert out.returncode == 0, out.stderr[-2000:]
     map50, map50_95 = map(float, re.search(r"mAP50 ([\d.]+)  mAP50-95 ([\d.]+)", out.stdout).groups())
     metrics = YOLO(str(merged)).val(data=str(SHAPES_B1), imgsz=160, project=str(tmp), plots=False, verbose=False)
     assert map50 == pytest.approx(metrics.box.map50, abs=1e-3) and map50_95 == pytest.approx(metrics.box.map, abs=1e-3)
-    base = cli("val", SHAPES_B1, "--model", demo_base, "--imgsz", 160, f"project={tmp}")  # no adapter: the base
+    base = lora_yolo("val", SHAPES_B1, "--model", demo_base, "--imgsz", 160, f"project={tmp}")  # no adapter: the base
     assert base.returncode == 0 and f"mAP50 {map50:.4f}" not in base.stdout
 
 
 def test_errors_are_one_line(files, demo_base, tmp_path):
     tmp, adapter, _ = files
-    missing = cli("predict", IMAGES, "--model", demo_base, "--adapter", tmp_path / "none.safetensors")
+    missing = lora_yolo("predict", IMAGES, "--model", demo_base, "--adapter", tmp_path / "none.safetensors")
     assert missing.returncode == 1 and "adapter file not found" in missing.stderr and "Traceback" not in missing.stderr
     b2 = SHAPES_B1.parents[1] / "shapes-b2" / "data.yaml"  # 4 classes; the adapter keeps the base's 3
-    wrong = cli("val", b2, "--model", demo_base, "--adapter", adapter)
+    wrong = lora_yolo("val", b2, "--model", demo_base, "--adapter", adapter)
     assert wrong.returncode == 1 and "has 4 classes, the model with this adapter predicts 3" in wrong.stderr
-    typo = cli("predict", IMAGES, "--model", demo_base, "cnf=0.5")
+    typo = lora_yolo("predict", IMAGES, "--model", demo_base, "cnf=0.5")
     assert typo.returncode == 2 and "did you mean 'conf'?" in typo.stderr
-    nosource = cli("predict", tmp_path / "nothing", "--model", demo_base)
+    nosource = lora_yolo("predict", tmp_path / "nothing", "--model", demo_base)
     assert nosource.returncode == 1 and "source not found" in nosource.stderr
-    yaml_base = cli("predict", IMAGES, "--model", "yolo11n.yaml")
+    yaml_base = lora_yolo("predict", IMAGES, "--model", "yolo11n.yaml")
     assert yaml_base.returncode == 1 and "keeps its base as weights/base.pt" in yaml_base.stderr

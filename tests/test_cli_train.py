@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from conftest import SHAPES_B1, cli
 
 
-def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lora_yolo.cli", *args], capture_output=True, text=True, cwd=cwd)
-
-
-def test_misspelled_passthrough_key_suggests_the_right_one(coco8, base_pt):
-    out = cli("train", str(coco8), "--model", str(base_pt), "mosiac=0.5")
+# The argument checks need a valid dataset, not real photographs: the committed synthetic one, no skip without COCO8.
+def test_misspelled_passthrough_key_suggests_the_right_one(base_pt):
+    out = cli("train", SHAPES_B1, "--model", base_pt, "mosiac=0.5")
     assert out.returncode == 2  # a usage error
     assert "'mosiac' is not an Ultralytics training argument; did you mean 'mosaic'?" in out.stderr
     assert "Traceback" not in out.stderr
 
 
-def test_freeze_is_owned_by_lora(coco8, base_pt):
-    out = cli("train", str(coco8), "--model", str(base_pt), "freeze=10")
+def test_freeze_is_owned_by_lora(base_pt):
+    out = cli("train", SHAPES_B1, "--model", base_pt, "freeze=10")
     assert out.returncode == 2 and "'freeze' cannot be passed through" in out.stderr
 
 
-def test_default_model_offline_says_how_to_pass_a_local_one(coco8, tmp_path):
-    out = cli("train", str(coco8), cwd=tmp_path)  # yolo11n.pt is not on disk and there is no internet here
+def test_default_model_offline_says_how_to_pass_a_local_one(tmp_path):
+    out = cli("train", SHAPES_B1, cwd=tmp_path)  # yolo11n.pt is not on disk and there is no internet here
     assert out.returncode == 1
     assert "yolo11n.pt" in out.stderr and "--model path/to/model.pt" in out.stderr and "Traceback" not in out.stderr
 

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_adapter
+from conftest import TINY, random_adapter
 
 from lora_yolo import LoraYoloError, load_adapter, save_adapter
 from lora_yolo.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 B2 = ROOT / "datasets" / "shapes-b2" / "data.yaml"
-TINY = dict(imgsz=64, batch=4, nbs=4, warmup_epochs=0, workers=0, plots=False, device="cpu", seed=0, fraction=0.25)
 
 
 def test_kill_while_writing_leaves_old_or_new_file(base_pt, tmp_path):
@@ -105,9 +104,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_adapter(base_pt, tmp_path):
             model=base_pt,
             project=str(tmp_path),
             name="nan",
-            epochs=3,
             callbacks={"on_train_batch_end": [poison]},
-            **TINY,
+            **{**TINY, "epochs": 3, "fraction": 0.25},
         )
     good = load_adapter(tmp_path / "nan" / "adapter_last.safetensors")  # finite, or load_adapter would refuse
     assert all(torch.isfinite(t).all() for t in good.tensors.values())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import textwrap
@@ -11,21 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHAPES_B1, detections, head_output, image_batch, make_base, random_adapter, same_detections
+from conftest import (
+    SHAPES_B1,
+    cli,
+    detections,
+    head_output,
+    image_batch,
+    make_base,
+    random_adapter,
+    same_detections,
+    sha256,
+)
 
 from lora_yolo import LoraConfig, LoraConv2d, LoraYoloError, attach_adapter, load_adapter, load_model, save_adapter
 from lora_yolo.export import export_model
 from lora_yolo.merge import merge_files
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lora_yolo.cli", *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

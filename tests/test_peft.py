@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
-from conftest import head_output, random_adapter
+from conftest import cli, head_output, random_adapter
 
 from lora_yolo import LoraConfig, LoraYoloError, attach_adapter, load_adapter, load_model, save_adapter
 from lora_yolo.checkpoint import build_for_classes
@@ -103,9 +101,6 @@ def test_adapter_made_by_peft_converts_with_its_base(base_pt, tmp_path, new_clas
 def test_cli_convert_both_ways_and_refusals(base_pt, tmp_path):
     _, adapter = random_adapter(base_pt)
     src = save_adapter(adapter, tmp_path / "a.safetensors")
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "lora_yolo.cli", *map(str, args)], capture_output=True, text=True)
 
     out = cli("convert", src, tmp_path / "peft", "--to", "peft")
     assert out.returncode == 0, out.stderr

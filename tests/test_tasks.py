@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import ultralytics
-from conftest import make_base
+from conftest import TINY, make_base
 from ultralytics import YOLO
 
 from lora_yolo import LoraYoloError, attach_adapter, load_adapter, load_model
@@ -18,7 +18,6 @@ from lora_yolo.synth import make_dataset
 from lora_yolo.train import train
 
 pytestmark = pytest.mark.slow
-TINY = dict(epochs=2, imgsz=64, batch=4, nbs=4, warmup_epochs=0, workers=0, plots=False, device="cpu", seed=0)
 CFG = Path(ultralytics.__file__).parent / "cfg" / "models" / "11"
 
 

@@ -1,8 +1,7 @@
-"""End-to-end LoRA training inside Ultralytics' trainer: outputs, a frozen base, exact merges, resume, DDP pickling."""
+"""End-to-end LoRA training inside Ultralytics' trainer: outputs, a frozen base, exact merges, resume."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHAPES_B1
+from conftest import SHAPES_B1, TINY, sha256
 
 from lora_yolo import load_adapter, load_model
 from lora_yolo.errors import TrainingInterrupted
@@ -20,12 +19,6 @@ from lora_yolo.train import train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-# nbs=batch and no warmup: every batch is an optimizer step at the real learning rate, even in a 2-batch run.
-TINY = dict(epochs=2, imgsz=64, batch=4, nbs=4, warmup_epochs=0, workers=0, plots=False, device="cpu", seed=0)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -201,39 +194,6 @@ def test_yolov8_from_yaml_trains(coco8, tmp_path):
     assert not any("attn" in k for k in adapter.layers)  # YOLOv8 has no attention; the default still works
 
 
-def test_ddp_pickled_trainer_rebuilds_and_trains(demo_base, coco8, tmp_path):
-    """Ultralytics' DDP launcher pickles trainer class, args, model and callbacks with cloudpickle and rebuilds the
-    trainer in a fresh process; run that very file (single process on CPU) and check it trains the adapters."""
-    from lora_yolo.checkpoint import load_model as load
-    from lora_yolo.config import LoraConfig
-    from lora_yolo.trainer import LoraDetectionTrainer
-
-    args = {**TINY, "imgsz": 128}  # a pretrained base on real COCO images: real gradients
-    trainer = LoraDetectionTrainer(
-        overrides={"model": str(demo_base), "data": str(coco8), "project": str(tmp_path), "name": "ddp", **args},
-        lora=LoraConfig(targets=["head"], r=4),
-    )
-    base = load(demo_base)
-    trainer.model = trainer.get_model(cfg=base.yaml, weights=base)
-    from ultralytics.utils.dist import generate_ddp_file
-
-    script = generate_ddp_file(trainer)
-    try:
-        out = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=tmp_path)
-    finally:
-        Path(script).unlink(missing_ok=True)
-        Path(script).with_suffix(".pt").unlink(missing_ok=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    adapter = load_adapter(tmp_path / "ddp" / "adapter.safetensors")
-    assert adapter.config.targets == ["head"] and {r for r, _ in adapter.layers.values()} == {4}
-    # Every B moves except the stride-32 box branch: at 128 px Ultralytics' task-aligned assigner takes its top-10
-    # anchors per object from the finer levels, so that branch gets exactly zero gradient in plain Ultralytics
-    # training too (checked by hand: model.23.cv2.2.2.weight.grad == 0 with every parameter trainable).
-    still = {k for k, t in adapter.tensors.items() if k.endswith("lora_B.weight") and not t.abs().max() > 0}
-    assert all(k.startswith("model.23.cv2.2.") for k in still)
-    assert (tmp_path / "ddp" / "merged.pt").is_file()
-
-
 def test_dora_with_loraplus_trains_and_merges_exactly(base_pt, coco8, tmp_path):
     """DoRA magnitudes train (and are stored), LoRA+ keeps its groups through Ultralytics' schedule, merge is exact."""
     from conftest import head_output
@@ -267,7 +227,7 @@ def test_dora_with_loraplus_trains_and_merges_exactly(base_pt, coco8, tmp_path):
     ]
     still = sorted(set(adapter.layers) - set(moved))
     # Every magnitude trained, except in the stride-32 box branch, which gets exactly zero gradient at 64 px even in
-    # plain Ultralytics training (see test_ddp_pickled_trainer_rebuilds_and_trains).
+    # plain Ultralytics training (see test_training_settings.py's DDP worker test).
     assert len(moved) > 70 and all(k.startswith("model.23.cv2.2.") for k in still), still
     assert all(len(x) == 2 and x[1] == pytest.approx(4 * x[0]) for x in lrs)  # B's lr is 4x A's, every epoch
     x = torch.rand(2, 3, 64, 64)

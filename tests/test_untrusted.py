@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import random_adapter
@@ -14,7 +17,8 @@ from hypothesis import strategies as st
 from lora_yolo import LoraYoloError, load_adapter, save_adapter
 
 FUZZ_CASES = 300  # per property; CI runs all of them (derandomized, so every run checks the same cases)
-CASES_RUN = {"count": 0}
+STRUCTURED_CASES = 240  # scripts/fuzz_adapters.py's crafted adapters and PEFT folders, half each
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,6 @@ def load_bytes(tmp_path, data: bytes):
         return load_adapter(path)
     finally:
         assert time.perf_counter() - start < 2.0  # bounded time, whatever the file says
-        CASES_RUN["count"] += 1
 
 
 def header_of(data: bytes) -> dict:
@@ -99,51 +102,98 @@ def test_metadata_that_lies_about_layers(good, tmp_path):
         load_bytes(tmp_path, with_header(good, {**header, "__metadata__": meta}))
 
 
-@settings(
+FUZZ_SETTINGS = settings(
     max_examples=FUZZ_CASES,
     deadline=None,
     derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(st.data())
-def test_fuzz_bit_flips_and_truncation(good, tmp_path, data):
-    blob = bytearray(good)
-    for _ in range(data.draw(st.integers(1, 8))):
-        i = data.draw(st.integers(0, len(blob) - 1))
-        blob[i] ^= 1 << data.draw(st.integers(0, 7))
-    cut = data.draw(st.one_of(st.none(), st.integers(0, len(blob))))
-    blob = bytes(blob[:cut] if cut is not None else blob)
-    try:
-        adapter = load_bytes(tmp_path, blob)
-    except LoraYoloError:
-        return
-    # A flip inside tensor data (or padding) still loads: the values changed, the structure is intact.
-    assert all(t.is_floating_point() for t in adapter.tensors.values())
-
-
-@settings(
-    max_examples=FUZZ_CASES,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
 )
-@given(
-    header=st.dictionaries(
-        st.text(max_size=20),
-        st.recursive(
-            st.none() | st.booleans() | st.integers() | st.text(max_size=10),
-            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-            max_leaves=12,
-        ),
-        max_size=6,
-    )
-)
-def test_fuzz_arbitrary_headers(good, tmp_path, header):
-    with pytest.raises(LoraYoloError):
-        load_bytes(tmp_path, with_header(good, header))
 
 
-def test_report_fuzz_case_count():
-    """Prints how many files the checks above fed to the loader (shown with pytest -s or -rP)."""
-    print(f"untrusted-adapter cases run: {CASES_RUN['count']}")
-    assert CASES_RUN["count"] >= 2 * FUZZ_CASES or CASES_RUN["count"] == 0  # 0 when run alone
+def test_fuzz_bit_flips_and_truncation(good, tmp_path):
+    ran = []
+
+    @FUZZ_SETTINGS
+    @given(st.data())
+    def case(data):
+        ran.append(1)
+        blob = bytearray(good)
+        for _ in range(data.draw(st.integers(1, 8))):
+            i = data.draw(st.integers(0, len(blob) - 1))
+            blob[i] ^= 1 << data.draw(st.integers(0, 7))
+        cut = data.draw(st.one_of(st.none(), st.integers(0, len(blob))))
+        blob = bytes(blob[:cut] if cut is not None else blob)
+        try:
+            adapter = load_bytes(tmp_path, blob)
+        except LoraYoloError:
+            return
+        # A flip inside tensor data (or padding) still loads: the values changed, the structure is intact.
+        assert all(t.is_floating_point() for t in adapter.tensors.values())
+
+    case()
+    assert len(ran) >= FUZZ_CASES  # every intended case ran (hypothesis stops early on an exhausted space)
+
+
+def test_fuzz_arbitrary_headers(good, tmp_path):
+    ran = []
+
+    @FUZZ_SETTINGS
+    @given(header=st.dictionaries(st.text(max_size=20), JSON_VALUES, max_size=6))
+    def case(header):
+        ran.append(1)
+        with pytest.raises(LoraYoloError):
+            load_bytes(tmp_path, with_header(good, header))
+
+    case()
+    assert len(ran) >= FUZZ_CASES
+
+
+def test_fuzz_metadata_values_of_every_shape(good, tmp_path):
+    """Each metadata field replaced by arbitrary JSON (or text that is not JSON): the loader refuses or, when the
+    value happens to be valid, loads; nothing else."""
+    header, ran = header_of(good), []
+    keys = sorted(header["__metadata__"])
+
+    @FUZZ_SETTINGS
+    @given(key=st.sampled_from(keys), value=JSON_VALUES.map(json.dumps) | st.text(max_size=30))
+    def case(key, value):
+        ran.append(1)
+        meta = {**header["__metadata__"], key: value}
+        try:
+            load_bytes(tmp_path, with_header(good, {**header, "__metadata__": meta}))
+        except LoraYoloError:
+            pass
+
+    case()
+    assert len(ran) >= FUZZ_CASES
+
+
+def fuzz_script():
+    """scripts/fuzz_adapters.py as a module: the tests run its structure-aware cases, the script runs thousands."""
+    spec = importlib.util.spec_from_file_location("fuzz_adapters", ROOT / "scripts" / "fuzz_adapters.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_structure_aware_fuzz_of_both_loaders(tmp_path):
+    """Crafted adapters and PEFT folders (ranks 0, NaN alphas, layers naming BatchNorms, missing modules, nc and
+    names that disagree, configs of the wrong type, bad regexes, empty adapters, deep JSON...) through load and
+    attach: each case loads or is refused with a LoraYoloError, within 5 s."""
+    script = fuzz_script()
+    fuzzer = script.Fuzzer(tmp_path, hang=5.0)
+    for seed in range(STRUCTURED_CASES):
+        fuzzer.run(seed, ("adapter", "peft")[seed % 2])
+    assert fuzzer.cases == STRUCTURED_CASES
+    assert not fuzzer.crashes, fuzzer.crashes[0]
+    assert fuzzer.hangs == 0
+    for loader in ("adapter", "peft"):  # the generator reaches both outcomes, so it tests something
+        assert fuzzer.outcomes[(loader, "ok")] > 0 and fuzzer.outcomes[(loader, "refused")] > STRUCTURED_CASES // 4
+    used = {name for name, _ in fuzzer.outcomes if name.startswith("m_")}
+    assert used == {m.__name__ for m in script.ADAPTER_MUTATIONS + script.PEFT_MUTATIONS}

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import head_output, random_adapter
+from conftest import SHAPES_B1, head_output, random_adapter
 from test_layer import KINDS, randomize, yolo11n  # noqa: F401  (yolo11n is a fixture)
 from torch import nn
 
@@ -67,13 +67,60 @@ def test_dora_dropout_form_matches_single_conv_form_and_bias_is_not_rescaled():
     assert torch.equal(conv.bias, dropped.base_layer.bias)
 
 
-def test_dora_magnitude_and_b_get_gradients_and_norm_is_constant():
+def test_dora_magnitude_and_b_get_gradients_at_init():
     conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
     layer = LoraConv2d(conv, r=2, lora_alpha=4, use_dora=True)
     conv.weight.requires_grad_(False)
     layer(torch.randn(2, 8, 8, 8)).square().sum().backward()
     assert layer.lora_magnitude_vector.grad.abs().sum() > 0 and layer.lora_B.weight.grad.abs().sum() > 0
     assert layer.lora_A.weight.grad.abs().sum() == 0  # B = 0 at init, as in plain LoRA
+
+
+def dora_grads_closed_form(layer: LoraConv2d, g: torch.Tensor, norm_is_constant: bool):
+    """Gradients of A, B and m for a loss whose gradient with respect to DoRA's weight W' is `g`, by hand.
+
+    W' = m / n * V with V = W + s B A and n = ||V||_c. With n a constant, dL/dV = m / n * g; with n a function of V
+    (no detach), the radial part of each channel's gradient is removed: dL/dV = m / n * (g - v (v . g)), v = V / n.
+    Then dL/dB = s * dL/dV A^T, dL/dA = s * B^T dL/dV, and in both cases dL/dm = (g . V) / n per channel.
+    """
+    a, b = layer.lora_A.weight.detach().flatten(1), layer.lora_B.weight.detach().flatten(1)
+    m, s = layer.lora_magnitude_vector.detach(), layer.scaling
+    v = layer.base_layer.weight.detach().flatten(1) + s * b @ a
+    n = v.norm(dim=1, keepdim=True)
+    g = g.flatten(1)
+    dv = m[:, None] / n * (g if norm_is_constant else g - v / n * (v / n * g).sum(1, keepdim=True))
+    return (
+        (s * b.T @ dv).view_as(layer.lora_A.weight),
+        (s * dv @ a.T).view_as(layer.lora_B.weight),
+        (g * v).sum(1) / n[:, 0],
+    )
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5], ids=["single-conv", "two-path"])
+def test_dora_norm_is_a_constant_in_backward(dropout):
+    """The gradients of A, B and m are those of DoRA with ||W + s B A||_c held constant (the paper, section 4.3),
+    not those of the full derivative: checked in float64 against the closed form, for both forward forms."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=True, dtype=torch.float64)
+    layer = dora_layer(conv, lora_dropout=dropout).eval()  # eval: dropout off, but the two-path form still runs
+    assert isinstance(layer.lora_dropout, nn.Dropout) == (dropout > 0)
+    conv.requires_grad_(False)
+    x, target = torch.randn(2, 8, 8, 8, dtype=torch.float64), torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    (layer(x) * target).sum().backward()
+    # g = dL/dW', from a plain conv with DoRA's weight as a leaf: the loss is linear in y, so this is exact.
+    w = layer.adapted_weight().to(torch.float64).detach().requires_grad_()
+    (conv._conv_forward(x, w, conv.bias) * target).sum().backward()
+    got = (layer.lora_A.weight.grad, layer.lora_B.weight.grad, layer.lora_magnitude_vector.grad)
+    constant = dora_grads_closed_form(layer, w.grad, norm_is_constant=True)
+    full = dora_grads_closed_form(layer, w.grad, norm_is_constant=False)
+    for name, grad, want, other in zip(("A", "B", "m"), got, constant, full):
+        if name != "m":  # the norm does not depend on m: only A's and B's gradients tell the two apart
+            assert (want - other).norm() > 0.05 * want.norm(), name  # the check below can tell them apart
+        ok = torch.allclose(grad, want, rtol=1e-9, atol=1e-12)
+        assert ok, (
+            f"d loss / d {name} is not DoRA's with a constant norm: off by {(grad - want).abs().max():.3g} from it, "
+            f"{(grad - other).abs().max():.3g} from the gradient through the norm (is the norm still detached?)"
+        )
 
 
 @pytest.mark.parametrize("cin,cout,k", [(16, 32, 1), (16, 32, 3), (3, 16, 5)])
@@ -99,14 +146,16 @@ def test_dora_adapter_roundtrip_and_checks(base_pt, tmp_path):
         load_adapter(tmp_path / "bad.safetensors")
 
 
-def test_loraplus_and_dora_optimizer_groups(base_pt, coco8):
+def test_loraplus_and_dora_optimizer_groups(base_pt, tmp_path):
     """B at ratio x lr, A and everything else at lr, DoRA magnitudes without weight decay; every tensor once."""
     from lora_yolo.trainer import LoraDetectionTrainer, trainable_names
 
     config = LoraConfig(use_dora=True, loraplus_lr_ratio=16)
-    trainer = LoraDetectionTrainer(overrides={"model": str(base_pt), "data": str(coco8)}, lora=config)
+    trainer = LoraDetectionTrainer(
+        overrides={"model": str(base_pt), "data": str(SHAPES_B1), "project": str(tmp_path)}, lora=config
+    )
     model, _ = random_adapter(base_pt, config)
-    model.lora_meta = {"full": []}
+    model.lora_meta = {"full": [], "config": config.to_dict()}  # as the trainer sets it on the models it builds
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable_names(model))
     optimizer = trainer.build_optimizer(model, name="AdamW", lr=0.01, momentum=0.9, decay=5e-4)

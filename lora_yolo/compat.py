@@ -1,0 +1,32 @@
+"""The oldest Ultralytics lora-yolo runs on, checked when the package is imported.
+
+pip enforces `pyproject.toml`'s floor at install time, but an environment changed afterwards (another package
+downgrading Ultralytics) would otherwise fail deep inside training, on a missing `unwrap_model` or
+`_handle_nan_recovery`. The floor is the version the test suite ran on; a test keeps it equal to pyproject's.
+"""
+
+from __future__ import annotations
+
+MIN_ULTRALYTICS = "8.4.190"
+
+
+def require_ultralytics(installed: str | None = None) -> None:
+    """Raise ImportError, with one line saying what to install, if Ultralytics is older than `MIN_ULTRALYTICS`."""
+    if installed is None:
+        from ultralytics import __version__ as installed
+    if _parts(installed) < _parts(MIN_ULTRALYTICS):
+        need = f"ultralytics>={MIN_ULTRALYTICS}"
+        raise ImportError(f"lora-yolo needs {need}, found {installed}: pip install -U '{need}'")
+
+
+def _parts(version: str) -> tuple[int, ...]:
+    """`8.4.190` -> (8, 4, 190); a suffix such as `.dev0` or `rc1` ends the comparison."""
+    parts = []
+    for piece in version.split("."):
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+        if not piece.isdigit():
+            break
+    return tuple(parts)

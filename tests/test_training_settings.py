@@ -1,0 +1,211 @@
+"""Training settings that must hold wherever Ultralytics rebuilds or resumes the trainer: DDP workers, NaN on one rank,
+class sets decided by names, optimizers LoRA cannot share (MuSGD's Muon, distillation), resume of the EMA."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from conftest import TINY, make_base
+
+from lora_yolo import LoraConfig, LoraYoloError, load_adapter, load_model, save_checkpoint
+from lora_yolo.errors import TrainingInterrupted
+from lora_yolo.train import train
+from lora_yolo.trainer import LoraDetectionTrainer, trainable_names
+
+
+def names_of(data_yaml: Path) -> dict[int, str]:
+    names = yaml.safe_load(data_yaml.read_text())["names"]
+    return dict(enumerate(names)) if isinstance(names, list) else {int(k): v for k, v in names.items()}
+
+
+def base_with_names(path: Path, names: dict[int, str]) -> Path:
+    """base_pt's recipe (yolo11n from its YAML, seed 0, fp16 grid) with the given class names."""
+    model = load_model(make_base(path))
+    model.names = dict(names)
+    return save_checkpoint(model, path, train_args={})
+
+
+def built_model(base: Path, data: Path, lora: LoraConfig | None = None):
+    trainer = LoraDetectionTrainer(overrides={"model": str(base), "data": str(data)}, lora=lora or LoraConfig(r=4))
+    weights = load_model(base)
+    return trainer, trainer.get_model(cfg=weights.yaml, weights=weights)
+
+
+@pytest.mark.parametrize("rename", [0, 1, 80], ids=["same names", "one name differs", "all differ"])
+def test_class_layers_train_whenever_names_differ(coco8, tmp_path, rename):
+    """coco8 has 80 classes; a base with the same count but other names (or one other name) gets its class convs
+    trained in full, since Ultralytics re-initialises the rows of names it does not know."""
+    names = names_of(coco8)
+    names.update({i: f"other{i}" for i in range(rename)})
+    _, model = built_model(base_with_names(tmp_path / "b.pt", names), coco8)
+    full = model.lora_meta["full"]
+    if rename == 0:
+        assert full == []
+    else:
+        assert full and all(".cv3." in n for n in full)
+        assert {n for n in full if n.endswith(".weight")} <= trainable_names(model)
+
+
+def test_ddp_worker_keeps_loraplus_dora_and_class_layers(demo_base, coco8, tmp_path):
+    """Ultralytics' DDP launcher rebuilds the trainer in the worker from its arguments, without `lora=`: the worker
+    must still put B at the LoRA+ ratio, train DoRA magnitudes and the class layers. Runs the launcher's very file
+    (one process on CPU); a callback, pickled with the trainer, records the worker's optimizer groups."""
+    from ultralytics.utils.dist import generate_ddp_file
+
+    from lora_yolo.checkpoint import load_model as load
+
+    record = tmp_path / "groups.json"
+
+    def record_groups(trainer):  # runs in the worker
+        kind = {".lora_A.": "A", ".lora_B.": "B", ".lora_magnitude_vector": "m"}
+        names = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
+        groups = [
+            {
+                "lr": g["lr"],
+                "kinds": sorted(
+                    {
+                        next((v for k, v in kind.items() if k in names[id(p)]), "full")
+                        for p in g["params"]
+                        if id(p) in names
+                    }
+                ),
+            }
+            for g in trainer.optimizer.param_groups
+        ]
+        Path(record).write_text(json.dumps({"groups": groups, "ratio": trainer.lora_config.loraplus_lr_ratio}))
+
+    args = {**TINY, "imgsz": 128, "epochs": 1}
+    lora = LoraConfig(targets=["head"], r=4, use_dora=True, loraplus_lr_ratio=4)
+    trainer = LoraDetectionTrainer(
+        overrides={"model": str(demo_base), "data": str(coco8), "project": str(tmp_path), "name": "ddp", **args},
+        lora=lora,
+    )
+    trainer.add_callback("on_train_epoch_end", record_groups)
+    base = load(demo_base)
+    trainer.model = trainer.get_model(cfg=base.yaml, weights=base)
+    script = generate_ddp_file(trainer)
+    try:
+        out = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=tmp_path)
+    finally:
+        Path(script).unlink(missing_ok=True)
+        Path(script).with_suffix(".pt").unlink(missing_ok=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(record.read_text())
+    assert seen["ratio"] == 1.0  # the worker's trainer was built without lora=: the ratio must not come from there
+    lr = {}
+    for group in seen["groups"]:
+        for kind in group["kinds"]:
+            lr.setdefault(kind, set()).add(group["lr"])
+    assert set(lr) == {"A", "B", "m", "full"}, lr  # adapters, DoRA magnitudes and class layers all train there
+    (a,), (b,) = lr["A"], lr["B"]
+    assert b == pytest.approx(4 * a, rel=1e-9)  # LoRA+ in the worker
+    adapter = load_adapter(tmp_path / "ddp" / "adapter.safetensors")
+    assert adapter.config.use_dora and adapter.config.loraplus_lr_ratio == 4
+    assert adapter.full and adapter.nc == 80  # demo base has 3 classes, coco8 80: class layers trained in full
+    assert sum(k.endswith("lora_magnitude_vector") for k in adapter.tensors) == len(adapter.layers)
+    # Every B moves except the stride-32 box branch: at 128 px Ultralytics' task-aligned assigner takes its top-10
+    # anchors per object from the finer levels, so that branch gets exactly zero gradient in plain Ultralytics
+    # training too (checked by hand: model.23.cv2.2.2.weight.grad == 0 with every parameter trainable).
+    still = {k for k, t in adapter.tensors.items() if k.endswith("lora_B.weight") and not t.abs().max() > 0}
+    assert all(k.startswith("model.23.cv2.2.") for k in still)
+    assert (tmp_path / "ddp" / "merged.pt").is_file()
+
+
+def _nan_rank(rank: int, init: str, out: str) -> None:
+    """One DDP rank calling the trainer's NaN check; rank 1 alone has a NaN loss."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    trainer = SimpleNamespace(loss=torch.tensor(float("nan") if rank == 1 else 1.0), fitness=None, save_dir=Path(out))
+    try:
+        LoraDetectionTrainer._handle_nan_recovery(trainer, 3)
+        result = "continued"
+    except LoraYoloError as e:
+        result = str(e)
+    Path(out, f"rank{rank}").write_text(result)
+    dist.destroy_process_group()
+
+
+def test_nan_on_one_rank_stops_every_rank(tmp_path):
+    """Two gloo processes: the rank that saw no NaN stops too, with the same message (else it would wait forever in
+    the next collective while the other has gone)."""
+    ctx = mp.get_context("spawn")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_nan_rank, args=(r, init, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    for rank in range(2):
+        assert "training diverged: the loss became NaN/Inf in epoch 4" in (tmp_path / f"rank{rank}").read_text()
+
+
+@pytest.mark.parametrize("name", ["MuSGD", "auto"])
+def test_musgd_keeps_adapters_out_of_muon(coco8, tmp_path, name):
+    """Ultralytics picks MuSGD for optimizer=auto on long runs; adapter tensors (A, B, DoRA magnitudes, 1-D) take
+    its SGD part, class layers trained in full keep Muon, and a step runs."""
+    base = base_with_names(tmp_path / "b.pt", {i: f"x{i}" for i in range(80)})  # class layers trained in full
+    trainer, model = built_model(base, coco8, LoraConfig(r=4, use_dora=True, loraplus_lr_ratio=2))
+    keep = trainable_names(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in keep)
+    optimizer = trainer.build_optimizer(model, name=name, lr=0.01, iterations=20_000)
+    assert type(optimizer).__name__ == "MuSGD"
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if ".lora_" in names[id(p)]:
+                assert not group["use_muon"], names[id(p)]
+    full = [n for n in model.lora_meta["full"] if n.endswith(".weight")]
+    assert full and all(g["use_muon"] for g in optimizer.param_groups for p in g["params"] if names[id(p)] in full)
+    b_lr = {g["lr"] for g in optimizer.param_groups for p in g["params"] if names[id(p)].endswith("lora_B.weight")}
+    a_lr = {g["lr"] for g in optimizer.param_groups for p in g["params"] if names[id(p)].endswith("lora_A.weight")}
+    assert b_lr == {2 * lr for lr in a_lr}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    for p in trainable:
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(trainable, before))
+
+
+def test_distillation_is_refused_with_one_line(base_pt, coco8, tmp_path):
+    with pytest.raises(LoraYoloError, match="distill_model is not supported"):
+        train(coco8, model=base_pt, project=str(tmp_path), distill_model=str(base_pt), **TINY)
+
+
+def test_resume_keeps_a_base_off_the_fp16_grid_exact(coco8, tmp_path):
+    """last.pt stores the EMA in fp16; resuming must not round the base inside the EMA (the model validated)."""
+    torch.manual_seed(0)
+    model = load_model("yolo11n.yaml")
+    model.names = names_of(coco8)
+    base = save_checkpoint(model, tmp_path / "fp32-base.pt", train_args={})
+    frozen = load_model(base).state_dict()
+    assert any(not torch.equal(t, t.half().float()) for t in frozen.values() if t.is_floating_point())
+
+    def stop_after_first_save(trainer):
+        if trainer.epoch == 0:
+            raise KeyboardInterrupt
+
+    run = dict(project=str(tmp_path), name="r", **TINY)
+    with pytest.raises(TrainingInterrupted):
+        train(coco8, model=base, callbacks={"on_model_save": [stop_after_first_save]}, **run)
+    seen = {}
+
+    def ema_at_start(trainer):
+        seen.update({k: v.clone() for k, v in trainer.ema.ema.state_dict().items()})
+
+    train(None, resume=tmp_path / "r" / "weights" / "last.pt", callbacks={"on_train_epoch_start": [ema_at_start]})
+    renamed = {k.replace(".base_layer.", "."): v for k, v in seen.items()}
+    checked = [k for k in frozen if k in renamed and frozen[k].is_floating_point()]
+    assert len(checked) > 300
+    assert all(torch.equal(renamed[k], frozen[k]) for k in checked), "the EMA's base was rounded"
