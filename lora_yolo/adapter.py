@@ -232,7 +232,7 @@ def parse_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str], path:
         raise bad("full must be a list of distinct tensor names")
     if not _positive_int(nc):
         raise bad(f"nc must be a positive integer, got {str(nc)[:20]!r}")
-    if not isinstance(names, dict) or set(names) != {str(i) for i in range(nc)}:
+    if not isinstance(names, dict) or len(names) != nc or set(names) != {str(i) for i in range(nc)}:
         raise bad(f"names must give exactly the class ids 0..{nc - 1} (nc={nc})")
     if not all(isinstance(v, str) for v in names.values()):
         raise bad("class names must be strings")
@@ -301,11 +301,13 @@ def check_fits(adapter: Adapter, base: nn.Module | dict, allow_other_weights: bo
 def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: list[str], names: dict) -> None:
     """Every tensor of `adapter` must fit the base whose modules (by name, unadapted) are `modules`.
 
-    LoRA layers must be plain ungrouped zero-padded convs with A (r, in, kh, kw) and B (out, r, 1, 1); tensors trained
-    in full must be parameters of a base module, shaped like the base's, except that the class convs `classes` have
-    one row per adapter class. An adapter whose class set differs from the base's `names` must carry those class
-    convs in full: the base's rows would otherwise be used for other classes (or be random, for new ones).
-    A crafted file fails here with one line instead of deep inside torch.
+    LoRA layers must be plain ungrouped zero-padded convs with A (r, in, kh, kw) and B (out, r, 1, 1). Tensors trained
+    in full must be the weight or bias of a class conv (`classes`) without a LoRA adapter, with one row per adapter
+    class: that is all training stores in full, and all serving can swap (the class convs have no BatchNorm, so
+    they are the same in the fused model). An adapter whose class set differs from the base's `names` must carry
+    those class convs: the base's rows would otherwise be used for other classes (or be random, for new ones).
+    The same checks hold against the base or its fused form, so attach, merge and serving agree. A crafted file
+    fails here with one line instead of deep inside torch.
     """
     for layer, (r, _) in adapter.layers.items():
         conv = modules.get(layer)
@@ -321,13 +323,13 @@ def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: li
                 f"adapter layer {layer}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the base conv "
                 f"(expected {want_a}, {want_b})"
             )
-    for key in adapter.full:
+    for key in adapter.full:  # what training stores in full: the class convs, when the class set changes
         owner, _, param = key.rpartition(".")
-        module = modules.get(owner)
-        base_param = dict(module.named_parameters(recurse=False)).get(param) if module is not None else None
-        if base_param is None:
-            raise LoraYoloError(f"adapter tensor {key} (trained in full) is not a parameter of the base model")
-        want = (adapter.nc, *base_param.shape[1:]) if owner in classes else tuple(base_param.shape)
+        if owner not in classes or param not in ("weight", "bias"):
+            raise LoraYoloError(f"adapter tensor {key} is trained in full, but only the class convs can be")
+        if owner in adapter.layers:
+            raise LoraYoloError(f"adapter tensor {key} is trained in full, and {owner} also has a LoRA adapter")
+        want = (adapter.nc, *getattr(modules[owner], param).shape[1:])
         if tuple(adapter.tensors[key].shape) != want:
             raise LoraYoloError(
                 f"adapter tensor {key} {tuple(adapter.tensors[key].shape)} does not fit the base ({want})"

@@ -32,11 +32,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise LoraYoloError(f"cannot write to {path.parent}: {e.strerror}") from e
     os.close(fd)
     tmp = Path(name)
-    _usual_mode(tmp, 0o666)  # mkstemp makes 0600; the result should look like any other file we write
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+        # mkstemp makes 0600 (and safetensors recreates the file 0600): the result should look like any other file
+        _usual_mode(tmp, 0o666)
+        _fsync(tmp)  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -64,9 +64,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as e:
         raise LoraYoloError(f"cannot write to {path.parent}: {e.strerror}") from e
-    _usual_mode(tmp, 0o777)  # mkdtemp makes 0700; the result should look like any other folder we write
     try:
         yield tmp
+        for item in tmp.rglob("*"):
+            _usual_mode(item, 0o777 if item.is_dir() else 0o666)
+        _usual_mode(tmp, 0o777)  # mkdtemp makes 0700: the result should look like any other folder we write
+        for item in [*tmp.rglob("*"), tmp]:  # the data is on disk before the rename makes it visible
+            _fsync(item)
         os.replace(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,3 +85,12 @@ def _usual_mode(path: Path, mode: int) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, mode & ~umask)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -7,6 +7,8 @@ downgrading Ultralytics) would otherwise fail deep inside training, on a missing
 
 from __future__ import annotations
 
+import re
+
 MIN_ULTRALYTICS = "8.4.190"
 
 
@@ -20,13 +22,13 @@ def require_ultralytics(installed: str | None = None) -> None:
 
 
 def _parts(version: str) -> tuple[int, ...]:
-    """`8.4.190` -> (8, 4, 190); a suffix such as `.dev0` or `rc1` ends the comparison."""
+    """`8.4.190` -> (8, 4, 190); a piece's leading digits count and a suffix ends it (`8.4.19rc1` -> (8, 4, 19))."""
     parts = []
     for piece in version.split("."):
-        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        digits = re.match(r"\d*", piece).group()
         if not digits:
             break
         parts.append(int(digits))
-        if not piece.isdigit():
+        if digits != piece:
             break
     return tuple(parts)

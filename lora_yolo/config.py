@@ -7,6 +7,7 @@ they pass through to the trainer unchanged.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -99,8 +100,8 @@ def _check_rank(name: str, value: Any) -> None:
 
 
 def _check_alpha(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise LoraYoloError(f"{name} must be a number > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise LoraYoloError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _compile(name: str, pattern: str) -> None:

@@ -57,10 +57,13 @@ def export_model(
         raise LoraYoloError(f"model file not found: {source}")
     stem = source.stem if model is not None else f"{source.stem}-merged"
     target = Path(output) if output else source.with_name(stem + known[format])
-    if target.is_dir() and output:  # an existing folder: the export goes into it, under its usual name
+    if output and (target.is_dir() or str(output).endswith(("/", os.sep))):  # a folder: the export goes into it
         target = target / (stem + known[format])
     if not target.parent.is_dir():
         raise LoraYoloError(f"output folder does not exist: {target.parent}")
+    inputs = [p for p in (model, base, *(parse_adapter_spec(a)[0] for a in adapters or [])) if p is not None]
+    if target.resolve() in {Path(p).resolve() for p in inputs}:
+        raise LoraYoloError(f"output {target} would overwrite an input")
     if target.is_dir() and any(target.iterdir()):
         raise LoraYoloError(f"{target} already exists and is not empty; remove it or choose another --output")
     precision = {"quantize": 16 if half else None} if "quantize" in DEFAULT_CFG_DICT else {"half": half}

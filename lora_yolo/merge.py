@@ -23,6 +23,9 @@ def merge_adapters(
     """A new plain model: `base` plus the weighted adapters, merged in fp32. `base` itself is not modified.
 
     A single adapter with weight 1 is the exact merge of training; several must fit the same base and class set.
+    Each adapter contributes w_i times its change to a tensor: delta W for a LoRA layer, (trained - base) for a
+    tensor trained in full, nothing where it changes nothing. So the result does not depend on the order, and with
+    weights summing to 1 the class convs are the weighted average of the adapters' (the base's where one keeps it).
 
     Example:
         >>> a, b = load_adapter("a.safetensors"), load_adapter("b.safetensors")
@@ -41,18 +44,16 @@ def merge_adapters(
         return merge_lora(attach_adapter(base, first, allow_other_weights))
     model = build_for_classes(base, first.nc, first.names)
     state = model.state_dict()
-    full = set(first.full)  # same class set, so the same class layers trained in full
-    total = {}  # name -> accumulated fp32 update
+    change = {}  # name -> sum of w_i * (what adapter i does to that tensor), fp32
     for adapter, weight in adapters:
         attached = attach_adapter(base, adapter, allow_other_weights)
-        for name, layer in lora_layers(attached).items():
-            key = f"{name}.weight"
-            total[key] = total.get(key, 0) + weight * layer.delta_weight()
-        for key in adapter.full:  # tensors trained in full: their weighted sum (an average when weights sum to 1)
-            total[key] = total.get(key, 0) + weight * adapter.tensors[key].float()
+        updates = {f"{name}.weight": layer.delta_weight() for name, layer in lora_layers(attached).items()}
+        updates.update({key: adapter.tensors[key].float() - state[key].float() for key in adapter.full})
+        for key, update in updates.items():
+            change[key] = change.get(key, 0) + weight * update
     with torch.no_grad():
-        for key, value in total.items():
-            new = value if key in full else state[key].float() + value
+        for key, value in change.items():
+            new = state[key].float() + value
             if not torch.isfinite(new).all():
                 raise LoraYoloError(f"merging makes {key} non-finite")
             state[key].copy_(new.to(state[key].dtype))

@@ -120,7 +120,8 @@ def from_peft(peft_dir: str | Path, base: nn.Module | None = None) -> Adapter:
     else:
         if base is None:
             raise LoraYoloError(f"{folder} was not written by lora-yolo: pass the base it was trained on (--base)")
-        adapter = _foreign(tensors, plan, full, config, base)
+        foreign = _foreign(tensors, plan, full, config, base)
+        adapter = parse_metadata(tensors, foreign.metadata(), weights)  # the checks our own files get
     if adapter.layers != plan or sorted(adapter.full) != full:
         raise LoraYoloError(f"{folder}: {CONFIG} and the lora_yolo metadata disagree on the layers")
     check_tensors(adapter, weights)
@@ -151,6 +152,11 @@ def _read_config(path: Path) -> dict:
     for key, ok in unsupported.items():
         if config.get(key, ok) != ok:
             raise LoraYoloError(f"{path}: {key}={config[key]!r} is not supported (lora-yolo supports {key}={ok!r})")
+    for key in [*_mapping(config, "rank_pattern", path), *_mapping(config, "alpha_pattern", path)]:
+        try:
+            _pattern(key)
+        except LoraYoloError as e:
+            raise LoraYoloError(f"{path}: {e}") from None
     try:  # the same checks as our own config: PEFT's field names are ours
         LoraConfig(
             r=config.get("r", 8),
@@ -176,9 +182,27 @@ def _mapping(config: dict, key: str, path: Path) -> dict:
 def _alpha(config: dict, layer: str) -> float:
     """A layer's alpha as PEFT resolves it: the first alpha_pattern key matching the end of the name."""
     for key, alpha in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", layer):
+        if _pattern(key).match(layer):
             return float(alpha)
     return float(config.get("lora_alpha", 8))
+
+
+def _pattern(key: str) -> re.Pattern:
+    """PEFT's match for a rank/alpha_pattern key: the key, after any dotted prefix, at the end of the module name.
+
+    Keys with repetition (`*`, `+`, `?`, `{}`) are refused: the file chooses the regex, and a repeated group can take
+    exponential time on a long name. Layer names, `.`, `|`, `^`, `$` and character classes cover what PEFT configs
+    hold (to_peft writes escaped names).
+    """
+    if not isinstance(key, str) or len(key) > 512 or any(c in re.sub(r"\\.", "", key) for c in "*+?{"):
+        raise LoraYoloError(
+            f"pattern {str(key)[:60]!r} uses repetition (*, +, ?, {{}}) or is too long; lora-yolo reads PEFT "
+            "rank/alpha patterns made of layer names, '.', '|' and character classes"
+        )
+    try:
+        return re.compile(rf"(.*\.)?({key})$")
+    except re.error as e:
+        raise LoraYoloError(f"pattern {key!r} is not a valid regular expression: {e}") from None
 
 
 def _foreign(tensors: dict, plan: dict, full: list[str], config: dict, base: nn.Module) -> Adapter:

@@ -23,6 +23,7 @@ import json
 import logging
 import random
 import resource
+import signal
 import struct
 import sys
 import tempfile
@@ -44,7 +45,7 @@ from lora_yolo.config import LoraConfig
 from lora_yolo.inject import add_lora
 from lora_yolo.layer import LoraConv2d
 from lora_yolo.peft_format import CONFIG, PREFIX, WEIGHTS, from_peft, to_peft
-from lora_yolo.targets import select_targets
+from lora_yolo.targets import class_layers, select_targets
 
 
 @dataclass
@@ -57,6 +58,14 @@ class Case:
     raw_header: bytes | None = None  # replaces the whole safetensors header when set
     ours: bool = True  # PEFT only: the folder carries our metadata (written by to_peft), else PEFT-made
     mutations: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    """What mutations may aim at: every module name of the base, and its class convs (name -> in channels)."""
+
+    names: list[str]
+    classes: dict[str, int]
 
 
 def make_base(path: Path) -> Path:
@@ -114,7 +123,7 @@ def dumps(value: object) -> str:
     return json.dumps(value)
 
 
-def m_meta_key(case: Case, rng: random.Random, names: list[str]) -> None:
+def m_meta_key(case: Case, rng: random.Random, ctx: Context) -> None:
     key = rng.choice(list(case.meta) or ["layers"])
     if rng.random() < 0.3:
         case.meta.pop(key, None)
@@ -122,7 +131,7 @@ def m_meta_key(case: Case, rng: random.Random, names: list[str]) -> None:
         case.meta[key] = rng.choice([dumps(junk(rng)), "{bad json", "\x00", ""])
 
 
-def m_layer_rank_alpha(case: Case, rng: random.Random, names: list[str]) -> None:
+def m_layer_rank_alpha(case: Case, rng: random.Random, ctx: Context) -> None:
     layers = json.loads(case.meta["layers"])
     layer = rng.choice(list(layers))
     slot = rng.randrange(2)
@@ -134,37 +143,41 @@ def m_layer_rank_alpha(case: Case, rng: random.Random, names: list[str]) -> None
     case.meta["layers"] = json.dumps(layers)
 
 
-def m_layer_name(case: Case, rng: random.Random, names: list[str]) -> None:
+def m_layer_name(case: Case, rng: random.Random, ctx: Context) -> None:
     """Point a layer (metadata and tensor names together) at another module: a BN, a depthwise conv, DFL, a
     container, a parameter name, or nothing."""
     layers = json.loads(case.meta["layers"])
     old = rng.choice(list(layers))
-    new = rng.choice(names + ["model.99.conv", "", ".", "model", "model.0.bn.weight", "model.23.dfl.conv"])
+    new = rng.choice(
+        ctx.names + ["model.99.conv", "", ".", "model", "model.0.bn.weight", "a" * 40 + "b", "model.23.dfl.conv"]
+    )
     layers[new] = layers.pop(old)
     case.meta["layers"] = json.dumps(layers)
     for key in [k for k in case.tensors if k.startswith(old + ".lora_")]:
         case.tensors[new + key[len(old) :]] = case.tensors.pop(key)
 
 
-def m_full(case: Case, rng: random.Random, names: list[str]) -> None:
+def m_full(case: Case, rng: random.Random, ctx: Context) -> None:
     full = json.loads(case.meta["full"])
     choice = rng.randrange(4)
     if choice == 0 and full:  # drop one (tensor and name)
         case.tensors.pop(full.pop(rng.randrange(len(full))), None)
     else:
-        target = rng.choice(names)
+        target = rng.choice(ctx.names)
         name = rng.choice([f"{target}.weight", f"{target}.bias", f"{target}.running_mean", "model.99.x.weight", "w"])
         full.append(name)
         case.tensors[name] = torch.randn(rng.choice([(3,), (3, 16, 1, 1), (80,), (1,)]))
     case.meta["full"] = json.dumps(full)
 
 
-def m_tensor(case: Case, rng: random.Random, names: list[str]) -> None:
+def m_tensor(case: Case, rng: random.Random, ctx: Context) -> None:
     key = rng.choice(list(case.tensors))
     t = case.tensors[key]
-    op = rng.randrange(6)
+    op = rng.randrange(7)
     if op == 0:
         del case.tensors[key]
+    elif op == 6:
+        case.tensors[key] = t[:0]  # no rows, same number of dimensions: a rank-0 A, or nc=0 class rows
     elif op == 1:
         case.tensors[key] = torch.empty(0)
     elif op == 2:
@@ -177,8 +190,8 @@ def m_tensor(case: Case, rng: random.Random, names: list[str]) -> None:
         case.tensors[key] = t.clone().fill_(rng.choice([float("nan"), float("inf"), 1e30]))
 
 
-def m_classes(case: Case, rng: random.Random, names: list[str]) -> None:
-    nc = rng.choice([0, -3, 2, 3, 4, 80, 10**6])
+def m_classes(case: Case, rng: random.Random, ctx: Context) -> None:
+    nc = rng.choice([0, -3, 2, 3, 4, 80, 10**6, 10**10])
     labels = rng.choice([{str(i): f"c{i}" for i in range(3)}, {"0": "a"}, {"0": 1, "1": 2, "2": 3}, {"x": "a"}, {}])
     if rng.random() < 0.5:
         case.meta["nc"] = json.dumps(nc)
@@ -186,7 +199,38 @@ def m_classes(case: Case, rng: random.Random, names: list[str]) -> None:
         case.meta["names"] = json.dumps(labels)
 
 
-def m_base(case: Case, rng: random.Random, names: list[str]) -> None:
+def m_class_set(case: Case, rng: random.Random, ctx: Context) -> None:
+    """Turn the adapter into one for 3 new classes, consistently (class convs in full), then maybe break it the way
+    a file can: LoRA also on a class conv, a class conv's bias missing or of the base's 80 rows."""
+    nc = 3
+    case.meta["nc"], case.meta["names"] = json.dumps(nc), json.dumps({str(i): f"new{i}" for i in range(nc)})
+    layers = {k: v for k, v in json.loads(case.meta["layers"]).items() if k not in ctx.classes}
+    case.meta["layers"] = json.dumps(layers)  # as training does: class convs trained in full carry no LoRA
+    for key in [k for k in case.tensors if k.rpartition(".lora_")[0] in ctx.classes]:
+        del case.tensors[key]
+    full = []
+    for conv, c in ctx.classes.items():
+        case.tensors[f"{conv}.weight"], case.tensors[f"{conv}.bias"] = torch.randn(nc, c, 1, 1), torch.randn(nc)
+        full += [f"{conv}.weight", f"{conv}.bias"]
+    op = rng.randrange(4)
+    conv = rng.choice(list(ctx.classes))
+    if op == 1:  # LoRA on a class conv trained in full
+        layers = json.loads(case.meta["layers"])
+        layers[conv] = [4, 8.0]
+        case.meta["layers"] = json.dumps(layers)
+        case.tensors[f"{conv}.lora_A.weight"] = torch.randn(4, ctx.classes[conv], 1, 1)
+        case.tensors[f"{conv}.lora_B.weight"] = torch.randn(rng.choice([nc, 80]), 4, 1, 1)
+        if "lora_magnitude_vector" in "".join(case.tensors):
+            case.tensors[f"{conv}.lora_magnitude_vector"] = torch.ones(nc)
+    elif op == 2:
+        full.remove(f"{conv}.bias")
+        del case.tensors[f"{conv}.bias"]
+    elif op == 3:
+        case.tensors[f"{conv}.bias"] = torch.randn(80)
+    case.meta["full"] = json.dumps(full)
+
+
+def m_base(case: Case, rng: random.Random, ctx: Context) -> None:
     base = json.loads(case.meta["base"])
     key = rng.choice(["arch", "weights", "nc", "yaml", "path"])
     if rng.random() < 0.5:
@@ -196,7 +240,7 @@ def m_base(case: Case, rng: random.Random, names: list[str]) -> None:
     case.meta["base"] = json.dumps(base, allow_nan=True) if rng.random() < 0.9 else dumps(junk(rng))
 
 
-def m_config(case: Case, rng: random.Random, names: list[str]) -> None:
+def m_config(case: Case, rng: random.Random, ctx: Context) -> None:
     config = json.loads(case.meta["lora_config"])
     key = rng.choice(list(config) + ["bogus"])
     config[key] = rng.choice(
@@ -205,25 +249,25 @@ def m_config(case: Case, rng: random.Random, names: list[str]) -> None:
     case.meta["lora_config"] = json.dumps(config)
 
 
-def m_raw_header(case: Case, rng: random.Random, names: list[str]) -> None:
+def m_raw_header(case: Case, rng: random.Random, ctx: Context) -> None:
     case.raw_header = rng.choice([b"[" * 50_000, b"{" * 40_000, b'{"a":' * 20_000, b"\xff" * 64, b"{}", b"[]"])
 
 
-def m_peft_config(case: Case, rng: random.Random, names: list[str]) -> None:
+def m_peft_config(case: Case, rng: random.Random, ctx: Context) -> None:
     config = case.config if isinstance(case.config, dict) else {}
     op = rng.randrange(4)
     if op == 0:
         case.config = junk(rng)  # a list, a number, deep nesting...
     elif op == 1:
         config[rng.choice(["alpha_pattern", "rank_pattern"])] = rng.choice(
-            [{"(": 4}, {"model\\.1": "x"}, {"model": 0}, [1], "x", {"[": 2}]
+            [{"(": 4}, {"model\\.1": "x"}, {"model": 0}, [1], "x", {"[": 2}, {"(?i)model": 4}, {"(a|aa)+": 2}]
         )
     else:
         key = rng.choice(["r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "peft_type", "bias"])
         config[key] = rng.choice(["x", -1, 0, None, [], 1.5, True, "LORA", "all", float("nan")])
 
 
-def m_peft_tensors(case: Case, rng: random.Random, names: list[str]) -> None:
+def m_peft_tensors(case: Case, rng: random.Random, ctx: Context) -> None:
     op = rng.randrange(3)
     if op == 0:  # an empty adapter
         case.tensors.clear()
@@ -241,6 +285,7 @@ ADAPTER_MUTATIONS: list[Callable] = [
     m_full,
     m_tensor,
     m_classes,
+    m_class_set,
     m_base,
     m_config,
     m_raw_header,
@@ -267,6 +312,14 @@ def write_peft(case: Case, folder: Path) -> Path:
     return folder
 
 
+class Hang(BaseException):
+    """Raised by the alarm in a case that runs past its time (BaseException: no `except Exception` swallows it)."""
+
+
+def _hang(signum, frame) -> None:
+    raise Hang
+
+
 class Fuzzer:
     """Runs crafted cases against one base; keeps the counts."""
 
@@ -274,7 +327,10 @@ class Fuzzer:
         self.workdir = workdir
         self.base_path = make_base(workdir / "base.pt")
         self.base = load_model(self.base_path)
-        self.names = [n for n, _ in self.base.named_modules() if n.count(".") <= 3 and n]
+        self.context = Context(
+            names=[n for n, _ in self.base.named_modules() if n],  # every module, class convs included
+            classes={n: self.base.get_submodule(n).in_channels for n in class_layers(self.base)},
+        )
         good = good_adapter(self.base_path)
         self.adapter_file = save_adapter(good, workdir / "good.safetensors")
         self.peft_dir = to_peft(load_adapter(self.adapter_file), workdir / "good-peft")
@@ -302,7 +358,7 @@ class Fuzzer:
         for _ in range(rng.choice([1, 1, 2, 3])):
             mutation = rng.choice(mutations)
             try:
-                mutation(case, rng, self.names)
+                mutation(case, rng, self.context)
             except (KeyError, ValueError, IndexError, TypeError, AttributeError, RecursionError, RuntimeError):
                 continue  # an earlier mutation already broke what this one edits
             case.mutations.append(mutation.__name__)
@@ -313,7 +369,8 @@ class Fuzzer:
         rng = random.Random(seed)
         case = self.make(rng, loader)
         with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
-            start = time.perf_counter()
+            previous = signal.signal(signal.SIGALRM, _hang)
+            signal.setitimer(signal.ITIMER_REAL, self.hang)  # a case that runs away is stopped and counted
             try:
                 if loader == "adapter":
                     adapter = load_adapter(write_adapter(case, Path(tmp) / "x.safetensors"))
@@ -323,11 +380,16 @@ class Fuzzer:
                 outcome = "ok"
             except LoraYoloError:
                 outcome = "refused"
+            except Hang:
+                outcome = "hang"
+                self.hangs += 1
+                self.crashes.append(f"seed {seed} {loader} {case.mutations}: over {self.hang:g} s")
             except Exception:
                 outcome = "crash"
                 self.crashes.append(f"seed {seed} {loader} {case.mutations}\n{traceback.format_exc(limit=3)}")
-            if time.perf_counter() - start > self.hang:
-                self.hangs += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
         self.cases += 1
         self.outcomes[(loader, outcome)] += 1
         for name in case.mutations:
@@ -355,10 +417,10 @@ def main() -> None:
         f"peak RSS {peak:.0f} MiB, {time.perf_counter() - start:.0f} s"
     )
     for loader in loaders:
-        row = {o: fuzzer.outcomes[(loader, o)] for o in ("ok", "refused", "crash")}
+        row = {o: fuzzer.outcomes[(loader, o)] for o in ("ok", "refused", "crash", "hang")}
         print(f"  {loader:8s} {row}")
     for name in sorted({k for k, _ in fuzzer.outcomes if k.startswith("m_")}):
-        row = {o: fuzzer.outcomes[(name, o)] for o in ("ok", "refused", "crash") if fuzzer.outcomes[(name, o)]}
+        row = {o: n for o in ("ok", "refused", "crash", "hang") if (n := fuzzer.outcomes[(name, o)])}
         print(f"  {name:20s} {row}")
     for text in fuzzer.crashes[:5]:
         print(text)

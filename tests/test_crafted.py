@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import random_adapter
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lora_yolo import AdapterModel, LoraYoloError, attach_adapter, load_adapter, load_model, save_adapter
 from lora_yolo.cli import run
@@ -118,15 +119,23 @@ def test_layer_with_shapes_of_another_conv(good, base_pt, tmp_path):
 @pytest.mark.parametrize(
     "name, shape, match",
     [
-        ("model.99.cv3.weight", (3,), "not a parameter of the base"),
-        ("model.0.bn.running_mean", (16,), "not a parameter of the base"),  # a buffer, not trained
-        ("model.0.bn.weight", (7,), "does not fit the base|not a parameter"),  # serving: fused, BN gone
+        ("model.99.cv3.weight", (3,), "only the class convs can be"),
+        ("model.0.bn.running_mean", (16,), "only the class convs can be"),  # a buffer, not trained
+        ("model.0.bn.weight", (16,), "only the class convs can be"),  # fits, but serving has no BN to put it in
+        ("model.23.cv3.0.2.weight", (80, 80, 1, 1), "also has a LoRA adapter"),  # the default adapts class convs
     ],
 )
 def test_full_entries_naming_missing_or_misshapen_tensors(good, base_pt, tmp_path, name, shape, match):
     tensors = {**good.tensors, name: torch.randn(shape)}
     path = craft(tmp_path / "a.safetensors", good, tensors, full=[*good.full, name])
     refused_everywhere(path, base_pt, match)
+
+
+def test_class_conv_with_rows_for_another_class_count(base_pt, tmp_path):
+    _, adapter = random_adapter(base_pt, names={0: "a", 1: "b", 2: "c"})
+    key = next(k for k in adapter.full if k.endswith(".bias"))
+    tensors = {**adapter.tensors, key: torch.randn(80)}
+    refused_everywhere(craft(tmp_path / "a.safetensors", adapter, tensors), base_pt, "does not fit the base")
 
 
 @pytest.mark.parametrize(
@@ -159,8 +168,11 @@ def peft_folder(good, tmp_path: Path) -> Path:
     [
         (lambda c: [c], "not a PEFT LoRA config"),
         (lambda c: {**c, "alpha_pattern": {"(": 4}}, "not a valid regular expression"),
+        (lambda c: {**c, "alpha_pattern": {"(?i)model": 4}}, "uses repetition"),  # a flag, invalid once wrapped
+        (lambda c: {**c, "alpha_pattern": {"(a|aa)+": 4}}, "uses repetition"),  # exponential on long names
         (lambda c: {**c, "rank_pattern": {"model": "x"}}, "positive integer"),
-        (lambda c: {**c, "lora_alpha": "x"}, "must be a number > 0"),
+        (lambda c: {**c, "lora_alpha": "x"}, "must be a finite number > 0"),
+        (lambda c: {**c, "lora_alpha": 1e999}, "must be a finite number > 0"),
         (lambda c: {**c, "r": 0}, "positive integer"),
         (lambda c: {**c, "alpha_pattern": [1]}, "must be a mapping"),
         (lambda c: "[" * 50_000, "not JSON"),
@@ -184,6 +196,26 @@ def test_empty_peft_adapter(good, base_pt, tmp_path, keep):
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
     with pytest.raises(LoraYoloError, match="holds no LoRA tensors"):
         from_peft(folder, load_model(base_pt))
+
+
+def test_peft_made_folder_with_a_rank_zero_layer(good, base_pt, tmp_path):
+    """A folder PEFT could not have made (empty 4-D A and B) gets the same checks as our own files."""
+    folder = peft_folder(good, tmp_path)
+    raw = load_file(folder / WEIGHTS)
+    name = next(k for k in raw if k.endswith("lora_A.weight"))
+    raw[name] = raw[name][:0].clone()
+    b = name.replace("lora_A", "lora_B")
+    raw[b] = raw[b][:, :0].clone()
+    save_file(raw, str(folder / WEIGHTS), metadata={"format": "pt"})  # no lora_yolo metadata: PEFT-made
+    with pytest.raises(LoraYoloError, match="rank >= 1"):
+        from_peft(folder, load_model(base_pt))
+
+
+def test_huge_nc_is_refused_at_once(good, tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(LoraYoloError, match="exactly the class ids"):
+        load_adapter(craft(tmp_path / "a.safetensors", good, nc=10**10, names={"0": "a"}))
+    assert time.perf_counter() - start < 1.0
 
 
 def test_to_peft_never_overwrites_a_folder_with_files(good, tmp_path):

@@ -90,7 +90,7 @@ def test_not_a_checkpoint(monkeypatch, capsys, tmp_path):
         (["--rank", "0"], "r must be a positive integer"),
         (["--rank", "-3"], "r must be a positive integer"),
         (["--rank", "1.5"], "valid integer"),
-        (["--alpha", "0"], "lora_alpha must be a number > 0"),
+        (["--alpha", "0"], "lora_alpha must be a finite number > 0"),
         (["--dropout", "1"], "lora_dropout must be in [0, 1)"),
         (["--dropout", "-0.1"], "lora_dropout must be in"),
         (["--config", "nosuch"], "unknown preset 'nosuch'"),

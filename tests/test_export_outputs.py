@@ -1,5 +1,6 @@
-"""`lora-yolo export` never deletes what the user has: an existing folder receives the export, a full folder of the
-export's own name is refused, and only a file or an empty folder is ever replaced (with one rename)."""
+"""Outputs never cost the user anything: `lora-yolo export` puts its result inside an existing folder, refuses a full
+folder of the export's own name and its own inputs, and replaces only a file or an empty folder (with one rename);
+what lands has the usual permissions."""
 
 from __future__ import annotations
 
@@ -69,3 +70,41 @@ def test_file_where_a_folder_export_goes_is_refused(base_pt, tmp_path, folder_fo
     with pytest.raises(LoraYoloError, match="exists as something else"):
         export_model(model, folder_format)
     assert (tmp_path / "m_openvino_model").read_text() == "a file of mine"
+
+
+@pytest.mark.parametrize("which", ["model", "base"])
+def test_export_never_overwrites_its_input(base_pt, tmp_path, which):
+    model = tmp_path / "m.pt"
+    model.write_bytes(base_pt.read_bytes())
+    before = model.read_bytes()
+    with pytest.raises(LoraYoloError, match="would overwrite an input"):
+        if which == "model":
+            export_model(model, "torchscript", output=model)
+        else:
+            export_model(base=model, adapters=[str(tmp_path / "a.safetensors")], format="torchscript", output=model)
+    assert model.read_bytes() == before
+
+
+def test_output_with_a_trailing_slash_is_a_folder(base_pt, tmp_path):
+    with pytest.raises(LoraYoloError, match="output folder does not exist"):
+        export_model(base_pt, "onnx", output=f"{tmp_path / 'newdir'}/", imgsz=64)
+    assert not (tmp_path / "newdir").exists()
+
+
+def test_written_files_have_the_usual_permissions(base_pt, tmp_path):
+    """Temporary files are made 0600 (and safetensors recreates its file 0600): what lands must be 0666 - umask."""
+    import os
+
+    from conftest import random_adapter
+
+    from lora_yolo import save_adapter
+    from lora_yolo.peft_format import to_peft
+
+    umask = os.umask(0)
+    os.umask(umask)
+    adapter = random_adapter(base_pt)[1]
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    folder = to_peft(adapter, tmp_path / "peft")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in folder.iterdir())

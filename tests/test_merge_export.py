@@ -193,3 +193,21 @@ def test_same_detections_unmerged_merged_and_onnx(demo, demo_base, tmp_path):
     onnx_out = torch.from_numpy(onnx_run(onnx, x))
     assert (onnx_out - plain).abs().max() < 1e-4
     assert same_detections(detections(onnx_out, 160), ref)
+
+
+def test_weighted_merge_of_class_layers_does_not_depend_on_order(base_pt):
+    """X trains the class convs in full (same class names), L puts LoRA on them: each contributes w times its change,
+    whichever comes first."""
+    from lora_yolo.merge import merge_adapters
+
+    base = load_model(base_pt)
+    _, x = random_adapter(base_pt, seed=3, names=dict(base.names))
+    plain, lora = random_adapter(base_pt, seed=4)
+    assert x.full and not lora.full
+    one = merge_adapters(base, [(x, 0.5), (lora, 0.5)]).state_dict()
+    two = merge_adapters(base, [(lora, 0.5), (x, 0.5)]).state_dict()
+    assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-6) for k in one)
+    key = x.full[0]  # a class conv weight (x.full lists weight before bias)
+    conv = plain.get_submodule(key.rpartition(".")[0])
+    want = base.state_dict()[key] + 0.5 * (x.tensors[key] - base.state_dict()[key]) + 0.5 * conv.delta_weight()
+    assert torch.allclose(one[key], want, rtol=0, atol=1e-6)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import STRICT_SKIPS, StrictSkips
+from conftest import ROOT, STRICT_SKIPS, StrictSkips
 
 SKIPS_IN_TESTS = """
 import pytest
@@ -74,3 +74,12 @@ def test_strict_skip_while_collecting_fails_the_run_with_the_reason(pytester, mo
     result.stdout.fnmatch_lines(
         ["*skipped while collecting, a failure under LORA_YOLO_STRICT_SKIPS=1*", "test_collect.py: *an extra is not*"]
     )
+
+
+def test_ci_runs_in_strict_mode():
+    """CI (`bash .ci/run`) must export the variable before README's test command, or a skipped training test would
+    pass unnoticed."""
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    strict = next(i for i, line in enumerate(lines) if line.strip() == f"export {STRICT_SKIPS}=1")
+    runs = next(i for i, line in enumerate(lines) if 'bash -euo pipefail -c "$cmd"' in line)
+    assert strict < runs
