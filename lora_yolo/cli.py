@@ -36,6 +36,10 @@ IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Rege
 ExcludeOpt = Annotated[
     Optional[list[str]], typer.Option("--exclude", help="Regex on conv names to remove (repeatable).")
 ]
+FirstLayerOpt = Annotated[
+    Optional[int],
+    typer.Option("--first-layer", help="No adapters before this model layer index: backward stops there (cheaper)."),
+]
 RankPatternOpt = Annotated[
     Optional[list[str]], typer.Option("--rank-pattern", help="REGEX=R per-layer rank (repeatable).")
 ]
@@ -70,7 +74,19 @@ def _pairs(items: list[str] | None, cast: Callable[[str], Any], option: str) -> 
 
 
 def lora_options(
-    config, rank, alpha, dropout, rslora, dora, loraplus, targets, include, exclude, rank_pattern, alpha_pattern
+    config,
+    rank,
+    alpha,
+    dropout,
+    rslora,
+    dora,
+    loraplus,
+    targets,
+    include,
+    exclude,
+    first_layer,
+    rank_pattern,
+    alpha_pattern,
 ):
     """Turn the shared selection options into (LoraConfig, train args); a bad value is a usage error (exit 2)."""
     from lora_yolo.presets import resolve_config
@@ -87,6 +103,7 @@ def lora_options(
             targets=[t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None,
             include=include or None,
             exclude=exclude or None,
+            first_layer=first_layer,
             rank_pattern=_pairs(rank_pattern, int, "--rank-pattern"),
             alpha_pattern=_pairs(alpha_pattern, float, "--alpha-pattern"),
         )
@@ -112,6 +129,7 @@ def inspect(
     targets: TargetsOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    first_layer: FirstLayerOpt = None,
     rank_pattern: RankPatternOpt = None,
     alpha_pattern: AlphaPatternOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -120,7 +138,19 @@ def inspect(
     from lora_yolo.inspect import inspect_model
 
     lora, _ = lora_options(
-        config, rank, alpha, dropout, rslora, dora, None, targets, include, exclude, rank_pattern, alpha_pattern
+        config,
+        rank,
+        alpha,
+        dropout,
+        rslora,
+        dora,
+        None,
+        targets,
+        include,
+        exclude,
+        first_layer,
+        rank_pattern,
+        alpha_pattern,
     )
     report = inspect_model(model, lora)
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
@@ -153,6 +183,7 @@ def train(
     targets: TargetsOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    first_layer: FirstLayerOpt = None,
     rank_pattern: RankPatternOpt = None,
     alpha_pattern: AlphaPatternOpt = None,
     loraplus_ratio: LoraplusOpt = None,
@@ -181,6 +212,7 @@ def train(
         targets,
         include,
         exclude,
+        first_layer,
         rank_pattern,
         alpha_pattern,
     )

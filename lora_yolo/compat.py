@@ -8,17 +8,27 @@ downgrading Ultralytics) would otherwise fail deep inside training, on a missing
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 MIN_ULTRALYTICS = "8.4.190"
 
 
 def require_ultralytics(installed: str | None = None) -> None:
-    """Raise ImportError, with one line saying what to install, if Ultralytics is older than `MIN_ULTRALYTICS`."""
+    """Raise ImportError, with one line saying what to install, if Ultralytics is older than `MIN_ULTRALYTICS`.
+
+    Run as the `lora-yolo` command, the line is printed and the process exits 1 instead: the package is imported
+    before the CLI's own error handling exists, and a command's errors are one line, never a traceback.
+    """
     if installed is None:
         from ultralytics import __version__ as installed
     if _parts(installed) < _parts(MIN_ULTRALYTICS):
         need = f"ultralytics>={MIN_ULTRALYTICS}"
-        raise ImportError(f"lora-yolo needs {need}, found {installed}: pip install -U '{need}'")
+        message = f"lora-yolo needs {need}, found {installed}: pip install -U '{need}'"
+        if Path(sys.argv[0]).name == "lora-yolo":
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(1)
+        raise ImportError(message)
 
 
 def _parts(version: str) -> tuple[int, ...]:

@@ -36,6 +36,7 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # presets, see PRESETS
     include: list[str] = field(default_factory=list)  # regexes (re.search on conv names) added to the presets
     exclude: list[str] = field(default_factory=list)  # regexes removed from the selection, applied last
+    first_layer: int = 0  # no adapter in model layers before this index: backward stops there (lora_yolo.fold)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> rank, first match wins
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha, first match wins
 
@@ -49,6 +50,8 @@ class LoraConfig:
         if not 0 <= self.lora_dropout < 1:
             raise LoraYoloError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         _check_alpha("loraplus_lr_ratio", self.loraplus_lr_ratio)
+        if isinstance(self.first_layer, bool) or not isinstance(self.first_layer, int) or self.first_layer < 0:
+            raise LoraYoloError(f"first_layer must be a layer index >= 0, got {self.first_layer!r}")
         for name in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise LoraYoloError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lora_yolo.fold import unfold_batchnorm
 from lora_yolo.layer import LoraConv2d
 
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
@@ -84,7 +85,7 @@ def _unwrap(model: nn.Module, merge: bool) -> nn.Module:
     for name, layer in lora_layers(model).items():
         layer.merge() if merge else layer.unmerge()
         replace_module(model, name, layer.base_layer)
-    return model
+    return unfold_batchnorm(model)  # a training model's BatchNorms go back to their blocks
 
 
 def set_trainable(model: nn.Module, names: set[str]) -> None:

@@ -110,6 +110,8 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
         )
         if not wanted:
             row.reason = "not in targets"
+        elif int(name.split(".")[1]) < config.first_layer:
+            row.reason = f"before first_layer {config.first_layer}"
         elif any(re.search(p, name) for p in config.exclude):
             row.reason = "excluded"
         elif any(name.startswith(f + ".") for f in fixed):

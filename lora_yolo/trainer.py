@@ -15,6 +15,8 @@ callbacks, DDP) stays its own; this class changes only what it must, each where 
   shrink every channel's norm, which the magnitude is); under MuSGD the adapters take its SGD part.
 - `_load_checkpoint_state` (resume) puts the exact base back into the EMA after Ultralytics loads its fp16 copy.
 - `_handle_nan_recovery` stops every rank on a NaN seen by any rank, with one message.
+- the model's frozen BatchNorms are folded into their convs (`lora_yolo.fold`): the same function, and autograd
+  keeps no copy of each conv's output for BatchNorm's backward.
 - `_model_train` puts frozen BatchNorm layers in eval mode each epoch (train mode would update their running
   statistics although their weights are frozen) and checks the trainable set has not drifted.
 - `save_model` also writes the EMA's adapter (the weights Ultralytics validates) as safetensors.
@@ -49,6 +51,7 @@ from lora_yolo.atomic import atomic_path
 from lora_yolo.checkpoint import MODEL_CLASSES, build_for_classes, load_model, save_checkpoint
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
+from lora_yolo.fold import fold_batchnorm
 from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_layers, set_trainable, unload_lora
 from lora_yolo.merge import merge_files
 from lora_yolo.targets import class_layers, select_targets
@@ -133,6 +136,7 @@ class LoraTrainerMixin:
         config = self.lora_config
         plan = select_targets(model, config, full=frozenset(full))
         add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
+        fold_batchnorm(model)
         model.lora_meta = {
             "config": config.to_dict(),
             "base": fingerprint(base),
@@ -144,6 +148,7 @@ class LoraTrainerMixin:
         """Base weights come from the base file, not from the fp16 checkpoint, so they stay bit-exact."""
         adapter = adapter_of(weights)
         model = attach_adapter(load_model(base_file(adapter)), adapter)
+        fold_batchnorm(model)
         model.lora_meta = weights.lora_meta
         return model
 

@@ -41,3 +41,13 @@ def test_inspect_dora_adds_one_parameter_per_output_channel(base_pt):
     model = load_model(base_pt)
     extra = sum(model.get_submodule(r["name"]).out_channels for r in plain["layers"] if r["lora_params"])
     assert extra > 0 and dora["totals"]["lora_params"] == plain["totals"]["lora_params"] + extra
+
+
+def test_first_layer_option():
+    out = cli("inspect", "yolo11n.yaml", "--json", "--first-layer", "6")
+    assert out.returncode == 0, out.stderr
+    layers = json.loads(out.stdout)["layers"]
+    assert all(int(r["name"].split(".")[1]) >= 6 for r in layers if r["selected"])
+    assert any(r["reason"] == "before first_layer 6" for r in layers)
+    bad = cli("inspect", "yolo11n.yaml", "--first-layer", "-1")
+    assert bad.returncode == 2 and "first_layer must be a layer index" in bad.stderr

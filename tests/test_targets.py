@@ -112,3 +112,18 @@ def test_inspect_totals_equal_sum_of_layers_and_real_params(yolo11n):
     for r in report.layers:
         if r.selected:
             assert r.lora_params == r.r * r.in_channels * r.kernel**2 + r.out_channels * r.r
+
+
+@pytest.mark.parametrize("first", [4, 6])
+def test_first_layer_leaves_the_layers_before_it_without_adapters(yolo11n, first):
+    every = names(describe_convs(yolo11n, LoraConfig()))
+    rows = describe_convs(yolo11n, LoraConfig(first_layer=first))
+    index = {r.name: int(r.name.split(".")[1]) for r in rows}
+    assert names(rows) == {n for n in every if index[n] >= first}
+    assert all(r.reason == f"before first_layer {first}" for r in rows if index[r.name] < first and r.name in every)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "4"])
+def test_first_layer_must_be_an_index(bad):
+    with pytest.raises(LoraYoloError, match="first_layer must be a layer index"):
+        LoraConfig(first_layer=bad)

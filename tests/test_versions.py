@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -37,3 +39,16 @@ def test_an_older_ultralytics_is_refused_with_one_line(older):
 @pytest.mark.parametrize("newer", [MIN_ULTRALYTICS, "8.4.191", "8.5.0", "9.0.0.dev3"])
 def test_the_floor_and_newer_pass(newer):
     require_ultralytics(newer)
+
+
+def test_the_command_says_it_in_one_line():
+    """`lora-yolo` with an old Ultralytics: one line on stderr and exit 1, no traceback (the import fails before the
+    CLI's error handling exists)."""
+    code = (
+        "import sys, ultralytics; ultralytics.__version__ = '8.3.0'; sys.argv = ['lora-yolo', '--help']; "
+        "from lora_yolo.cli import run; run()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    need = f"ultralytics>={MIN_ULTRALYTICS}"
+    assert out.stderr == f"error: lora-yolo needs {need}, found 8.3.0: pip install -U '{need}'\n"

@@ -1,0 +1,218 @@
+"""What one training step costs, per recipe, side by side: full fine-tuning, Ultralytics' `freeze` of the backbone,
+head only, and LoRA recipes with and without frozen BatchNorm folded into the convs.
+
+For each model (built from its Ultralytics YAML; weights do not change cost) and image size, one process builds every
+recipe's model and measures, on the same random batch with Ultralytics' own loss:
+  saved   bytes autograd keeps for backward over forward + loss (unique storages, saved_tensors_hooks): deterministic
+  step    median seconds of forward + loss + backward + AdamW step, recipes interleaved round by round
+Ratios are to full fine-tuning in the same run. With `--rss` each recipe also runs alone in a fresh process for its
+peak RSS (yolo11n only by default: one process per recipe). On a CUDA device it adds `torch.cuda.max_memory_allocated`
+and the step time under AMP.
+
+    python scripts/bench_cost.py                                   # yolo11n, 320 px, batch 8
+    python scripts/bench_cost.py --models yolo11n yolo11s yolo11m yolo26n --imgsz 320 640 --rounds 3
+    python scripts/bench_cost.py --rss --json benchmarks/cost.json
+
+Prints a Markdown table; `--json` also writes the raw numbers (every round's times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from ultralytics.cfg import get_cfg  # noqa: E402
+
+from lora_yolo import LoraConfig, load_model  # noqa: E402
+from lora_yolo.fold import fold_batchnorm  # noqa: E402
+from lora_yolo.inject import add_lora, set_trainable  # noqa: E402
+from lora_yolo.targets import select_targets  # noqa: E402
+
+# recipe -> (kind, LoraConfig or None, fold): kind is full | freeze | head | lora
+RECIPES = {
+    "full fine-tuning": ("full", None, False),
+    "freeze backbone": ("freeze", None, False),
+    "head only": ("head", None, False),
+    "DoRA all, unfolded (before)": ("lora", LoraConfig(use_dora=True), False),
+    "DoRA all (default)": ("lora", LoraConfig(use_dora=True), True),
+    "LoRA all": ("lora", LoraConfig(), True),
+    "DoRA from layer 4": ("lora", LoraConfig(use_dora=True, first_layer=4), True),
+    "DoRA from layer 6": ("lora", LoraConfig(use_dora=True, first_layer=6), True),
+    "DoRA neck_head": ("lora", LoraConfig(use_dora=True, targets=["neck", "head", "attention"]), True),
+}
+
+
+def build(model_yaml: str, recipe: str, device: str) -> nn.Module:
+    """The model a recipe trains, in training mode: trainable tensors require grad, frozen BatchNorms in eval."""
+    kind, config, folded = RECIPES[recipe]
+    torch.manual_seed(0)
+    model = load_model(model_yaml)
+    model.args = get_cfg()  # Ultralytics' default hyper-parameters, which its loss reads
+    n_backbone, last = len(model.yaml["backbone"]), len(model.model) - 1
+    if kind == "lora":
+        add_lora(model, select_targets(model, config), config.lora_dropout, config.use_rslora, config.use_dora)
+        set_trainable(model, {n for n, _ in model.named_parameters() if ".lora_" in n})
+        if folded:
+            fold_batchnorm(model)
+    elif kind in ("freeze", "head"):  # Ultralytics' freeze: requires_grad off, BatchNorms still update
+        first = n_backbone if kind == "freeze" else last
+        set_trainable(model, {n for n, _ in model.named_parameters() if int(n.split(".")[1]) >= first})
+    model.to(device).train()
+    if kind == "lora":  # what LoraTrainerMixin._model_train does
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    return model
+
+
+def batch(size: int, imgsz: int, device: str, nc: int = 80) -> dict:
+    """A fixed random batch: images and 4 boxes per image, as Ultralytics' dataloader hands them to the loss."""
+    g = torch.Generator().manual_seed(0)
+    n = 4 * size
+    xy = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+    wh = torch.rand(n, 2, generator=g) * 0.3 + 0.05
+    return {
+        "img": torch.rand(size, 3, imgsz, imgsz, generator=g).to(device),
+        "batch_idx": torch.arange(size).repeat_interleave(4).float().to(device),
+        "cls": torch.randint(0, nc, (n, 1), generator=g).float().to(device),
+        "bboxes": torch.cat([xy, wh], 1).to(device),
+    }
+
+
+def saved_bytes(model: nn.Module, data: dict) -> int:
+    seen = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = model.loss(data)
+    del loss
+    return sum(seen.values())
+
+
+def step_seconds(model: nn.Module, optimizer: torch.optim.Optimizer, data: dict, amp: bool = False) -> float:
+    sync = torch.cuda.synchronize if data["img"].is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.autocast("cuda", enabled=amp):
+        loss, _ = model.loss(data)
+    loss.sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync()
+    return time.perf_counter() - start
+
+
+def measure(model_yaml: str, imgsz: int, size: int, rounds: int, steps: int, device: str) -> dict:
+    """Every recipe on one model and size, interleaved: per recipe its saved bytes and all step times (none when
+    `rounds` is 0)."""
+    data = batch(size, imgsz, device)
+    models = {r: build(model_yaml, r, device) for r in RECIPES}
+    out = {r: {"saved": saved_bytes(m, data), "steps": [], "amp_steps": []} for r, m in models.items()}
+    if not rounds:
+        return out
+    optimizers = {
+        r: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for r, m in models.items()
+    }
+    for r in RECIPES:  # one warm-up step each
+        step_seconds(models[r], optimizers[r], data)
+    for _ in range(rounds):
+        for r in RECIPES:
+            out[r]["steps"] += [step_seconds(models[r], optimizers[r], data) for _ in range(steps)]
+            if device == "cuda":
+                out[r]["amp_steps"] += [step_seconds(models[r], optimizers[r], data, amp=True) for _ in range(steps)]
+    if device == "cuda":
+        for r, m in models.items():
+            torch.cuda.reset_peak_memory_stats()
+            step_seconds(m, optimizers[r], data, amp=True)
+            out[r]["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def peak_rss(model_yaml: str, imgsz: int, size: int, recipe: str) -> int:
+    """Peak RSS (bytes) of a fresh process that builds one recipe and takes three steps."""
+    code = (
+        "import sys, resource; sys.path.insert(0, 'scripts'); import bench_cost as b; import torch;"
+        f"m = b.build({model_yaml!r}, {recipe!r}, 'cpu'); d = b.batch({size}, {imgsz}, 'cpu');"
+        "o = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4);"
+        "[b.step_seconds(m, o, d) for _ in range(3)];"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict]) -> str:
+    rows = [
+        "| model | px | recipe | saved bytes vs full | step vs full (median, rounds' min-max) | peak RSS vs full |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for res in results:
+        full = res["recipes"]["full fine-tuning"]
+        for recipe, r in res["recipes"].items():
+            step = "-"
+            if r["steps"]:
+                n = len(r["steps"]) // res["rounds"]  # steps per round
+                per_round = [
+                    statistics.median(r["steps"][i * n : (i + 1) * n])
+                    / statistics.median(full["steps"][i * n : (i + 1) * n])
+                    for i in range(res["rounds"])
+                ]
+                median = statistics.median(r["steps"]) / statistics.median(full["steps"])
+                step = f"{median:.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
+            rss = f"{r['rss'] / full['rss']:.2f}x" if "rss" in r else "-"
+            rows.append(
+                f"| {res['model']} | {res['imgsz']} | {recipe} | {r['saved'] / full['saved']:.2f}x | {step} | {rss} |"
+            )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["yolo11n"])
+    parser.add_argument("--imgsz", nargs="+", type=int, default=[320])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all recipes; 0: bytes only")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per recipe per round")
+    parser.add_argument("--rss", action="store_true", help="also peak RSS, one fresh process per recipe")
+    parser.add_argument("--json", type=Path, help="write the raw numbers here")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(os.cpu_count() or 1)
+    results = []
+    for model in args.models:
+        for imgsz in args.imgsz:
+            start = time.perf_counter()
+            recipes = measure(f"{model}.yaml", imgsz, args.batch, args.rounds, args.steps, device)
+            if args.rss:
+                for recipe in RECIPES:
+                    recipes[recipe]["rss"] = peak_rss(f"{model}.yaml", imgsz, args.batch, recipe)
+            results.append(
+                {"model": model, "imgsz": imgsz, "batch": args.batch, "rounds": args.rounds, "recipes": recipes}
+            )
+            print(f"{model} {imgsz} px: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    print(f"device {device}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps, torch {torch.__version__}")
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "results": results}, indent=1))
+    print(f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
