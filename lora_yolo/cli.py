@@ -73,39 +73,27 @@ def _pairs(items: list[str] | None, cast: Callable[[str], Any], option: str) -> 
     return out
 
 
-def lora_options(
-    config,
-    rank,
-    alpha,
-    dropout,
-    rslora,
-    dora,
-    loraplus,
-    targets,
-    include,
-    exclude,
-    first_layer,
-    rank_pattern,
-    alpha_pattern,
-):
-    """Turn the shared selection options into (LoraConfig, train args); a bad value is a usage error (exit 2)."""
+def lora_options(options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(LoraConfig, train args) from a command's shared selection options, given as its arguments by name
+    (`locals()` at the top of the command); a bad value is a usage error (exit 2)."""
     from lora_yolo.presets import resolve_config
 
+    targets = options["targets"]
     try:
         return resolve_config(
-            config,
-            r=rank,
-            lora_alpha=alpha,
-            lora_dropout=dropout,
-            use_rslora=rslora,
-            use_dora=dora,
-            loraplus_lr_ratio=loraplus,
+            options["config"],
+            r=options["rank"],
+            lora_alpha=options["alpha"],
+            lora_dropout=options["dropout"],
+            use_rslora=options["rslora"],
+            use_dora=options["dora"],
+            loraplus_lr_ratio=options.get("loraplus_ratio"),
             targets=[t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None,
-            include=include or None,
-            exclude=exclude or None,
-            first_layer=first_layer,
-            rank_pattern=_pairs(rank_pattern, int, "--rank-pattern"),
-            alpha_pattern=_pairs(alpha_pattern, float, "--alpha-pattern"),
+            include=options["include"] or None,
+            exclude=options["exclude"] or None,
+            first_layer=options["first_layer"],
+            rank_pattern=_pairs(options["rank_pattern"], int, "--rank-pattern"),
+            alpha_pattern=_pairs(options["alpha_pattern"], float, "--alpha-pattern"),
         )
     except LoraYoloError as e:
         raise typer.BadParameter(str(e)) from None
@@ -135,23 +123,9 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Dry run: every conv layer, whether LoRA would adapt it (or why not), and the adapter's cost."""
+    lora, _ = lora_options(locals())
     from lora_yolo.inspect import inspect_model
 
-    lora, _ = lora_options(
-        config,
-        rank,
-        alpha,
-        dropout,
-        rslora,
-        dora,
-        None,
-        targets,
-        include,
-        exclude,
-        first_layer,
-        rank_pattern,
-        alpha_pattern,
-    )
     report = inspect_model(model, lora)
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
 
@@ -198,24 +172,10 @@ def train(
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run from its weights/last.pt.")] = None,
 ) -> None:
     """Train LoRA adapters on DATA; extra key=value arguments go to Ultralytics' trainer (e.g. mosaic=0.5)."""
+    lora, preset_args = lora_options(locals())
     from lora_yolo.train import RESERVED
     from lora_yolo.train import train as train_lora
 
-    lora, preset_args = lora_options(
-        config,
-        rank,
-        alpha,
-        dropout,
-        rslora,
-        dora,
-        loraplus_ratio,
-        targets,
-        include,
-        exclude,
-        first_layer,
-        rank_pattern,
-        alpha_pattern,
-    )
     flags = dict(epochs=epochs, imgsz=imgsz, batch=batch, device=device, lr0=lr0, project=project, name=name, seed=seed)
     overrides = _overrides(ctx, RESERVED, "training", preset_args, **flags)
     result = train_lora(data, model=model, config=lora, resume=resume, **overrides)

@@ -25,7 +25,7 @@ def require_ultralytics(installed: str | None = None) -> None:
     if _parts(installed) < _parts(MIN_ULTRALYTICS):
         need = f"ultralytics>={MIN_ULTRALYTICS}"
         message = f"lora-yolo needs {need}, found {installed}: pip install -U '{need}'"
-        if Path(sys.argv[0]).name == "lora-yolo":
+        if Path(sys.argv[0]).stem == "lora-yolo":  # the console script (lora-yolo.exe on Windows)
             print(f"error: {message}", file=sys.stderr)
             sys.exit(1)
         raise ImportError(message)

@@ -84,8 +84,15 @@ class LoraConfig:
         return next((a for p, a in self.alpha_pattern.items() if re.search(p, name)), self.lora_alpha)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable form (stored in adapter metadata and run folders)."""
-        return asdict(self)
+        """Plain, JSON-serialisable form (stored in adapter metadata and run folders).
+
+        `first_layer` is left out at its default, 0: lora-yolo versions before it refuse unknown keys, and an adapter
+        that does not use it should stay readable by them.
+        """
+        data = asdict(self)
+        if data["first_layer"] == 0:
+            del data["first_layer"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:

@@ -73,7 +73,6 @@ class MergeableConv(nn.Module):
 
     base_layer: nn.Conv2d
     _unmerged: torch.Tensor | None = None  # the base weight, kept while merged
-    _folded_bn: nn.BatchNorm2d | None = None  # the block's frozen BatchNorm, applied here (lora_yolo.fold)
 
     @property
     def merged(self) -> bool:
@@ -110,11 +109,15 @@ class MergeableConv(nn.Module):
 class LoraConv2d(MergeableConv):
     """A conv with a low-rank adapter beside it; `base_layer` keeps the original module, untouched until merge.
 
+    During training it may also apply its block's frozen BatchNorm (`_folded_bn`, set by `lora_yolo.fold`).
+
     Example:
         >>> layer = LoraConv2d(nn.Conv2d(16, 32, 3, padding=1, bias=False), r=4, lora_alpha=8)
         >>> layer(torch.zeros(1, 16, 8, 8)).shape
         torch.Size([1, 32, 8, 8])
     """
+
+    _folded_bn: nn.BatchNorm2d | None = None  # the block's frozen BatchNorm, applied here (lora_yolo.fold)
 
     def __init__(
         self,

@@ -51,7 +51,7 @@ from lora_yolo.atomic import atomic_path
 from lora_yolo.checkpoint import MODEL_CLASSES, build_for_classes, load_model, save_checkpoint
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
-from lora_yolo.fold import fold_batchnorm
+from lora_yolo.fold import fold_batchnorm, unfold_batchnorm
 from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_layers, set_trainable, unload_lora
 from lora_yolo.merge import merge_files
 from lora_yolo.targets import class_layers, select_targets
@@ -268,8 +268,16 @@ class LoraTrainerMixin:
             self.ema.ema.load_state_dict(frozen, strict=False)
 
     def save_model(self):
-        """Ultralytics' checkpoints, plus the EMA's adapter: `adapter_last` always, `adapter` when it is the best."""
-        saved = super().save_model()
+        """Ultralytics' checkpoints, plus the EMA's adapter: `adapter_last` always, `adapter` when it is the best.
+
+        The checkpoints hold the EMA with its BatchNorms unfolded: Ultralytics' `fuse()` on a loaded checkpoint folds
+        each BatchNorm into its conv itself, and would apply a folded one twice.
+        """
+        unfold_batchnorm(self.ema.ema)
+        try:
+            saved = super().save_model()
+        finally:
+            fold_batchnorm(self.ema.ema)
         if saved:
             adapter = adapter_of(self.ema.ema)
             save_adapter(adapter, self.save_dir / ADAPTER_LAST)

@@ -66,14 +66,13 @@ def build(model_yaml: str, recipe: str, device: str) -> nn.Module:
         set_trainable(model, {n for n, _ in model.named_parameters() if ".lora_" in n})
         if folded:
             fold_batchnorm(model)
-    elif kind in ("freeze", "head"):  # Ultralytics' freeze: requires_grad off, BatchNorms still update
+    elif kind in ("freeze", "head"):  # Ultralytics' freeze: requires_grad off for the layers before `first`
         first = n_backbone if kind == "freeze" else last
         set_trainable(model, {n for n, _ in model.named_parameters() if int(n.split(".")[1]) >= first})
     model.to(device).train()
-    if kind == "lora":  # what LoraTrainerMixin._model_train does
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
+    for m in model.modules():  # as Ultralytics' _model_train (and LoRA's) do: frozen BatchNorms in eval mode
+        if isinstance(m, nn.BatchNorm2d) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
     return model
 
 
@@ -131,8 +130,9 @@ def measure(model_yaml: str, imgsz: int, size: int, rounds: int, steps: int, dev
     }
     for r in RECIPES:  # one warm-up step each
         step_seconds(models[r], optimizers[r], data)
-    for _ in range(rounds):
-        for r in RECIPES:
+    order = list(RECIPES)
+    for i in range(rounds):
+        for r in order[i % len(order) :] + order[: i % len(order)]:  # a different recipe goes first each round
             out[r]["steps"] += [step_seconds(models[r], optimizers[r], data) for _ in range(steps)]
             if device == "cuda":
                 out[r]["amp_steps"] += [step_seconds(models[r], optimizers[r], data, amp=True) for _ in range(steps)]
@@ -145,13 +145,17 @@ def measure(model_yaml: str, imgsz: int, size: int, rounds: int, steps: int, dev
 
 
 def peak_rss(model_yaml: str, imgsz: int, size: int, recipe: str) -> int:
-    """Peak RSS (bytes) of a fresh process that builds one recipe and takes three steps."""
+    """Peak RSS (bytes) of a fresh process that builds one recipe and takes three steps.
+
+    Read from /proc's VmHWM: getrusage's ru_maxrss survives exec on Linux, so a child would report this process's
+    peak.
+    """
     code = (
-        "import sys, resource; sys.path.insert(0, 'scripts'); import bench_cost as b; import torch;"
+        "import sys; sys.path.insert(0, 'scripts'); import bench_cost as b; import torch;"
         f"m = b.build({model_yaml!r}, {recipe!r}, 'cpu'); d = b.batch({size}, {imgsz}, 'cpu');"
         "o = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4);"
         "[b.step_seconds(m, o, d) for _ in range(3)];"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "print(next(int(x.split()[1]) * 1024 for x in open('/proc/self/status') if x.startswith('VmHWM')))"
     )
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)

@@ -19,6 +19,7 @@ from lora_yolo.inject import merge_lora
 CONFIGS = {
     "lora": LoraConfig(use_dora=False),
     "dora": LoraConfig(use_dora=True),
+    "dora, dropout": LoraConfig(use_dora=True, lora_dropout=0.2),  # the two-path form, masks drawn alike
     "neck_head": LoraConfig(use_dora=True, targets=["neck", "head"]),  # frozen plain convs folded too
 }
 
@@ -40,6 +41,7 @@ def adapter_grads(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if isinstance(m, nn.BatchNorm2d):
             m.eval()
     model.zero_grad()
+    torch.manual_seed(0)  # the same dropout masks in the folded and the plain model
     out = model(x)  # Detect in train mode: {"boxes", "scores", "feats"}
     (out["boxes"].square().mean() + out["scores"].square().mean()).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -127,3 +127,9 @@ def test_first_layer_leaves_the_layers_before_it_without_adapters(yolo11n, first
 def test_first_layer_must_be_an_index(bad):
     with pytest.raises(LoraYoloError, match="first_layer must be a layer index"):
         LoraConfig(first_layer=bad)
+
+
+def test_first_layer_is_stored_only_when_used():
+    """Left out at 0, so adapters that do not use it stay readable by lora-yolo versions that refuse unknown keys."""
+    assert "first_layer" not in LoraConfig().to_dict()
+    assert LoraConfig.from_dict(LoraConfig(first_layer=4).to_dict()).first_layer == 4

@@ -17,6 +17,7 @@ from conftest import TINY, make_base
 
 from lora_yolo import LoraConfig, LoraYoloError, load_adapter, load_model, save_checkpoint
 from lora_yolo.errors import TrainingInterrupted
+from lora_yolo.fold import FoldedBatchNorm2d
 from lora_yolo.train import train
 from lora_yolo.trainer import LoraDetectionTrainer, trainable_names
 
@@ -117,6 +118,11 @@ def test_ddp_worker_keeps_loraplus_dora_and_class_layers(demo_base, coco8, tmp_p
     still = {k for k, t in adapter.tensors.items() if k.endswith("lora_B.weight") and not t.abs().max() > 0}
     assert all(k.startswith("model.23.cv2.2.") for k in still)
     assert (tmp_path / "ddp" / "merged.pt").is_file()
+    # Checkpoints hold Ultralytics' own BatchNorms (folded only while training): fusing one applies each BN once.
+    for name in ("last.pt", "best.pt"):
+        ema = torch.load(tmp_path / "ddp" / "weights" / name, weights_only=False)["model"]
+        kinds = {type(m).__name__ for m in ema.modules()}
+        assert "BatchNorm2d" in kinds and not {"FoldedBatchNorm2d", "FoldedConv2d"} & kinds, name
 
 
 def _nan_rank(rank: int, init: str, out: str) -> None:
@@ -203,8 +209,10 @@ def test_resume_keeps_a_base_off_the_fp16_grid_exact(coco8, tmp_path):
 
     def ema_at_start(trainer):
         seen.update({k: v.clone() for k, v in trainer.ema.ema.state_dict().items()})
+        seen["folded"] = sum(isinstance(m, FoldedBatchNorm2d) for m in trainer.model.modules())
 
     train(None, resume=tmp_path / "r" / "weights" / "last.pt", callbacks={"on_train_epoch_start": [ema_at_start]})
+    assert seen.pop("folded") == sum(isinstance(m, torch.nn.BatchNorm2d) for m in load_model(base).modules())
     renamed = {k.replace(".base_layer.", "."): v for k, v in seen.items()}
     checked = [k for k in frozen if k in renamed and frozen[k].is_floating_point()]
     assert len(checked) > 300
