@@ -121,10 +121,14 @@ def measure(model_yaml: str, imgsz: int, size: int, rounds: int, steps: int, dev
     """Every recipe on one model and size, interleaved: per recipe its saved bytes and all step times (none when
     `rounds` is 0)."""
     data = batch(size, imgsz, device)
-    models = {r: build(model_yaml, r, device) for r in RECIPES}
-    out = {r: {"saved": saved_bytes(m, data), "steps": [], "amp_steps": []} for r, m in models.items()}
+    out = {}
+    for r in RECIPES:  # one model at a time: a 640 px graph of a larger model takes several GB
+        model = build(model_yaml, r, device)
+        out[r] = {"saved": saved_bytes(model, data), "steps": [], "amp_steps": []}
+        del model
     if not rounds:
         return out
+    models = {r: build(model_yaml, r, device) for r in RECIPES}
     optimizers = {
         r: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for r, m in models.items()
     }
@@ -211,10 +215,10 @@ def main() -> None:
                 {"model": model, "imgsz": imgsz, "batch": args.batch, "rounds": args.rounds, "recipes": recipes}
             )
             print(f"{model} {imgsz} px: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            if args.json:  # after every model and size, so a long run that is stopped keeps what it measured
+                args.json.write_text(json.dumps({"device": device, "results": results}, indent=1))
     print(f"device {device}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps, torch {torch.__version__}")
     print(table(results))
-    if args.json:
-        args.json.write_text(json.dumps({"device": device, "results": results}, indent=1))
     print(f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", file=sys.stderr)
 
 
