@@ -121,7 +121,9 @@ class AdapterModel:
         self.base = fingerprint(model)  # of the unfused base: what adapters record
         self._scales = bn_scales(model)
         model.fuse(verbose=False)
-        self._modules = dict(model.named_modules())  # the fused base's own modules, before any adapter replaces one
+        self._fused_modules = dict(
+            model.named_modules()
+        )  # the fused base's own modules, before any adapter replaces one
         self._class_convs = class_layers(model)
         self._base_classes = (dict(model.names), {})  # names, replaced modules (none)
         self._adapters: dict[str, Adapter] = {}
@@ -151,7 +153,7 @@ class AdapterModel:
         if name in self._adapters:
             raise LoraYoloError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
         check_fits(adapter, self.base, allow_other_weights)
-        check_layers(adapter, self._modules, self._class_convs, self._base_classes[0])
+        check_layers(adapter, self._fused_modules, self._class_convs, self._base_classes[0])
         self._classes[name] = self._class_layers(adapter)
         for layer in adapter.layers:
             self._switchable(layer).add(name, adapter, layer)
