@@ -8,16 +8,18 @@ import statistics
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from ultralytics.utils import LOGGER
 
 from lora_yolo.adapter import load_adapter
 from lora_yolo.checkpoint import load_model
 from lora_yolo.config import LoraConfig
 from lora_yolo.datacheck import check_dataset
+from lora_yolo.diagnose import diagnose, map_history
 from lora_yolo.errors import LoraYoloError, TrainingInterrupted, first_line
 from lora_yolo.passthrough import check_args
 from lora_yolo.presets import resolve_config
@@ -44,6 +46,7 @@ class TrainResult:
     trainable: int
     total: int
     epoch_seconds: float  # median over epochs
+    warnings: list[str] = field(default_factory=list)  # what went wrong (`lora_yolo.diagnose`), each with its fix
 
     @property
     def adapter(self) -> Path:
@@ -87,7 +90,7 @@ class TrainResult:
             ("LoRA config", str(self.save_dir / CONFIG_FILE)),
         ]
         width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        return "\n".join([*(f"{k:<{width}}  {v}" for k, v in rows), *(f"WARNING: {w}" for w in self.warnings)])
 
 
 def _map(metrics: dict[str, float]) -> dict[str, float]:
@@ -159,13 +162,27 @@ def train(
     base_metrics = None
     if adapter.base["nc"] == adapter.nc and load_model(base).names == adapter.names:
         base_metrics = _map(_validate(trainer, base, "base_val"))
+    metrics = _map(metrics)
+    warnings = diagnose(
+        map_history(trainer.csv),
+        zero_shot=base_metrics["mAP50-95"] if base_metrics else None,
+        final=metrics["mAP50-95"],
+        best=adapter,
+        last=load_adapter(trainer.save_dir / ADAPTER_LAST),
+        lr0=trainer.args.lr0,
+        nbs=trainer.args.nbs,
+        batch=trainer.args.batch,
+    )
+    for w in warnings:
+        LOGGER.warning(f"lora-yolo: {w}")
     return TrainResult(
         save_dir=trainer.save_dir,
-        metrics=_map(metrics),
+        metrics=metrics,
         base_metrics=base_metrics,
         trainable=sum(t.numel() for t in adapter.tensors.values()),
         total=sum(p.numel() for p in trainer.model.parameters()),
         epoch_seconds=_epoch_seconds(trainer.csv),
+        warnings=warnings,
     )
 
 
