@@ -31,7 +31,7 @@ from ultralytics.nn.tasks import guess_model_task
 
 from lora_yolo.atomic import atomic_path
 from lora_yolo.checkpoint import build_for_classes, class_count
-from lora_yolo.config import LoraConfig
+from lora_yolo.config import LoraConfig, positive_number
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_plan, lora_tensor_names
 from lora_yolo.targets import class_layers
@@ -223,7 +223,7 @@ def parse_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str], path:
         not isinstance(layers, dict)
         or not layers
         or not all(
-            isinstance(v, list) and len(v) == 2 and _positive_int(v[0]) and _positive_number(v[1])
+            isinstance(v, list) and len(v) == 2 and _positive_int(v[0]) and positive_number(v[1])
             for v in layers.values()
         )
     ):
@@ -252,10 +252,6 @@ def parse_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str], path:
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _positive_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def check_tensors(adapter: Adapter, path: Path) -> None:

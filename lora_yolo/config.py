@@ -37,6 +37,7 @@ class LoraConfig:
     include: list[str] = field(default_factory=list)  # regexes (re.search on conv names) added to the presets
     exclude: list[str] = field(default_factory=list)  # regexes removed from the selection, applied last
     first_layer: int = 0  # no adapter in model layers before this index: backward stops there (lora_yolo.fold)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward (lora_yolo.memory)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> rank, first match wins
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha, first match wins
 
@@ -52,7 +53,7 @@ class LoraConfig:
         _check_alpha("loraplus_lr_ratio", self.loraplus_lr_ratio)
         if isinstance(self.first_layer, bool) or not isinstance(self.first_layer, int) or self.first_layer < 0:
             raise LoraYoloError(f"first_layer must be a layer index >= 0, got {self.first_layer!r}")
-        for name in ("use_rslora", "use_dora"):
+        for name in ("use_rslora", "use_dora", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise LoraYoloError(f"{name} must be true or false, got {getattr(self, name)!r}")
         # One canonical form, so a preset's `16` and a default's `16.0` give identical adapter metadata.
@@ -86,12 +87,13 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable form (stored in adapter metadata and run folders).
 
-        `first_layer` is left out at its default, 0: lora-yolo versions before it refuse unknown keys, and an adapter
-        that does not use it should stay readable by them.
+        `first_layer` and `gradient_checkpointing` are left out at their defaults (0, false): lora-yolo versions before
+        them refuse unknown keys, and an adapter that does not use them should stay readable by them.
         """
         data = asdict(self)
-        if data["first_layer"] == 0:
-            del data["first_layer"]
+        for name, default in (("first_layer", 0), ("gradient_checkpointing", False)):
+            if data[name] == default:
+                del data[name]
         return data
 
     @classmethod
@@ -109,9 +111,23 @@ def _check_rank(name: str, value: Any) -> None:
         raise LoraYoloError(f"{name} must be a positive integer, got {value!r}")
 
 
+def positive_number(value: Any) -> bool:
+    """A finite int or float above 0 that a float holds: JSON's and YAML's integers have no size limit, and
+    `float(10**400)` raises OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:
+        return False
+
+
 def _check_alpha(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise LoraYoloError(f"{name} must be a finite number > 0, got {value!r}")
+    if not positive_number(value):
+        big = isinstance(value, int) and value.bit_length() > 64  # whose repr may run to thousands of digits
+        raise LoraYoloError(
+            f"{name} must be a finite number > 0, got {f'a {value.bit_length()}-bit integer' if big else repr(value)}"
+        )
 
 
 def _compile(name: str, pattern: str) -> None:

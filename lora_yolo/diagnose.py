@@ -20,7 +20,7 @@ from lora_yolo.adapter import Adapter
 # The last epoch's validation mAP50-95 below this share of the best seen (the base zero-shot included) is a collapse:
 # far below where it was, and still there when training ended.
 COLLAPSE_SHARE = 0.5
-# Below this mAP50-95 a drop is noise on a tiny validation set, not a collapse.
+# Below this mAP50-95 a score is noise on a tiny validation set: no collapse from it, nothing to beat.
 COLLAPSE_FLOOR = 0.02
 
 
@@ -74,7 +74,7 @@ def diagnose(
             "the best adapter is the untouched base: no update had reached it when it was saved and every later epoch "
             "scored lower, so merged.pt is the base, not a fine-tuned model"
         )
-    elif zero_shot is not None and final <= zero_shot:
+    elif zero_shot is not None and zero_shot >= COLLAPSE_FLOOR and final <= zero_shot:
         problems.append(
             f"the fine-tuned model scores no better than the base zero-shot (mAP50-95 {final:.4f} vs {zero_shot:.4f})"
         )

@@ -16,7 +16,8 @@ callbacks, DDP) stays its own; this class changes only what it must, each where 
 - `_load_checkpoint_state` (resume) puts the exact base back into the EMA after Ultralytics loads its fp16 copy.
 - `_handle_nan_recovery` stops every rank on a NaN seen by any rank, with one message.
 - the model's frozen BatchNorms are folded into their convs (`lora_yolo.fold`): the same function, and autograd
-  keeps no copy of each conv's output for BatchNorm's backward.
+  keeps no copy of each conv's output for BatchNorm's backward. With `gradient_checkpointing` the model's layers
+  also recompute their activations in backward (`lora_yolo.memory`); the EMA keeps plain layers.
 - `_model_train` puts frozen BatchNorm layers in eval mode each epoch (train mode would update their running
   statistics although their weights are frozen) and checks the trainable set has not drifted.
 - `save_model` also writes the EMA's adapter (the weights Ultralytics validates) as safetensors.
@@ -53,6 +54,7 @@ from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.fold import fold_batchnorm, unfold_batchnorm
 from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_layers, set_trainable, unload_lora
+from lora_yolo.memory import add_checkpointing, remove_checkpointing
 from lora_yolo.merge import merge_files
 from lora_yolo.targets import class_layers, select_targets
 
@@ -137,6 +139,8 @@ class LoraTrainerMixin:
         plan = select_targets(model, config, full=frozenset(full))
         add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
         fold_batchnorm(model)
+        if config.gradient_checkpointing:
+            add_checkpointing(model)
         model.lora_meta = {
             "config": config.to_dict(),
             "base": fingerprint(base),
@@ -149,6 +153,8 @@ class LoraTrainerMixin:
         adapter = adapter_of(weights)
         model = attach_adapter(load_model(base_file(adapter)), adapter)
         fold_batchnorm(model)
+        if adapter.config.gradient_checkpointing:
+            add_checkpointing(model)
         model.lora_meta = weights.lora_meta
         return model
 
@@ -160,6 +166,8 @@ class LoraTrainerMixin:
             super()._setup_train()
         finally:
             LOGGER.removeFilter(quiet)
+        if self.ema:  # the EMA never trains: plain layers, and checkpoints (its pickles) hold Ultralytics' own forward
+            remove_checkpointing(self.ema.ema)
         model = unwrap_model(self.model)
         if RANK in {-1, 0}:
             self._write_run_files(model)

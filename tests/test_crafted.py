@@ -86,7 +86,7 @@ def test_rank_zero_with_empty_tensors(good, tmp_path):
         load_adapter(craft(tmp_path / "a.safetensors", good, tensors, layers=layers))
 
 
-@pytest.mark.parametrize("alpha", [0, -1, "NaN", "Infinity", "16"])
+@pytest.mark.parametrize("alpha", [0, -1, "NaN", "Infinity", "16", 10**400])  # 10**400: JSON, beyond a float
 def test_alpha_that_is_no_positive_number(good, tmp_path, alpha):
     layers = {k: list(v) for k, v in good.layers.items()}
     layers[next(iter(layers))][1] = alpha
@@ -173,6 +173,8 @@ def peft_folder(good, tmp_path: Path) -> Path:
         (lambda c: {**c, "rank_pattern": {"model": "x"}}, "positive integer"),
         (lambda c: {**c, "lora_alpha": "x"}, "must be a finite number > 0"),
         (lambda c: {**c, "lora_alpha": 1e999}, "must be a finite number > 0"),
+        (lambda c: {**c, "lora_alpha": 10**400}, "must be a finite number > 0, got a 1329-bit integer"),
+        (lambda c: {**c, "alpha_pattern": {"model": 10**400}}, "must be a finite number > 0"),
         (lambda c: {**c, "r": 0}, "positive integer"),
         (lambda c: {**c, "alpha_pattern": [1]}, "must be a mapping"),
         (lambda c: "[" * 50_000, "not JSON"),
@@ -209,6 +211,14 @@ def test_peft_made_folder_with_a_rank_zero_layer(good, base_pt, tmp_path):
     save_file(raw, str(folder / WEIGHTS), metadata={"format": "pt"})  # no lora_yolo metadata: PEFT-made
     with pytest.raises(LoraYoloError, match="rank >= 1"):
         from_peft(folder, load_model(base_pt))
+
+
+@pytest.mark.parametrize("key", ["lora_alpha", "loraplus_lr_ratio"])
+def test_config_number_beyond_a_float(good, tmp_path, key):
+    """An integer too large for a float (valid JSON) is a damaged file, not an OverflowError."""
+    config = json.dumps({**good.config.to_dict(), key: 10**400})
+    with pytest.raises(LoraYoloError, match=f"damaged adapter metadata .*{key} must be a finite number"):
+        load_adapter(craft(tmp_path / "a.safetensors", good, lora_config=config))
 
 
 def test_huge_nc_is_refused_at_once(good, tmp_path):
