@@ -25,12 +25,19 @@ COLLAPSE_FLOOR = 0.02
 
 
 def map_history(results_csv: Path) -> list[float]:
-    """Validation box mAP50-95 after each epoch, as Ultralytics wrote it (epochs without validation are skipped)."""
+    """Validation box mAP50-95 after each epoch, as Ultralytics wrote it; a damaged row (a run killed while writing,
+    then resumed) is skipped rather than failing the end of a finished run."""
     if not results_csv.is_file():
         return []
+    history = []
     with open(results_csv, encoding="utf-8") as f:
-        rows = [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
-    return [float(r["metrics/mAP50-95(B)"]) for r in rows if r.get("metrics/mAP50-95(B)", "").strip()]
+        for row in csv.DictReader(f):
+            value = next((v for k, v in row.items() if k and k.strip() == "metrics/mAP50-95(B)"), None)
+            try:
+                history.append(float(value))
+            except (TypeError, ValueError):
+                continue
+    return history
 
 
 def untouched(adapter: Adapter) -> bool:
@@ -66,8 +73,9 @@ def diagnose(
     if history and peak >= COLLAPSE_FLOOR and history[-1] < COLLAPSE_SHARE * peak:
         where = "the base zero-shot" if peak == zero_shot else f"epoch {history.index(peak) + 1}"
         problems.append(
-            f"validation mAP50-95 collapsed: {peak:.4f} at {where}, {history[-1]:.4f} after the last epoch. The "
-            f"learning rate is too high for this base: train again with a lower --lr0 (e.g. {lr0 / 10:g})"
+            f"validation box mAP50-95 collapsed: {peak:.4f} at {where}, {history[-1]:.4f} after the last epoch "
+            f"(merged.pt holds the best epoch's adapter). The learning rate is too high for this base: train again "
+            f"with a lower --lr0 (e.g. {lr0 / 10:g})"
         )
     if untouched(best):
         problems.append(
@@ -76,6 +84,7 @@ def diagnose(
         )
     elif zero_shot is not None and zero_shot >= COLLAPSE_FLOOR and final <= zero_shot:
         problems.append(
-            f"the fine-tuned model scores no better than the base zero-shot (mAP50-95 {final:.4f} vs {zero_shot:.4f})"
+            f"the fine-tuned model scores no better than the base zero-shot (box mAP50-95 {final:.4f} vs "
+            f"{zero_shot:.4f})"
         )
     return problems

@@ -19,7 +19,7 @@ from lora_yolo.adapter import load_adapter
 from lora_yolo.checkpoint import load_model
 from lora_yolo.config import LoraConfig
 from lora_yolo.datacheck import check_dataset
-from lora_yolo.diagnose import diagnose, map_history
+from lora_yolo.diagnose import diagnose, map_history, untouched
 from lora_yolo.errors import LoraYoloError, TrainingInterrupted, first_line
 from lora_yolo.passthrough import check_args
 from lora_yolo.presets import resolve_config
@@ -47,6 +47,7 @@ class TrainResult:
     total: int
     epoch_seconds: float  # median over epochs
     warnings: list[str] = field(default_factory=list)  # what went wrong (`lora_yolo.diagnose`), each with its fix
+    untouched: bool = False  # the best adapter received no update: merged.pt is the base
 
     @property
     def adapter(self) -> Path:
@@ -64,7 +65,10 @@ class TrainResult:
         """Human-readable summary."""
         base, m = self.base_metrics, self.metrics
         rows = [
-            ("mAP50 / mAP50-95, fine-tuned", f"{m['mAP50']:.4f} / {m['mAP50-95']:.4f}"),
+            (
+                "mAP50 / mAP50-95, " + ("merged.pt (the untouched base)" if self.untouched else "fine-tuned"),
+                f"{m['mAP50']:.4f} / {m['mAP50-95']:.4f}",
+            ),
             *[
                 (f"{kind} mAP50 / mAP50-95, fine-tuned", f"{m[f'{kind} mAP50']:.4f} / {m[f'{kind} mAP50-95']:.4f}")
                 for kind in ("mask", "pose")
@@ -183,6 +187,7 @@ def train(
         total=sum(p.numel() for p in trainer.model.parameters()),
         epoch_seconds=_epoch_seconds(trainer.csv),
         warnings=warnings,
+        untouched=untouched(adapter),
     )
 
 

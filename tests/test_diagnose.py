@@ -25,9 +25,10 @@ def test_untouched_is_every_b_exactly_zero(adapters):
     trained, fresh = adapters
     assert untouched(fresh) and not untouched(trained)
     one = next(k for k in trained.tensors if k.endswith(".lora_B.weight"))
-    fresh.tensors[one] = fresh.tensors[one].clone()
-    fresh.tensors[one].view(-1)[0] = 1e-4  # a single moved entry is an update
-    assert not untouched(fresh)
+    moved = dict(fresh.tensors)
+    moved[one] = moved[one].clone()
+    moved[one].view(-1)[0] = 1e-4  # a single moved entry is an update
+    assert not untouched(type(fresh)(**{**vars(fresh), "tensors": moved}))
 
 
 @pytest.mark.parametrize(
@@ -50,7 +51,7 @@ def test_collapse_rule(adapters, history, zero_shot, collapsed):
 def test_no_better_than_zero_shot_is_said(adapters):
     trained, _ = adapters
     found = diagnose([0.2, 0.3, 0.35], 0.5, final=0.35, best=trained, last=trained, lr0=0.01, nbs=64, batch=8)
-    assert found == ["the fine-tuned model scores no better than the base zero-shot (mAP50-95 0.3500 vs 0.5000)"]
+    assert found == ["the fine-tuned model scores no better than the base zero-shot (box mAP50-95 0.3500 vs 0.5000)"]
     assert diagnose([0.2, 0.3, 0.6], 0.5, final=0.6, best=trained, last=trained, lr0=0.01, nbs=64, batch=8) == []
 
 
@@ -66,10 +67,19 @@ def test_collapsed_run_whose_best_is_the_base_says_both(demo_base, domain_a, tmp
     result = train(domain_a, model=demo_base, project=str(tmp_path), name="r", epochs=3, nbs=8, lr0=1.0, **RUN)
     assert len(result.warnings) == 2, result.warnings
     collapse, best = result.warnings
-    assert collapse.startswith("validation mAP50-95 collapsed: 0.6") and "0.0000 after the last epoch" in collapse
+    assert collapse.startswith("validation box mAP50-95 collapsed: 0.6") and "0.0000 after the last epoch" in collapse
     assert "--lr0 (e.g. 0.1)" in collapse
     assert best.startswith("the best adapter is the untouched base")
     assert "WARNING: the best adapter is the untouched base" in result.table()
+    assert "mAP50-95, merged.pt (the untouched base)" in result.table() and "mAP50-95, fine-tuned" not in result.table()
+
+
+def test_damaged_results_rows_are_skipped(tmp_path):
+    from lora_yolo.diagnose import map_history
+
+    f = tmp_path / "results.csv"
+    f.write_text("epoch, metrics/mAP50-95(B)\n1, 0.25\n2\n3, 0.5, extra\n4, x\n5, 0.125\n")
+    assert map_history(f) == [0.25, 0.5, 0.125]  # row 2 too short, row 4 not a number; row 3's extra field ignored
 
 
 def test_run_without_an_optimizer_step_says_so(demo_base, domain_a, tmp_path):

@@ -1,0 +1,27 @@
+"""The default preset is the recipe the fine-tuning benchmark chose (benchmarks/results.json), not a hand-picked one."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import ROOT
+
+from lora_yolo.presets import resolve_config
+
+RESULTS = ROOT / "benchmarks" / "results.json"
+
+
+def test_default_preset_is_the_benchmarks_choice():
+    results = json.loads(RESULTS.read_text())
+    chosen = results["default"]
+    assert chosen is not None, "results.json holds no chosen default: run scripts/bench_finetune.py --report"
+    preset = chosen["preset"]
+    config, train_args = resolve_config("default")
+    assert config.use_dora == preset["use_dora"]
+    assert config.first_layer == preset["first_layer"]
+    assert train_args.get("optimizer", "auto") == preset["optimizer"]
+    if preset["optimizer"] != "auto":  # under auto Ultralytics picks lr0 itself
+        assert train_args["lr0"] == preset["lr0"]
+    # the choice is what its own numbers say: the best worst case over every base and task
+    assert chosen["worst_val_vs_full"] == max(chosen["candidates"].values())
+    assert set(chosen["val_vs_full"]) == {f"{c['base']}/{c['task']}" for c in results["table"] if c["n_train"] == 64}
