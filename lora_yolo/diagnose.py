@@ -54,14 +54,17 @@ def diagnose(
     history: list[float],
     zero_shot: float | None,
     final: float,
-    best: Adapter,
-    last: Adapter,
+    best_untouched: bool,
+    last_untouched: bool,
     lr0: float,
     nbs: int,
     batch: int,
 ) -> list[str]:
-    """One line per problem found, each naming its fix; empty for a run that trained as it should."""
-    if untouched(last):
+    """One line per problem found, each naming its fix; empty for a run that trained as it should.
+
+    `best_untouched` / `last_untouched`: `untouched()` of adapter.safetensors / adapter_last.safetensors.
+    """
+    if last_untouched:
         return [
             f"no optimizer step changed the adapter: it is identical to the base. Ultralytics accumulates gradients "
             f"over nbs={nbs} images before each step (batch {batch}) and warms the learning rate up from 0; "
@@ -77,7 +80,7 @@ def diagnose(
             f"(merged.pt holds the best epoch's adapter). The learning rate is too high for this base: train again "
             f"with a lower --lr0 (e.g. {lr0 / 10:g})"
         )
-    if untouched(best):
+    if best_untouched:
         problems.append(
             "the best adapter is the untouched base: no update had reached it when it was saved and every later epoch "
             "scored lower, so merged.pt is the base, not a fine-tuned model"

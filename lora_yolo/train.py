@@ -167,12 +167,13 @@ def train(
     if adapter.base["nc"] == adapter.nc and load_model(base).names == adapter.names:
         base_metrics = _map(_validate(trainer, base, "base_val"))
     metrics = _map(metrics)
+    best_untouched = untouched(adapter)
     warnings = diagnose(
         map_history(trainer.csv),
         zero_shot=base_metrics["mAP50-95"] if base_metrics else None,
         final=metrics["mAP50-95"],
-        best=adapter,
-        last=load_adapter(trainer.save_dir / ADAPTER_LAST),
+        best_untouched=best_untouched,
+        last_untouched=untouched(load_adapter(trainer.save_dir / ADAPTER_LAST)),
         lr0=trainer.args.lr0,
         nbs=trainer.args.nbs,
         batch=trainer.args.batch,
@@ -187,7 +188,7 @@ def train(
         total=sum(p.numel() for p in trainer.model.parameters()),
         epoch_seconds=_epoch_seconds(trainer.csv),
         warnings=warnings,
-        untouched=untouched(adapter),
+        untouched=best_untouched,
     )
 
 

@@ -138,9 +138,7 @@ class LoraTrainerMixin:
         config = self.lora_config
         plan = select_targets(model, config, full=frozenset(full))
         add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
-        fold_batchnorm(model)
-        if config.gradient_checkpointing:
-            add_checkpointing(model)
+        _training_form(model, config)
         model.lora_meta = {
             "config": config.to_dict(),
             "base": fingerprint(base),
@@ -152,9 +150,7 @@ class LoraTrainerMixin:
         """Base weights come from the base file, not from the fp16 checkpoint, so they stay bit-exact."""
         adapter = adapter_of(weights)
         model = attach_adapter(load_model(base_file(adapter)), adapter)
-        fold_batchnorm(model)
-        if adapter.config.gradient_checkpointing:
-            add_checkpointing(model)
+        _training_form(model, adapter.config)
         model.lora_meta = weights.lora_meta
         return model
 
@@ -311,6 +307,14 @@ class LoraTrainerMixin:
         self.epoch += 1  # log the final metrics at step epochs+1, as Ultralytics does
         self.run_callbacks("on_fit_epoch_end")
         self.epoch -= 1
+
+
+def _training_form(model: nn.Module, config: LoraConfig) -> None:
+    """What training computes with, the same function as the plain model: frozen BatchNorms folded, and with
+    `gradient_checkpointing` each layer recomputed in backward."""
+    fold_batchnorm(model)
+    if config.gradient_checkpointing:
+        add_checkpointing(model)
 
 
 def adapter_of(model: nn.Module) -> Adapter:
