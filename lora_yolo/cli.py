@@ -80,6 +80,13 @@ def _pairs(items: list[str] | None, cast: Callable[[str], Any], option: str) -> 
     return out
 
 
+# The parameters of `lora_options`: the LoRA settings a command can set (train refuses them on --resume).
+LORA_OPTIONS = (
+    "config", "rank", "alpha", "dropout", "rslora", "dora", "targets", "include", "exclude", "first_layer",
+    "rank_pattern", "alpha_pattern", "loraplus_ratio", "gradient_checkpointing",
+)  # fmt: skip
+
+
 def lora_options(options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(LoraConfig, train args) from a command's shared selection options, given as its arguments by name
     (`locals()` at the top of the command); a bad value is a usage error (exit 2)."""
@@ -181,13 +188,22 @@ def train(
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run from its weights/last.pt.")] = None,
 ) -> None:
     """Train LoRA adapters on DATA; extra key=value arguments go to Ultralytics' trainer (e.g. mosaic=0.5)."""
-    lora, preset_args = lora_options(locals())
+    options = dict(locals())
+    if resume is not None:  # the run continues with the LoRA settings it started with (its lora.yaml)
+        given = [f"--{k.replace('_', '-')}" for k in LORA_OPTIONS if options[k] not in (None, [])]
+        if given:
+            raise typer.BadParameter(
+                f"{', '.join(given)} cannot change on --resume: the run continues with its own LoRA settings "
+                "(its lora.yaml); start a new run to change them",
+                param_hint="--resume",
+            )
+    lora, preset_args = lora_options(options)
     from lora_yolo.train import RESERVED
     from lora_yolo.train import train as train_lora
 
     flags = dict(epochs=epochs, imgsz=imgsz, batch=batch, device=device, lr0=lr0, project=project, name=name, seed=seed)
     overrides = _overrides(ctx, RESERVED, "training", preset_args, **flags)
-    result = train_lora(data, model=model, config=lora, resume=resume, **overrides)
+    result = train_lora(data, model=model, config=None if resume else lora, resume=resume, **overrides)
     typer.echo("\n" + result.table())
 
 

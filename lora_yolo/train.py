@@ -134,6 +134,8 @@ def train(
         overrides = {**preset_args, **overrides}
     check_args(overrides, RESERVED, "training")
     if resume is not None:
+        if config is not None:  # as Ultralytics, which keeps a resumed run's own arguments (batch, device aside)
+            raise LoraYoloError("a resumed run keeps the LoRA settings it started with: pass no config with resume")
         if not Path(resume).is_file():
             raise LoraYoloError(f"resume checkpoint not found: {resume}")
         trainer = _trainer(_resume_task(resume), overrides={**overrides, "resume": str(resume)})

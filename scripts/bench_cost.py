@@ -50,6 +50,7 @@ RECIPES = {
     "DoRA all, unfolded (before)": ("lora", LoraConfig(use_dora=True), False),
     "DoRA all (default)": ("lora", LoraConfig(use_dora=True), True),
     "DoRA all, gradient checkpointing": ("lora", LoraConfig(use_dora=True, gradient_checkpointing=True), True),
+    "DoRA all, r 32": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), True),
     "LoRA all": ("lora", LoraConfig(), True),
     "DoRA from layer 4": ("lora", LoraConfig(use_dora=True, first_layer=4), True),
     "DoRA from layer 6": ("lora", LoraConfig(use_dora=True, first_layer=6), True),

@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import SHAPES_B1, cli
 
+from lora_yolo import LoraConfig
+from lora_yolo.errors import LoraYoloError
+from lora_yolo.train import train
+
 
 # The argument checks need a valid dataset, not real photographs: the committed synthetic one, no skip without COCO8.
 def test_misspelled_passthrough_key_suggests_the_right_one(base_pt):
@@ -23,6 +27,19 @@ def test_default_model_offline_says_how_to_pass_a_local_one(tmp_path):
     out = cli("train", SHAPES_B1, cwd=tmp_path)  # yolo11n.pt is not on disk and there is no internet here
     assert out.returncode == 1
     assert "yolo11n.pt" in out.stderr and "--model path/to/model.pt" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_resume_refuses_lora_options_it_would_ignore(tmp_path):
+    # A resumed run continues with the adapter it started (Ultralytics keeps its arguments too): a new rank or
+    # checkpointing setting would be silently dropped, so it is refused before anything is read.
+    out = cli("train", "--resume", str(tmp_path / "last.pt"), "--rank", "4", "--gradient-checkpointing")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--rank, --gradient-checkpointing cannot change on --resume" in " ".join(out.stderr.split())
+
+
+def test_resume_through_the_library_refuses_a_config(tmp_path):
+    with pytest.raises(LoraYoloError, match="keeps the LoRA settings it started with"):
+        train(None, resume=tmp_path / "last.pt", config=LoraConfig(r=4))
 
 
 @pytest.mark.slow

@@ -160,3 +160,18 @@ def test_adapters_from_a_later_layer_save_fewer_bytes(base_pt):
         fold_batchnorm(model)
         saved[first] = saved_bytes(model, x)
     assert saved[6] / saved[0] < 0.85, saved
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_channels_last_training_form_is_the_same_function(base_pt, kind):
+    # Ultralytics' trainer turns the model channels-last by itself on CUDA (its default there; refused on CPU), so
+    # the folded adapter layers must compute the same in that memory format; the format is the same on any device.
+    _, folded = folded_pair(base_pt, CONFIGS[kind])
+    nhwc = copy.deepcopy(folded).to(memory_format=torch.channels_last)
+    assert nhwc.model[0].conv.base_layer.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 96, 96)
+    assert (head_output(nhwc, x.to(memory_format=torch.channels_last)) - head_output(folded, x)).abs().max() < 1e-5
+    want, got = adapter_grads(folded, x), adapter_grads(nhwc, x.to(memory_format=torch.channels_last))
+    for name in want:
+        scale = want[name].abs().max().clamp_min(1e-12)
+        assert (got[name] - want[name]).abs().max() / scale < 1e-4, name
