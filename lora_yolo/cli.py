@@ -232,6 +232,10 @@ def export(
     dynamic: Annotated[bool, typer.Option(help="Dynamic input shapes.")] = False,
     simplify: Annotated[bool, typer.Option(help="Simplify the ONNX graph.")] = True,
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset.")] = None,
+    nms: Annotated[
+        Optional[bool],
+        typer.Option("--nms/--no-nms", help="Embed NMS; --no-nms: YOLO26's NMS-free end-to-end output."),
+    ] = None,
 ) -> None:
     """Export a merged model with Ultralytics' exporter; a failed export leaves the inputs untouched."""
     from lora_yolo.export import export_model, formats
@@ -239,7 +243,7 @@ def export(
     if format not in formats() or format == "-":
         choices = ", ".join(k for k in formats() if k != "-")
         raise typer.BadParameter(f"unknown export format {format!r}; formats: {choices}", param_hint="--format")
-    path = export_model(model, format, base, adapter, output, imgsz, half, dynamic, simplify, opset)
+    path = export_model(model, format, base, adapter, output, imgsz, half, dynamic, simplify, opset, nms)
     typer.echo(path)
 
 

@@ -38,8 +38,12 @@ def export_model(
     dynamic: bool = False,
     simplify: bool = True,
     opset: int | None = None,
+    nms: bool | None = None,
 ) -> Path:
     """Export a merged checkpoint, or `base` + `adapters` merged in memory; returns the exported file or folder.
+
+    `nms` is Ultralytics' export argument: True embeds NMS in the graph, False exports a YOLO26 head's NMS-free
+    one-to-one branch (its end-to-end output), None the raw one-to-many output, as Ultralytics does by default.
 
     Example:
         >>> export_model("runs/detect/train/merged.pt", format="onnx", imgsz=640)
@@ -67,6 +71,8 @@ def export_model(
     if target.is_dir() and any(target.iterdir()):
         raise LoraYoloError(f"{target} already exists and is not empty; remove it or choose another --output")
     precision = {"quantize": 16 if half else None} if "quantize" in DEFAULT_CFG_DICT else {"half": half}
+    if nms is not None:
+        precision["nms"] = nms
     with tempfile.TemporaryDirectory(prefix=".lora-yolo-export-", dir=target.parent) as tmp:
         work = Path(tmp) / f"{stem}.pt"
         if model is not None:

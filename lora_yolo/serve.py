@@ -10,6 +10,12 @@ which `SwitchableConv2d` computes on the fly (unmerged) or writes into the conv 
 Adapters that change the class set carry their class layers in full: switching to one swaps those layers, the head's
 class count and the model's names, so predictions and validation speak the adapter's classes.
 
+YOLO26's head has two branches, one-to-many (`cv2`/`cv3`, decoded with NMS) and one-to-one (`one2one_cv2`/`cv3`,
+NMS-free); training adapts both (the one-to-one branch sees detached features, so its adapters learn from its own
+loss only) and merging merges both. Ultralytics' fuse removes the branch inference does not run, chosen by
+`end2end` (Ultralytics' predictor sets it from `nms=False`), so the branch is chosen when the base is loaded here
+(`end2end`) and the adapters of the removed branch, which change no output, are checked and then left out.
+
 Example:
     >>> model = AdapterModel("yolo11n-shapes.pt")
     >>> model.load_adapter("a.safetensors", "a"); model.load_adapter("b.safetensors", "b")
@@ -105,7 +111,9 @@ class AdapterModel:
     adapter. The wrapped `YOLO` is `self.yolo`; train with `lora_yolo.train`, not `self.yolo.train`.
     """
 
-    def __init__(self, base: str | Path) -> None:
+    def __init__(self, base: str | Path, end2end: bool | None = None) -> None:
+        """Load and fuse `base`; `end2end` picks a YOLO26 head's branch to keep (True: the NMS-free one-to-one, as
+        Ultralytics' `nms=False`; default: the base's own choice, the one-to-many branch for Ultralytics' models)."""
         if str(base).endswith((".yaml", ".yml")):
             raise LoraYoloError(
                 f"serving needs the base checkpoint, not a model YAML ({base}); a run trained from a YAML keeps its "
@@ -120,11 +128,13 @@ class AdapterModel:
         check_task(self.yolo.task, path)
         self.base = fingerprint(model)  # of the unfused base: what adapters record
         self._scales = bn_scales(model)
+        if end2end is not None and getattr(model.model[-1], "one2one_cv2", None) is not None:
+            model.end2end = end2end
+        unfused, self._class_convs = dict(model.named_modules()), class_layers(model)  # both YOLO26 branches
         model.fuse(verbose=False)
-        self._fused_modules = dict(
-            model.named_modules()
-        )  # the fused base's own modules, before any adapter replaces one
-        self._class_convs = class_layers(model)
+        fused = dict(model.named_modules())  # the fused base's own modules, before any adapter replaces one
+        self._checked_modules = {**unfused, **fused}  # adapters are checked against the base, fused or not
+        self._unused = {n for n in unfused if n not in fused}  # the head branch fuse removed (and the BatchNorms)
         self._base_classes = (dict(model.names), {})  # names, replaced modules (none)
         self._adapters: dict[str, Adapter] = {}
         self._classes: dict[str, tuple[dict[int, str], dict[str, nn.Module]]] = {}
@@ -153,10 +163,11 @@ class AdapterModel:
         if name in self._adapters:
             raise LoraYoloError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
         check_fits(adapter, self.base, allow_other_weights)
-        check_layers(adapter, self._fused_modules, self._class_convs, self._base_classes[0])
+        check_layers(adapter, self._checked_modules, self._class_convs, self._base_classes[0])
         self._classes[name] = self._class_layers(adapter)
         for layer in adapter.layers:
-            self._switchable(layer).add(name, adapter, layer)
+            if layer not in self._unused:
+                self._switchable(layer).add(name, adapter, layer)
         self._adapters[name] = adapter
         return name
 
@@ -236,6 +247,8 @@ class AdapterModel:
         modules: dict[str, nn.Module] = {}
         for key in adapter.full:
             owner, _, param = key.rpartition(".")
+            if owner in self._unused:
+                continue
             if owner not in modules:
                 modules[owner] = self._base_copy(owner)
             t = adapter.tensors[key].to(modules[owner].weight.device, torch.float32)
@@ -272,9 +285,12 @@ class AdapterModel:
 RESERVED = {"model": "--model", "source": "SOURCE", "data": "DATA", "mode": "(the command)", "task": "(the model's)"}
 
 
-def serving_model(base: str | Path, adapter: str | Path | None, allow_other_weights: bool = False) -> AdapterModel:
-    """The base with `adapter` active and merged (so it runs at the base's speed), or the base alone."""
-    model = AdapterModel(base)
+def serving_model(
+    base: str | Path, adapter: str | Path | None, allow_other_weights: bool = False, nms: bool | None = None
+) -> AdapterModel:
+    """The base with `adapter` active and merged (so it runs at the base's speed), or the base alone; `nms` is
+    Ultralytics' argument, whose False selects a YOLO26 head's NMS-free branch."""
+    model = AdapterModel(base, end2end=nms is False)
     if adapter is not None:
         model.set_adapter(model.load_adapter(adapter, allow_other_weights=allow_other_weights))
         model.merge_adapter()
@@ -299,7 +315,7 @@ def predict(
     check_args(overrides, RESERVED, "predict")
     if not Path(source).exists() and "://" not in str(source):
         raise LoraYoloError(f"source not found: {source}")
-    model = serving_model(base, adapter, allow_other_weights)
+    model = serving_model(base, adapter, allow_other_weights, overrides.get("nms"))
     # Ultralytics' predictor itself, with YOLO.predict's defaults: YOLO.predict takes any program whose name ends in
     # "yolo" (lora-yolo does) for its own CLI, and then returns nothing.
     args = {**model.yolo.overrides, "conf": 0.25, "batch": 1, "rect": True, **overrides, "mode": "predict"}
@@ -327,7 +343,7 @@ def validate(
     """
     check_args(overrides, RESERVED, "val")
     nc = check_dataset(data)["nc"]
-    model = serving_model(base, adapter, allow_other_weights)
+    model = serving_model(base, adapter, allow_other_weights, overrides.get("nms"))
     if nc != len(model.model.names):
         raise LoraYoloError(f"{data} has {nc} classes, the model with this adapter predicts {len(model.model.names)}")
     return model.val(data=str(data), **overrides)

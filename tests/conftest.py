@@ -56,6 +56,28 @@ def cli(*args, cwd: Path | None = None, console_script: bool = False) -> subproc
     return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.fixture
+def cli_here(monkeypatch, capsys):
+    """`lora-yolo ARGS` run in this process through the console entry point (`lora_yolo.cli.run`), returning what
+    `cli` returns: no interpreter start and torch import per call (about 4 s each on 2 cores). For a command's
+    arguments, errors and output; `cli` stays the check of a fresh process and of the installed script."""
+    from lora_yolo.cli import run
+
+    def call(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", ["lora-yolo", *map(str, args)])
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        try:
+            run()
+            code = 0
+        except SystemExit as e:  # how the entry point ends on every error, and typer on some successes
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+    return call
+
+
 STRICT_SKIPS = "LORA_YOLO_STRICT_SKIPS"
 
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 
-from conftest import cli
-
 from lora_yolo import inspect_model, load_model
 from lora_yolo.presets import resolve_config
 
 
-def test_inspect_json_totals(base_pt):
-    out = cli("inspect", str(base_pt), "--json", "--targets", "head", "--rank", "4")
+def test_inspect_json_totals(base_pt, cli_here):
+    out = cli_here("inspect", str(base_pt), "--json", "--targets", "head", "--rank", "4")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     report = inspect_model(base_pt, resolve_config("default", targets=["head"], r=4)[0])  # what the CLI builds
@@ -19,35 +17,35 @@ def test_inspect_json_totals(base_pt):
     assert data["totals"]["adapter_bytes"] == report.adapter_bytes
 
 
-def test_inspect_table_on_yaml():
-    out = cli("inspect", "yolo11n.yaml")
+def test_inspect_table_on_yaml(cli_here):
+    out = cli_here("inspect", "yolo11n.yaml")
     assert out.returncode == 0, out.stderr
     assert "model.10.m.0.attn.qkv.conv" in out.stdout and "LoRA params:" in out.stdout
 
 
-def test_bad_rank_is_usage_error():
-    out = cli("inspect", "yolo11n.yaml", "--rank", "0")
+def test_bad_rank_is_usage_error(cli_here):
+    out = cli_here("inspect", "yolo11n.yaml", "--rank", "0")
     assert out.returncode == 2 and "r must be a positive integer" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_missing_model_is_one_line_error():
-    out = cli("inspect", "no/such/model.pt")
+def test_missing_model_is_one_line_error(cli_here):
+    out = cli_here("inspect", "no/such/model.pt")
     assert out.returncode == 1 and out.stderr.strip() == "error: model file not found: no/such/model.pt"
 
 
-def test_inspect_dora_adds_one_parameter_per_output_channel(base_pt):
-    plain = json.loads(cli("inspect", str(base_pt), "--json", "--targets", "neck", "--no-dora").stdout)
-    dora = json.loads(cli("inspect", str(base_pt), "--json", "--targets", "neck", "--dora").stdout)
+def test_inspect_dora_adds_one_parameter_per_output_channel(base_pt, cli_here):
+    plain = json.loads(cli_here("inspect", str(base_pt), "--json", "--targets", "neck", "--no-dora").stdout)
+    dora = json.loads(cli_here("inspect", str(base_pt), "--json", "--targets", "neck", "--dora").stdout)
     model = load_model(base_pt)
     extra = sum(model.get_submodule(r["name"]).out_channels for r in plain["layers"] if r["lora_params"])
     assert extra > 0 and dora["totals"]["lora_params"] == plain["totals"]["lora_params"] + extra
 
 
-def test_first_layer_option():
-    out = cli("inspect", "yolo11n.yaml", "--json", "--first-layer", "6")
+def test_first_layer_option(cli_here):
+    out = cli_here("inspect", "yolo11n.yaml", "--json", "--first-layer", "6")
     assert out.returncode == 0, out.stderr
     layers = json.loads(out.stdout)["layers"]
     assert all(int(r["name"].split(".")[1]) >= 6 for r in layers if r["selected"])
     assert any(r["reason"] == "before first_layer 6" for r in layers)
-    bad = cli("inspect", "yolo11n.yaml", "--first-layer", "-1")
+    bad = cli_here("inspect", "yolo11n.yaml", "--first-layer", "-1")
     assert bad.returncode == 2 and "first_layer must be a layer index" in bad.stderr

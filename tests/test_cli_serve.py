@@ -52,16 +52,16 @@ def test_val_with_adapter_matches_merged_checkpoint(files, demo_base):
     assert base.returncode == 0 and f"mAP50 {map50:.4f}" not in base.stdout
 
 
-def test_errors_are_one_line(files, demo_base, tmp_path):
+def test_errors_are_one_line(files, demo_base, tmp_path, cli_here):
     tmp, adapter, _ = files
-    missing = lora_yolo("predict", IMAGES, "--model", demo_base, "--adapter", tmp_path / "none.safetensors")
+    missing = cli_here("predict", IMAGES, "--model", demo_base, "--adapter", tmp_path / "none.safetensors")
     assert missing.returncode == 1 and "adapter file not found" in missing.stderr and "Traceback" not in missing.stderr
     b2 = SHAPES_B1.parents[1] / "shapes-b2" / "data.yaml"  # 4 classes; the adapter keeps the base's 3
-    wrong = lora_yolo("val", b2, "--model", demo_base, "--adapter", adapter)
+    wrong = cli_here("val", b2, "--model", demo_base, "--adapter", adapter)
     assert wrong.returncode == 1 and "has 4 classes, the model with this adapter predicts 3" in wrong.stderr
-    typo = lora_yolo("predict", IMAGES, "--model", demo_base, "cnf=0.5")
+    typo = cli_here("predict", IMAGES, "--model", demo_base, "cnf=0.5")
     assert typo.returncode == 2 and "did you mean 'conf'?" in typo.stderr
-    nosource = lora_yolo("predict", tmp_path / "nothing", "--model", demo_base)
+    nosource = cli_here("predict", tmp_path / "nothing", "--model", demo_base)
     assert nosource.returncode == 1 and "source not found" in nosource.stderr
-    yaml_base = lora_yolo("predict", IMAGES, "--model", "yolo11n.yaml")
+    yaml_base = cli_here("predict", IMAGES, "--model", "yolo11n.yaml")
     assert yaml_base.returncode == 1 and "keeps its base as weights/base.pt" in yaml_base.stderr

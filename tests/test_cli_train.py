@@ -11,15 +11,15 @@ from lora_yolo.train import train
 
 
 # The argument checks need a valid dataset, not real photographs: the committed synthetic one, no skip without COCO8.
-def test_misspelled_passthrough_key_suggests_the_right_one(base_pt):
-    out = cli("train", SHAPES_B1, "--model", base_pt, "mosiac=0.5")
+def test_misspelled_passthrough_key_suggests_the_right_one(base_pt, cli_here):
+    out = cli_here("train", SHAPES_B1, "--model", base_pt, "mosiac=0.5")
     assert out.returncode == 2  # a usage error
     assert "'mosiac' is not an Ultralytics training argument; did you mean 'mosaic'?" in out.stderr
     assert "Traceback" not in out.stderr
 
 
-def test_freeze_is_owned_by_lora(base_pt):
-    out = cli("train", SHAPES_B1, "--model", base_pt, "freeze=10")
+def test_freeze_is_owned_by_lora(base_pt, cli_here):
+    out = cli_here("train", SHAPES_B1, "--model", base_pt, "freeze=10")
     assert out.returncode == 2 and "'freeze' cannot be passed through" in out.stderr
 
 
@@ -29,10 +29,10 @@ def test_default_model_offline_says_how_to_pass_a_local_one(tmp_path):
     assert "yolo11n.pt" in out.stderr and "--model path/to/model.pt" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_resume_refuses_lora_options_it_would_ignore(tmp_path):
+def test_resume_refuses_lora_options_it_would_ignore(tmp_path, cli_here):
     # A resumed run continues with the adapter it started (Ultralytics keeps its arguments too): a new rank or
     # checkpointing setting would be silently dropped, so it is refused before anything is read.
-    out = cli("train", "--resume", str(tmp_path / "last.pt"), "--rank", "4", "--gradient-checkpointing")
+    out = cli_here("train", "--resume", str(tmp_path / "last.pt"), "--rank", "4", "--gradient-checkpointing")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "--rank, --gradient-checkpointing cannot change on --resume" in " ".join(out.stderr.split())
 

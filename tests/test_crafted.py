@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from conftest import random_adapter
 from safetensors.torch import load_file, save_file
 
 from lora_yolo import AdapterModel, LoraYoloError, attach_adapter, load_adapter, load_model, save_adapter
-from lora_yolo.cli import run
 from lora_yolo.merge import merge_files
 from lora_yolo.peft_format import CONFIG, WEIGHTS, from_peft, to_peft
 
@@ -242,29 +240,21 @@ def test_to_peft_never_overwrites_a_folder_with_files(good, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
 
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["lora-yolo", *args])
-    with pytest.raises(SystemExit) as e:
-        run()
-    return e.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("kind", ["bn-layer", "deep-json", "peft-list-config"])
-def test_cli_says_one_line(good, base_pt, tmp_path, monkeypatch, capsys, kind):
+def test_cli_says_one_line(good, base_pt, tmp_path, cli_here, kind):
     if kind == "bn-layer":
         tensors, layers = renamed(good, "model.0.conv", "model.0.bn")
         path = craft(tmp_path / "a.safetensors", good, tensors, layers=layers)
-        code, err = cli(
-            monkeypatch, capsys, "merge", "--base", str(base_pt), "-a", str(path), "-o", str(tmp_path / "m.pt")
-        )
+        out = cli_here("merge", "--base", base_pt, "-a", path, "-o", tmp_path / "m.pt")
     elif kind == "deep-json":
         path = craft(tmp_path / "a.safetensors", good, names="[" * 50_000)
-        code, err = cli(monkeypatch, capsys, "convert", str(path), str(tmp_path / "out"), "--to", "peft")
+        out = cli_here("convert", path, tmp_path / "out", "--to", "peft")
     else:
         folder = peft_folder(good, tmp_path)
         (folder / CONFIG).write_text("[1, 2]")
-        code, err = cli(monkeypatch, capsys, "convert", str(folder), str(tmp_path / "b.safetensors"), "--from", "peft")
-    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        out = cli_here("convert", folder, tmp_path / "b.safetensors", "--from", "peft")
+    err = out.stderr
+    assert out.returncode == 1 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
 
 
 def test_adapter_name_with_a_dot_is_usable(good, base_pt, tmp_path):

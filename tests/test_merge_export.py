@@ -12,7 +12,6 @@ import pytest
 import torch
 from conftest import (
     SHAPES_B1,
-    cli,
     detections,
     head_output,
     image_batch,
@@ -53,10 +52,10 @@ def test_unmerged_and_merged_agree_on_coco8_images(adapters, base_pt, coco8):
     assert (head_output(fused, x) - head_output(plain, x)).abs().max() < 1e-4
 
 
-def test_weighted_merge_is_the_weighted_sum_of_updates(adapters, base_pt, tmp_path):
+def test_weighted_merge_is_the_weighted_sum_of_updates(adapters, base_pt, tmp_path, cli_here):
     a, b, _ = adapters
     before = {p: sha256(p) for p in (a, b, base_pt)}
-    out = cli(
+    out = cli_here(
         "merge",
         "--base",
         str(base_pt),
@@ -81,10 +80,10 @@ def test_weighted_merge_is_the_weighted_sum_of_updates(adapters, base_pt, tmp_pa
     assert max((merged[k] - expected[k]).abs().max().item() for k in merged) < 1e-6
 
 
-def test_merge_refuses_other_architecture_with_both_fingerprints(adapters, tmp_path):
+def test_merge_refuses_other_architecture_with_both_fingerprints(adapters, tmp_path, cli_here):
     a, _, _ = adapters
     other = make_base(tmp_path / "s.pt", "yolo11s.yaml")
-    out = cli("merge", "--base", str(other), "--adapter", str(a), "-o", str(tmp_path / "x.pt"))
+    out = cli_here("merge", "--base", str(other), "--adapter", str(a), "-o", str(tmp_path / "x.pt"))
     arch = load_adapter(a).base["arch"]
     assert out.returncode == 1 and arch in out.stderr and "yolo11s" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "x.pt").exists()
@@ -125,10 +124,10 @@ def test_half_onnx_within_documented_tolerance(adapters, coco8, tmp_path):
     assert diff[:, :4].max() < 5e-3 and diff[:, 4:].max() < 1e-2
 
 
-def test_export_from_base_and_adapter_equals_export_of_merged(adapters, base_pt, coco8, tmp_path):
+def test_export_from_base_and_adapter_equals_export_of_merged(adapters, base_pt, coco8, tmp_path, cli_here):
     a, _, merged = adapters
     before = {p: sha256(p) for p in (a, base_pt)}
-    out = cli(
+    out = cli_here(
         "export",
         "--base",
         str(base_pt),
@@ -148,9 +147,9 @@ def test_export_from_base_and_adapter_equals_export_of_merged(adapters, base_pt,
     assert np.abs(onnx_run(tmp_path / "ba.onnx", x) - expected).max() < 1e-4
 
 
-def test_unknown_format_and_failed_export(adapters, tmp_path):
+def test_unknown_format_and_failed_export(adapters, tmp_path, cli_here):
     _, _, merged = adapters
-    out = cli("export", str(merged), "--format", "onx")
+    out = cli_here("export", str(merged), "--format", "onx")
     assert out.returncode == 2 and "unknown export format 'onx'" in out.stderr and "onnx" in out.stderr
     before = sha256(merged)
     with pytest.raises(LoraYoloError, match="export failed"):  # TensorFlow is not installed: LiteRT cannot export

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import cli, head_output, random_adapter
+from conftest import head_output, random_adapter
 
 from lora_yolo import LoraConfig, LoraYoloError, attach_adapter, load_adapter, load_model, save_adapter
 from lora_yolo.checkpoint import build_for_classes
@@ -98,24 +98,24 @@ def test_adapter_made_by_peft_converts_with_its_base(base_pt, tmp_path, new_clas
     assert (ours - head_output(made.eval(), X)).abs().max() < 1e-5
 
 
-def test_cli_convert_both_ways_and_refusals(base_pt, tmp_path):
+def test_cli_convert_both_ways_and_refusals(base_pt, tmp_path, cli_here):
     _, adapter = random_adapter(base_pt)
     src = save_adapter(adapter, tmp_path / "a.safetensors")
 
-    out = cli("convert", src, tmp_path / "peft", "--to", "peft")
+    out = cli_here("convert", src, tmp_path / "peft", "--to", "peft")
     assert out.returncode == 0, out.stderr
     assert {p.name for p in (tmp_path / "peft").iterdir()} == {CONFIG, WEIGHTS}
-    out = cli("convert", tmp_path / "peft", tmp_path / "back.safetensors", "--from", "peft")
+    out = cli_here("convert", tmp_path / "peft", tmp_path / "back.safetensors", "--from", "peft")
     assert out.returncode == 0, out.stderr
     back, original = load_adapter(tmp_path / "back.safetensors"), load_adapter(src)
     assert back.metadata() == original.metadata()
     assert all(torch.equal(back.tensors[k], original.tensors[k]) for k in original.tensors)
-    assert cli("convert", src, tmp_path / "x", "--to", "lora").returncode == 2
+    assert cli_here("convert", src, tmp_path / "x", "--to", "lora").returncode == 2
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
-    out = cli("convert", tmp_path / "bin", tmp_path / "y.safetensors", "--from", "peft")
+    out = cli_here("convert", tmp_path / "bin", tmp_path / "y.safetensors", "--from", "peft")
     assert out.returncode == 1 and "a pickle" in out.stderr and "Traceback" not in out.stderr
     config = json.loads((tmp_path / "peft" / CONFIG).read_text())
     (tmp_path / "peft" / CONFIG).write_text(json.dumps({**config, "fan_in_fan_out": True}))
-    out = cli("convert", tmp_path / "peft", tmp_path / "z.safetensors", "--from", "peft")
+    out = cli_here("convert", tmp_path / "peft", tmp_path / "z.safetensors", "--from", "peft")
     assert out.returncode == 1 and "fan_in_fan_out=True is not supported" in out.stderr

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import SHAPES_B1, head_output, random_adapter
+from conftest import SHAPES_B1, head_output, make_base, random_adapter
 from ultralytics import YOLO
 
 from lora_yolo import LoraConfig, LoraYoloError, load_model, merge_lora
@@ -147,3 +147,39 @@ def test_delete_adapter_forgets_it_and_restores_the_base_when_active(base_pt):
     assert torch.equal(head_output(model.model, X), head_output(fused, X))
     with pytest.raises(LoraYoloError, match="no adapter named 'classes'"):
         model.set_adapter("classes")
+
+
+@pytest.fixture(scope="module")
+def base26(tmp_path_factory):
+    """yolo26n with 80 classes, from yolo26n.yaml: a head with a one-to-many and a one-to-one branch."""
+    return make_base(tmp_path_factory.mktemp("base26") / "yolo26n-base.pt", "yolo26n.yaml")
+
+
+def branch_output(model: torch.nn.Module, x: torch.Tensor, end2end: bool) -> torch.Tensor:
+    """The raw boxes and class logits of the head branch inference runs (before decoding and top-k)."""
+    model.eval()
+    with torch.no_grad():
+        preds = model(x)[1]
+    branch = preds[("one2one" if end2end else "one2many")] if "one2one" in preds else preds  # one branch: flat
+    return torch.cat([branch["boxes"], branch["scores"]], 1)
+
+
+@pytest.mark.parametrize("names", [None, NEW], ids=["same classes", "new classes"])
+@pytest.mark.parametrize("end2end", [False, True], ids=["one-to-many (NMS)", "one-to-one (nms=False)"])
+def test_yolo26_either_head_branch_equals_the_merged_model(base26, end2end, names):
+    # Training adapts both branches; Ultralytics' fuse keeps the one `end2end` selects. Served, the kept branch's
+    # adapters apply and the removed branch's are left out; the result is what YOLO(merged.pt) predicts with.
+    trained, adapter = random_adapter(base26, names=names, scale=0.3)
+    assert any(".one2one_cv2." in n for n in adapter.layers) and any(".cv2." in n for n in adapter.layers)
+    merged = merge_lora(trained)
+    merged.end2end = end2end
+    merged.fuse(verbose=False)
+    model = AdapterModel(base26, end2end=end2end)
+    model.set_adapter(model.load_adapter(adapter, "a"))
+    head = model.model.model[-1]
+    assert head.end2end == end2end and (head.cv2 is None) == end2end and (head.one2one_cv2 is None) != end2end
+    got, want = branch_output(model.model, X, end2end), branch_output(merged, X, end2end)
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-4 * want.abs().max()
+    boxes = 4 * head.reg_max  # the rows the base shares with every class set
+    model.disable_adapters()
+    assert (branch_output(model.model, X, end2end)[:, :boxes] - want[:, :boxes]).abs().max() > 1e-2  # it did change

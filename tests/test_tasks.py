@@ -1,4 +1,6 @@
-"""Segmentation, pose and oriented boxes: train, merge, serve and export with LoRA, end to end on generated data."""
+"""Every task of YOLO11 and YOLO26 beyond YOLO11 detection (test_train.py): train, merge, serve and export with LoRA,
+end to end on generated data. YOLO26's heads have two branches (one-to-many and the NMS-free one-to-one), both
+adapted and both merged; each is checked."""
 
 from __future__ import annotations
 
@@ -18,28 +20,38 @@ from lora_yolo.synth import make_dataset
 from lora_yolo.train import train
 
 pytestmark = pytest.mark.slow
-CFG = Path(ultralytics.__file__).parent / "cfg" / "models" / "11"
+CFG = Path(ultralytics.__file__).parent / "cfg" / "models"
+SUFFIX = {"detect": "", "segment": "-seg", "obb": "-obb", "pose": "-pose"}
+RUNS = ["11-segment", "11-pose", "11-obb", "26-detect", "26-segment", "26-pose", "26-obb"]
 
 
-def base_for(task: str, folder: Path) -> Path:
-    """A random yolo11n base of the task: 80 classes (the data has 3, so class layers retrain in full); for pose,
-    the data's keypoint layout (2 keypoints), as a pose base pretrained on that layout would have."""
-    cfg = {"segment": "yolo11n-seg.yaml", "obb": "yolo11n-obb.yaml", "pose": "yolo11n-pose.yaml"}[task]
+def base_for(family: str, task: str, folder: Path) -> Path:
+    """A random yolo11n / yolo26n base of the task: 80 classes (the data has 3, so class layers retrain in full); for
+    pose, the data's keypoint layout (2 keypoints), as a pose base pretrained on that layout would have."""
+    cfg = f"yolo{family}n{SUFFIX[task]}.yaml"
     if task == "pose":
-        text = (CFG / "yolo11-pose.yaml").read_text().replace("kpt_shape: [17, 3]", "kpt_shape: [2, 3]")
+        text = (CFG / family / f"yolo{family}-pose.yaml").read_text().replace("kpt_shape: [17, 3]", "kpt_shape: [2, 3]")
         (folder / cfg).write_text(text)
         cfg = str(folder / cfg)
-    return make_base(folder / f"{task}-base.pt", cfg)
+    return make_base(folder / f"{family}-{task}-base.pt", cfg)
 
 
-@pytest.fixture(scope="module", params=["segment", "pose", "obb"])
+@pytest.fixture(scope="module", params=RUNS)
 def task_run(request, tmp_path_factory):
-    task = request.param
-    folder = tmp_path_factory.mktemp(task)
+    family, task = request.param.split("-")
+    folder = tmp_path_factory.mktemp(request.param)
     data = make_dataset(folder / "data", "A", n_train=8, n_val=4, imgsz=64, seed=0, task=task)
-    base = base_for(task, folder)
+    base = base_for(family, task, folder)
     result = train(data, model=base, project=str(folder / "runs"), name=task, **TINY)
     return task, base, data, result
+
+
+def tensors(out) -> list[torch.Tensor]:
+    """Every tensor of a model output, nested tuples and dicts flattened in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out
+    return [t for item in items for t in tensors(item)]
 
 
 def raw(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -49,6 +61,13 @@ def raw(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
         y = model(x)[0]
     return list(y) if isinstance(y, (list, tuple)) else [y]
+
+
+def every_branch(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The decoded output and every head branch's raw predictions (YOLO26: one-to-many and one-to-one)."""
+    model.eval()
+    with torch.no_grad():
+        return tensors(model(x))
 
 
 def close(a: list, b: list) -> bool:
@@ -65,10 +84,12 @@ def test_trains_with_the_tasks_own_trainer_and_merges_exactly(task_run):
     merged = YOLO(str(result.merged))  # plain Ultralytics
     assert merged.task == task and len(merged.names) == 3
     x = torch.rand(2, 3, 64, 64)
-    unmerged = raw(attach_adapter(load_model(base), adapter), x)
-    assert close(raw(load_model(result.merged), x), unmerged)
-    extra = {"segment": 32, "pose": 2 * 3, "obb": 1}[task]  # mask coefficients, 2 keypoints x (x, y, v), angle
+    unmerged = every_branch(attach_adapter(load_model(base), adapter), x)
+    assert close(every_branch(load_model(result.merged), x), unmerged)
+    extra = {"detect": 0, "segment": 32, "pose": 2 * 3, "obb": 1}[task]  # mask coeffs, 2 keypoints x (x, y, v), angle
     assert unmerged[0].shape[1] == 4 + 3 + extra
+    two = getattr(load_model(base).model[-1], "one2one_cv2", None) is not None  # YOLO26
+    assert two == any(".one2one_cv2." in n for n in adapter.layers) == any(".one2one_cv3." in k for k in adapter.full)
     # merged.pt validated by the task's own validator, its mask / keypoint mAP in the summary too
     kind = {"segment": "mask", "pose": "pose"}.get(task)
     if kind:
@@ -81,7 +102,7 @@ def test_served_with_adapter_gives_the_tasks_results(task_run):
     model.set_adapter(model.load_adapter(result.adapter))
     image = sorted((data.parent / "images" / "val").glob("*.jpg"))[0]
     out = model.predict(image, imgsz=64, conf=0.0, max_det=3, verbose=False)[0]
-    extra = {"segment": out.masks, "pose": out.keypoints, "obb": out.obb}[task]
+    extra = {"detect": out.boxes, "segment": out.masks, "pose": out.keypoints, "obb": out.obb}[task]
     assert extra is not None and len(extra) > 0 and out.names == load_adapter(result.adapter).names
 
 
@@ -101,3 +122,27 @@ def test_pose_data_with_another_keypoint_layout_is_refused(tmp_path):
     base = make_base(tmp_path / "pose17.pt", "yolo11n-pose.yaml")  # 17 keypoints
     with pytest.raises(LoraYoloError, match=r"kpt_shape \[2, 3\] differs from the base's \[17, 3\]"):
         train(data, model=base, project=str(tmp_path / "runs"), **TINY)
+
+
+def same_rows(got: np.ndarray, want: np.ndarray) -> bool:
+    """Top-k detections (max_det, 6 + extra) equal as sets of rows: near-tied scores may come out in another order,
+    so each row is matched to any equal row; rows tied with the k-th score are left out (either may be picked)."""
+    cut = want[:, 4].min() + 1e-5
+    rows = [r for r in got if r[4] > cut]
+    return len(rows) > 0 and all(np.isclose(r, want, rtol=1e-4, atol=1e-4).all(1).any() for r in rows)
+
+
+@pytest.mark.parametrize("task_run", [r for r in RUNS if r.startswith("26")], indirect=True)
+def test_yolo26_nms_free_export_matches_pytorch(task_run, tmp_path):
+    import onnxruntime as ort
+
+    _, _, _, result = task_run
+    onnx = export_model(result.merged, "onnx", output=tmp_path / "e2e.onnx", imgsz=64, nms=False)
+    x = torch.rand(1, 3, 64, 64)
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    model = load_model(result.merged)
+    model.end2end = True  # the one-to-one branch, as Ultralytics' predictor with nms=False
+    want = raw(model.fuse(verbose=False), x)
+    assert got[0].shape == tuple(want[0].shape) and got[0].shape[-1] >= 6  # (1, max_det, box + score + class + ...)
+    assert same_rows(got[0][0], want[0][0].numpy()) and close(got[1:], want[1:])  # segment: the prototypes too
