@@ -177,6 +177,20 @@ def head_output(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def all_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor a model returns in eval mode, nested tuples and dicts flattened in order: the decoded output and
+    every head branch's raw predictions (YOLO26: one-to-many and one-to-one)."""
+
+    def flat(out) -> list[torch.Tensor]:
+        if isinstance(out, torch.Tensor):
+            return [out]
+        return [t for item in (out.values() if isinstance(out, dict) else out) for t in flat(item)]
+
+    model.eval()
+    with torch.no_grad():
+        return flat(model(x))
+
+
 def image_batch(data_yaml: Path, imgsz: int, split: str = "val") -> torch.Tensor:
     """The split's images, letterboxed to imgsz as Ultralytics' predictor does, as an RGB float batch in [0, 1]."""
     import cv2

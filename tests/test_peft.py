@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import head_output, random_adapter
+from conftest import all_outputs, head_output, make_base, random_adapter
 
 from lora_yolo import LoraConfig, LoraYoloError, attach_adapter, load_adapter, load_model, save_adapter
 from lora_yolo.checkpoint import build_for_classes
@@ -119,3 +119,19 @@ def test_cli_convert_both_ways_and_refusals(base_pt, tmp_path, cli_here):
     (tmp_path / "peft" / CONFIG).write_text(json.dumps({**config, "fan_in_fan_out": True}))
     out = cli_here("convert", tmp_path / "peft", tmp_path / "z.safetensors", "--from", "peft")
     assert out.returncode == 1 and "fan_in_fan_out=True is not supported" in out.stderr
+
+
+def test_yolo26_adapter_loads_in_peft_with_every_output_equal(tmp_path):
+    # YOLO26's head: both branches carry adapters and, for a new class set, class convs in full; PEFT must
+    # reproduce each branch's raw predictions, not only the decoded one-to-many output.
+    base = make_base(tmp_path / "yolo26n.pt", "yolo26n.yaml")
+    adapter = load_adapter(save_adapter(random_adapter(base, names=NEW)[1], tmp_path / "a.safetensors"))
+    assert any(".one2one_cv3." in n for n in adapter.layers)
+    ours = attach_adapter(load_model(base), adapter)
+    folder = to_peft(adapter, tmp_path / "p")
+    theirs = peft_model(build_for_classes(load_model(base), adapter.nc, adapter.names), folder)
+    got, want = all_outputs(theirs, X), all_outputs(ours, X)
+    assert len(got) == len(want) > 4 and all((a - b).abs().max() < 1e-4 for a, b in zip(got, want))
+    back = from_peft(folder)
+    assert back.tensors.keys() == adapter.tensors.keys()
+    assert all(torch.equal(back.tensors[k], adapter.tensors[k]) for k in adapter.tensors)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import ultralytics
-from conftest import TINY, make_base
+from conftest import TINY, all_outputs, make_base
 from ultralytics import YOLO
 
 from lora_yolo import LoraYoloError, attach_adapter, load_adapter, load_model
@@ -46,14 +46,6 @@ def task_run(request, tmp_path_factory):
     return task, base, data, result
 
 
-def tensors(out) -> list[torch.Tensor]:
-    """Every tensor of a model output, nested tuples and dicts flattened in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    items = out.values() if isinstance(out, dict) else out
-    return [t for item in items for t in tensors(item)]
-
-
 def raw(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The model's inference outputs, as its ONNX export has them: boxes, classes and the task's extra channels
     (mask coefficients, keypoints, angle), plus the mask prototypes for segmentation."""
@@ -61,13 +53,6 @@ def raw(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
         y = model(x)[0]
     return list(y) if isinstance(y, (list, tuple)) else [y]
-
-
-def every_branch(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The decoded output and every head branch's raw predictions (YOLO26: one-to-many and one-to-one)."""
-    model.eval()
-    with torch.no_grad():
-        return tensors(model(x))
 
 
 def close(a: list, b: list) -> bool:
@@ -84,8 +69,8 @@ def test_trains_with_the_tasks_own_trainer_and_merges_exactly(task_run):
     merged = YOLO(str(result.merged))  # plain Ultralytics
     assert merged.task == task and len(merged.names) == 3
     x = torch.rand(2, 3, 64, 64)
-    unmerged = every_branch(attach_adapter(load_model(base), adapter), x)
-    assert close(every_branch(load_model(result.merged), x), unmerged)
+    unmerged = all_outputs(attach_adapter(load_model(base), adapter), x)
+    assert close(all_outputs(load_model(result.merged), x), unmerged)
     extra = {"detect": 0, "segment": 32, "pose": 2 * 3, "obb": 1}[task]  # mask coeffs, 2 keypoints x (x, y, v), angle
     assert unmerged[0].shape[1] == 4 + 3 + extra
     two = getattr(load_model(base).model[-1], "one2one_cv2", None) is not None  # YOLO26
