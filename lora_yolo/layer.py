@@ -45,10 +45,16 @@ def channel_norm(weight: torch.Tensor) -> torch.Tensor:
 
 
 def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-    """scale * B A in `dtype`, shaped like the base weight (out, in, kh, kw), from A (r, in, kh, kw) and B (out, r)."""
-    a = lora_A.to(dtype).flatten(1)  # (r, in * kh * kw)
-    b = lora_B.to(dtype).flatten(1)  # (out, r)
-    return (b @ a).view(b.shape[0], *lora_A.shape[1:]) * scaling
+    """scale * B A in `dtype`, shaped like the base weight (out, in, kh, kw), from A (r, in, kh, kw) and B (out, r).
+
+    Computed in `dtype` even under autocast (AMP): autocast would run the matmul and its backward in fp16, where the
+    backward sums `out` products of the weight's gradient per entry of A (and `in * kh * kw` per entry of B), and at
+    a gradient scaler's loss scale those sums overflow long before the weight's own gradient does.
+    """
+    with torch.autocast(lora_A.device.type, enabled=False):
+        a = lora_A.to(dtype).flatten(1)  # (r, in * kh * kw)
+        b = lora_B.to(dtype).flatten(1)  # (out, r)
+        return (b @ a).view(b.shape[0], *lora_A.shape[1:]) * scaling
 
 
 def dora_scale(adapted: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
