@@ -33,6 +33,7 @@ the model in a DistillationModel, which carries no adapters.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from copy import deepcopy
@@ -80,6 +81,16 @@ def freeze_list(model: nn.Module) -> list[str]:
     return sorted(o.removeprefix("model.") for o in owners)
 
 
+def check_ddp_launcher() -> None:
+    """Ultralytics' DDP launcher pickles the trainer with cloudpickle, which it pip-installs at launch, so offline a
+    multi-GPU run would fail in its workers; say so before anything starts."""
+    if importlib.util.find_spec("cloudpickle") is None:
+        raise LoraYoloError(
+            "multi-GPU training needs cloudpickle (Ultralytics' DDP launcher installs it at run time only when "
+            "online): pip install 'lora-yolo[ddp]'"
+        )
+
+
 class _DropFreezeLines(logging.Filter):
     """Ultralytics logs one 'Freezing layer' line per frozen parameter (hundreds here); one summary line is enough."""
 
@@ -103,6 +114,8 @@ class LoraTrainerMixin:
                 "distill_model is not supported: Ultralytics' distillation wraps the model in a DistillationModel, "
                 "which carries no adapters; train without it"
             )
+        if self.ddp:
+            check_ddp_launcher()
         # Only for building the model: once built, the config travels on it (`lora_meta`), which is what a DDP
         # worker gets (Ultralytics rebuilds the trainer there from its arguments, without `lora=`).
         self.lora_config = lora or LoraConfig()

@@ -3,6 +3,7 @@ class sets decided by names, optimizers LoRA cannot share (MuSGD's Muon, distill
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing as mp
 import subprocess
@@ -19,7 +20,7 @@ from lora_yolo import LoraConfig, LoraYoloError, load_adapter, load_model, save_
 from lora_yolo.errors import TrainingInterrupted
 from lora_yolo.fold import FoldedBatchNorm2d
 from lora_yolo.train import train
-from lora_yolo.trainer import LoraDetectionTrainer, trainable_names
+from lora_yolo.trainer import LoraDetectionTrainer, check_ddp_launcher, trainable_names
 
 
 def names_of(data_yaml: Path) -> dict[int, str]:
@@ -217,3 +218,14 @@ def test_resume_keeps_a_base_off_the_fp16_grid_exact(coco8, tmp_path):
     checked = [k for k in frozen if k in renamed and frozen[k].is_floating_point()]
     assert len(checked) > 300
     assert all(torch.equal(renamed[k], frozen[k]) for k in checked), "the EMA's base was rounded"
+
+
+def test_multi_gpu_without_cloudpickle_says_what_to_install(monkeypatch):
+    # Ultralytics' launcher would pip-install cloudpickle, which fails offline inside the launch; the trainer checks
+    # first (a CPU machine cannot build a multi-GPU trainer, so the check is called as the trainer calls it).
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cloudpickle" else real(name, *a))
+    with pytest.raises(LoraYoloError, match=r"multi-GPU training needs cloudpickle .* pip install 'lora-yolo\[ddp\]'"):
+        check_ddp_launcher()
+    monkeypatch.undo()
+    check_ddp_launcher()  # installed here (the dev extra): nothing to say
