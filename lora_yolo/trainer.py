@@ -45,8 +45,8 @@ from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.models.yolo.obb import OBBTrainer, OBBValidator
 from ultralytics.models.yolo.pose import PoseTrainer, PoseValidator
 from ultralytics.models.yolo.segment import SegmentationTrainer, SegmentationValidator
-from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, YAML
-from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
+from ultralytics.utils import DEFAULT_CFG, LOCAL_RANK, LOGGER, RANK, YAML
+from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zero_first, unwrap_model
 
 from lora_yolo.adapter import Adapter, attach_adapter, extract_adapter, fingerprint, load_adapter, save_adapter
 from lora_yolo.atomic import atomic_path
@@ -303,15 +303,22 @@ class LoraTrainerMixin:
         return saved
 
     def final_eval(self):
-        """Write `merged.pt` (base + best adapter, merged, plain Ultralytics) and validate it as the final result."""
-        if RANK not in {-1, 0} or not (self.save_dir / ADAPTER).exists():
+        """Write `merged.pt` (base + best adapter, merged, plain Ultralytics) and validate it as the final result.
+
+        Every rank takes part, as in Ultralytics' own final_eval: rank 0 writes while the others wait, then each rank
+        validates (Ultralytics' validator enters a barrier of all ranks; one rank missing would hang the others).
+        """
+        with torch_distributed_zero_first(LOCAL_RANK):
+            if RANK in {-1, 0} and (self.save_dir / ADAPTER).exists():
+                for f in (self.last, self.best):
+                    if f.exists():  # as Ultralytics: final checkpoints without optimizer state, replaced atomically
+                        with atomic_path(f) as tmp:
+                            if not strip_optimizer(f, s=str(tmp)):
+                                raise LoraYoloError(f"{f} is not a readable checkpoint")
+                write_merged(self.save_dir, vars(self.args))
+        merged = self.save_dir / MERGED
+        if not merged.exists():  # no adapter was saved (a run stopped before its first epoch ended)
             return
-        for f in (self.last, self.best):
-            if f.exists():  # as Ultralytics does: final checkpoints without optimizer state, but replaced atomically
-                with atomic_path(f) as tmp:
-                    if not strip_optimizer(f, s=str(tmp)):
-                        raise LoraYoloError(f"{f} is not a readable checkpoint")
-        merged = write_merged(self.save_dir, vars(self.args))
         LOGGER.info(f"\nValidating {merged}...")
         self.validator.args.plots = self.args.plots
         self.validator.args.compile = False

@@ -1,0 +1,69 @@
+"""Real multi-process training: two gloo ranks on CPU running Ultralytics' training loop with the LoRA trainer
+(tests/ddp_rank.py says what is replaced to run it without GPUs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+B2 = ROOT / "datasets" / "shapes-b2" / "data.yaml"  # 4 classes: the demo base's 3 are replaced, class layers in full
+
+
+def run_ranks(tmp_path: Path, demo_base: Path, **extra) -> list[subprocess.CompletedProcess]:
+    """Both ranks of one run, each its own process; a hang is a failure after 300 s, not a stuck suite."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = dict(model=str(demo_base), data=str(B2), epochs=2, imgsz=64, batch=4, nbs=4, warmup_epochs=0,
+                     fraction=0.1, workers=0, plots=False, device="cpu", seed=0, name="ddp", exist_ok=True)  # fmt: skip
+    procs = []
+    for rank in (0, 1):
+        spec = {"overrides": {**overrides, "project": str(tmp_path / "runs")}, "out": str(tmp_path), **extra,
+                "lora": {"use_dora": True, "loraplus_lr_ratio": 4}}  # fmt: skip
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "ddp_rank.py"), json.dumps(spec)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            p.kill()
+    return done
+
+
+def test_two_ranks_train_the_same_adapter_and_only_rank_0_writes(demo_base, tmp_path):
+    for p in run_ranks(tmp_path, demo_base):
+        assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for part in ("adapter", "ema", "full"):  # the ranks started from different adapter inits (ddp_rank.py)
+        assert r0[part].keys() == r1[part].keys() and len(r0[part]) >= 6, part  # full: 3 class convs, weight + bias
+        assert all(torch.equal(r0[part][k], r1[part][k]) for k in r0[part]), part
+    assert any(k.endswith("lora_magnitude_vector") for k in r0["adapter"])  # DoRA in the workers
+    assert all(k.rpartition(".")[0].startswith("model.23.") for k in r0["full"])  # the class layers, trained in full
+    assert any(t.abs().max() > 0 for k, t in r0["adapter"].items() if k.endswith("lora_B.weight"))  # it trained
+    for lrs in (r0["lrs"], r1["lrs"]):  # LoRA+ in every rank: B's initial lr 4x A's
+        (a,), (b,) = lrs["A"], lrs["B"]
+        assert b == pytest.approx(4 * a)
+    run = tmp_path / "runs" / "ddp"  # one run folder, as Ultralytics' launcher gives every rank the same save_dir
+    assert (run / "adapter.safetensors").is_file() and (run / "merged.pt").is_file()
+    assert r0["writes"] == [] and r1["writes"] == []  # rank 1 wrote nothing there (rank 0 is not watched)
+
+
+def test_nan_on_one_rank_stops_both_with_the_message(demo_base, tmp_path):
+    procs = run_ranks(tmp_path, demo_base, nan_rank=1)  # rank 1's loss turns NaN in epoch 2; rank 0's never does
+    for rank, p in enumerate(procs):
+        assert p.returncode == 0, p.stderr[-3000:]  # each process caught the error and said it in rank{r}.err
+        assert "training diverged: the loss became NaN/Inf in epoch 2" in (tmp_path / f"rank{rank}.err").read_text()
