@@ -59,10 +59,12 @@ def diagnose(
     lr0: float,
     nbs: int,
     batch: int,
+    auto: bool = False,
 ) -> list[str]:
     """One line per problem found, each naming its fix; empty for a run that trained as it should.
 
-    `best_untouched` / `last_untouched`: `untouched()` of adapter.safetensors / adapter_last.safetensors.
+    `best_untouched` / `last_untouched`: `untouched()` of adapter.safetensors / adapter_last.safetensors. `lr0` is
+    the learning rate the run used; `auto`: Ultralytics' `optimizer=auto` chose it (and ignores `--lr0`).
     """
     if last_untouched:
         return [
@@ -78,7 +80,12 @@ def diagnose(
         problems.append(
             f"validation box mAP50-95 collapsed: {peak:.4f} at {where}, {history[-1]:.4f} after the last epoch "
             f"(merged.pt holds the best epoch's adapter). The learning rate is too high for this base: train again "
-            f"with a lower --lr0 (e.g. {lr0 / 10:g})"
+            + (
+                f"with optimizer=AdamW and a lower --lr0 (e.g. {lr0 / 10:g}; optimizer=auto chose {lr0:g} and ignores "
+                "--lr0)"
+                if auto
+                else f"with a lower --lr0 (e.g. {lr0 / 10:g})"
+            )
         )
     if best_untouched:
         problems.append(

@@ -176,9 +176,10 @@ def train(
         final=metrics["mAP50-95"],
         best_untouched=best_untouched,
         last_untouched=untouched(load_adapter(trainer.save_dir / ADAPTER_LAST)),
-        lr0=trainer.args.lr0,
+        lr0=_learning_rate(trainer),
         nbs=trainer.args.nbs,
         batch=trainer.args.batch,
+        auto=trainer.args.optimizer == "auto",
     )
     for w in warnings:
         LOGGER.warning(f"lora-yolo: {w}")
@@ -221,6 +222,13 @@ def _resume_task(checkpoint: str | Path) -> str:
         return ckpt["train_args"].get("task") or "detect"
     except Exception as e:
         raise LoraYoloError(f"{checkpoint} is not an Ultralytics training checkpoint ({first_line(e)})") from None
+
+
+def _learning_rate(trainer: LoraTrainerMixin) -> float:
+    """The initial learning rate the run used: with `optimizer=auto` Ultralytics picks its own and ignores lr0 (the
+    parent of a DDP run has no optimizer; its lr0 stands in)."""
+    optimizer = getattr(trainer, "optimizer", None)
+    return optimizer.param_groups[0]["initial_lr"] if optimizer is not None else trainer.args.lr0
 
 
 def _trainer(task: str, **kwargs: Any) -> LoraTrainerMixin:

@@ -48,6 +48,12 @@ def test_collapse_rule(history, zero_shot, collapsed):
     assert any("collapsed" in w and "--lr0 (e.g. 0.001)" in w for w in found) == collapsed
 
 
+def test_collapse_under_optimizer_auto_names_an_lr0_that_is_used():
+    # optimizer=auto ignores --lr0: the fix must switch the optimizer too, and start from the lr auto chose
+    (found,) = diagnose([0.3, 0.01], None, 0.3, False, False, lr0=0.00125, nbs=8, batch=8, auto=True)
+    assert "optimizer=AdamW and a lower --lr0 (e.g. 0.000125; optimizer=auto chose 0.00125 and ignores" in found
+
+
 def test_no_better_than_zero_shot_is_said():
     found = diagnose([0.2, 0.3, 0.35], 0.5, 0.35, False, False, lr0=0.01, nbs=64, batch=8)
     assert found == ["the fine-tuned model scores no better than the base zero-shot (box mAP50-95 0.3500 vs 0.5000)"]
@@ -63,7 +69,9 @@ def domain_a(tmp_path_factory):
 def test_collapsed_run_whose_best_is_the_base_says_both(demo_base, domain_a, tmp_path):
     """One batch per epoch and Ultralytics' warmup: epoch 1's only step runs at lr 0, so the adapter saved as best
     after it is the base; later steps at lr0 1.0 wreck the model. The summary must not present that as fine-tuned."""
-    result = train(domain_a, model=demo_base, project=str(tmp_path), name="r", epochs=3, nbs=8, lr0=1.0, **RUN)
+    result = train(
+        domain_a, model=demo_base, project=str(tmp_path), name="r", epochs=3, nbs=8, optimizer="AdamW", lr0=1.0, **RUN
+    )
     assert len(result.warnings) == 2, result.warnings
     collapse, best = result.warnings
     assert collapse.startswith("validation box mAP50-95 collapsed: 0.6") and "0.0000 after the last epoch" in collapse
