@@ -197,13 +197,13 @@ def train(
                 "(its lora.yaml); start a new run to change them",
                 param_hint="--resume",
             )
-    lora, preset_args = lora_options(options)
+    lora, preset_args = lora_options(options) if resume is None else (None, {})  # a resumed run keeps its own
     from lora_yolo.train import RESERVED
     from lora_yolo.train import train as train_lora
 
     flags = dict(epochs=epochs, imgsz=imgsz, batch=batch, device=device, lr0=lr0, project=project, name=name, seed=seed)
     overrides = _overrides(ctx, RESERVED, "training", preset_args, **flags)
-    result = train_lora(data, model=model, config=None if resume else lora, resume=resume, **overrides)
+    result = train_lora(data, model=model, config=lora, resume=resume, **overrides)
     typer.echo("\n" + result.table())
 
 

@@ -20,6 +20,7 @@ Merging is explicit (`merge`, `unmerge`), done in fp32 whatever the module's dty
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -44,6 +45,12 @@ def channel_norm(weight: torch.Tensor) -> torch.Tensor:
     return weight.flatten(1).norm(dim=1)
 
 
+def no_autocast(device_type: str) -> AbstractContextManager:
+    """Autocast switched off for a device type that has one (a meta tensor, or an old torch's device, has none)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
+    return torch.autocast(device_type, enabled=False) if available(device_type) else nullcontext()
+
+
 def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     """scale * B A in `dtype`, shaped like the base weight (out, in, kh, kw), from A (r, in, kh, kw) and B (out, r).
 
@@ -51,7 +58,7 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype
     backward sums `out` products of the weight's gradient per entry of A (and `in * kh * kw` per entry of B), and at
     a gradient scaler's loss scale those sums overflow long before the weight's own gradient does.
     """
-    with torch.autocast(lora_A.device.type, enabled=False):
+    with no_autocast(lora_A.device.type):
         a = lora_A.to(dtype).flatten(1)  # (r, in * kh * kw)
         b = lora_B.to(dtype).flatten(1)  # (out, r)
         return (b @ a).view(b.shape[0], *lora_A.shape[1:]) * scaling

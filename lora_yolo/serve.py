@@ -133,8 +133,13 @@ class AdapterModel:
         unfused, self._class_convs = dict(model.named_modules()), class_layers(model)  # both YOLO26 branches
         model.fuse(verbose=False)
         fused = dict(model.named_modules())  # the fused base's own modules, before any adapter replaces one
-        self._checked_modules = {**unfused, **fused}  # adapters are checked against the base, fused or not
-        self._unused = {n for n in unfused if n not in fused}  # the head branch fuse removed (and the BatchNorms)
+        # What fuse set to None (YOLO26's unused head branch), not what it rebuilt (BatchNorms, RepConv branches):
+        # adapters there change no output, so they are checked against the base and then left out.
+        dropped = tuple(
+            f"{p}.{k}." if p else f"{k}." for p, m in fused.items() for k, v in m._modules.items() if v is None
+        )
+        self._unused = {n for n in unfused if f"{n}.".startswith(dropped)}
+        self._checked_modules = {**{n: unfused[n] for n in self._unused}, **fused}
         self._base_classes = (dict(model.names), {})  # names, replaced modules (none)
         self._adapters: dict[str, Adapter] = {}
         self._classes: dict[str, tuple[dict[int, str], dict[str, nn.Module]]] = {}

@@ -138,7 +138,10 @@ def train(
             raise LoraYoloError("a resumed run keeps the LoRA settings it started with: pass no config with resume")
         if not Path(resume).is_file():
             raise LoraYoloError(f"resume checkpoint not found: {resume}")
-        trainer = _trainer(_resume_task(resume), overrides={**overrides, "resume": str(resume)})
+        if data is not None:  # a new path for the run's dataset (moved): Ultralytics takes it on resume
+            check_dataset(data)
+        data_arg = {"data": str(data)} if data is not None else {}
+        trainer = _trainer(_resume_task(resume), overrides={**overrides, **data_arg, "resume": str(resume)})
     else:
         if data is None:
             raise LoraYoloError("DATA is required (a dataset YAML) unless --resume is given")

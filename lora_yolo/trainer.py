@@ -317,8 +317,8 @@ class LoraTrainerMixin:
                                 raise LoraYoloError(f"{f} is not a readable checkpoint")
                 write_merged(self.save_dir, vars(self.args))
         merged = self.save_dir / MERGED
-        if not merged.exists():  # no adapter was saved (a run stopped before its first epoch ended)
-            return
+        if not (self.save_dir / ADAPTER).exists():  # no adapter saved (stopped in epoch 1): nothing merged, whatever
+            return  # merged.pt an earlier run left in this folder
         LOGGER.info(f"\nValidating {merged}...")
         self.validator.args.plots = self.args.plots
         self.validator.args.compile = False

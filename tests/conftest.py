@@ -4,9 +4,11 @@ data, the CLI in a fresh process, and the strict-skips mode CI runs under (LORA_
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # PEFT reads adapters from local folders only
 
+from ultralytics.utils import LOGGER as ULTRALYTICS_LOGGER  # noqa: E402
 from ultralytics.utils import ROOT as ULTRALYTICS_ROOT  # noqa: E402
 from ultralytics.utils import YAML  # noqa: E402
 
@@ -67,13 +70,28 @@ def cli_here(monkeypatch, capsys):
         monkeypatch.setattr(sys, "argv", ["lora-yolo", *map(str, args)])
         if cwd is not None:
             monkeypatch.chdir(cwd)
+        # What a real process would print too: Ultralytics' log lines (its handlers hold the stream of import time,
+        # stdout) and Python warnings, both into the captured streams; the handlers get their stream back after.
+        handlers = [h for h in ULTRALYTICS_LOGGER.handlers if isinstance(h, logging.StreamHandler)]
+        streams = [h.stream for h in handlers]
+        for h in handlers:
+            h.setStream(sys.stdout)
         try:
-            run()
-            code = 0
-        except SystemExit as e:  # how the entry point ends on every error, and typer on some successes
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    run()
+                    code = 0
+                except SystemExit as e:  # how the entry point ends on every error, and typer on some successes
+                    code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            for h, stream in zip(handlers, streams):
+                h.setStream(stream)
         captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+        err = captured.err + "".join(
+            warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught
+        )
+        return subprocess.CompletedProcess(args, code, captured.out, err)
 
     return call
 

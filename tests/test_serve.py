@@ -183,3 +183,13 @@ def test_yolo26_either_head_branch_equals_the_merged_model(base26, end2end, name
     boxes = 4 * head.reg_max  # the rows the base shares with every class set
     model.disable_adapters()
     assert (branch_output(model.model, X, end2end)[:, :boxes] - want[:, :boxes]).abs().max() > 1e-2  # it did change
+
+
+def test_adapter_on_convs_fuse_rebuilds_is_refused_not_skipped(tmp_path):
+    # YOLOv9's RepConv becomes one new conv when fused: adapters on its two branch convs cannot be served as
+    # trained, so loading says so (only branches fuse removes, YOLO26's unused head, may be left out)
+    base = make_base(tmp_path / "yolov9t.pt", "yolov9t.yaml")
+    _, adapter = random_adapter(base)
+    assert any(".conv1.conv" in n for n in adapter.layers)
+    with pytest.raises(LoraYoloError, match=r"conv1\.conv is not in the base model"):
+        AdapterModel(base).load_adapter(adapter)
