@@ -140,8 +140,8 @@ def train(
             raise LoraYoloError(f"resume checkpoint not found: {resume}")
         if data is not None:  # a new path for the run's dataset (moved): Ultralytics takes it on resume
             check_dataset(data)
-        data_arg = {"data": str(data)} if data is not None else {}
-        trainer = _trainer(_resume_task(resume), overrides={**overrides, **data_arg, "resume": str(resume)})
+            overrides = {**overrides, "data": str(data)}
+        trainer = _trainer(_resume_task(resume), overrides={**overrides, "resume": str(resume)})
     else:
         if data is None:
             raise LoraYoloError("DATA is required (a dataset YAML) unless --resume is given")

@@ -308,17 +308,19 @@ class LoraTrainerMixin:
         Every rank takes part, as in Ultralytics' own final_eval: rank 0 writes while the others wait, then each rank
         validates (Ultralytics' validator enters a barrier of all ranks; one rank missing would hang the others).
         """
+        # No adapter saved (stopped within epoch 1): nothing to merge, and a merged.pt left here is an earlier run's.
+        saved = (self.save_dir / ADAPTER).exists()
         with torch_distributed_zero_first(LOCAL_RANK):
-            if RANK in {-1, 0} and (self.save_dir / ADAPTER).exists():
+            if RANK in {-1, 0} and saved:
                 for f in (self.last, self.best):
                     if f.exists():  # as Ultralytics: final checkpoints without optimizer state, replaced atomically
                         with atomic_path(f) as tmp:
                             if not strip_optimizer(f, s=str(tmp)):
                                 raise LoraYoloError(f"{f} is not a readable checkpoint")
                 write_merged(self.save_dir, vars(self.args))
+        if not saved:
+            return
         merged = self.save_dir / MERGED
-        if not (self.save_dir / ADAPTER).exists():  # no adapter saved (stopped in epoch 1): nothing merged, whatever
-            return  # merged.pt an earlier run left in this folder
         LOGGER.info(f"\nValidating {merged}...")
         self.validator.args.plots = self.args.plots
         self.validator.args.compile = False
