@@ -41,14 +41,14 @@ def test_predict_with_adapter_matches_merged_checkpoint(files, demo_base):
     assert len(list((tmp / "p").glob("*.jpg"))) == 40  # Ultralytics' annotated images, saved as `yolo predict` does
 
 
-def test_val_with_adapter_matches_merged_checkpoint(files, demo_base):
+def test_val_with_adapter_matches_merged_checkpoint(files, demo_base, cli_here):
     tmp, adapter, merged = files
-    out = lora_yolo("val", SHAPES_B1, "--model", demo_base, "--adapter", adapter, "--imgsz", 160, f"project={tmp}")
+    out = cli_here("val", SHAPES_B1, "--model", demo_base, "--adapter", adapter, "--imgsz", 160, f"project={tmp}")
     assert out.returncode == 0, out.stderr[-2000:]
     map50, map50_95 = map(float, re.search(r"mAP50 ([\d.]+)  mAP50-95 ([\d.]+)", out.stdout).groups())
     metrics = YOLO(str(merged)).val(data=str(SHAPES_B1), imgsz=160, project=str(tmp), plots=False, verbose=False)
     assert map50 == pytest.approx(metrics.box.map50, abs=1e-3) and map50_95 == pytest.approx(metrics.box.map, abs=1e-3)
-    base = lora_yolo("val", SHAPES_B1, "--model", demo_base, "--imgsz", 160, f"project={tmp}")  # no adapter: the base
+    base = cli_here("val", SHAPES_B1, "--model", demo_base, "--imgsz", 160, f"project={tmp}")  # no adapter: the base
     assert base.returncode == 0 and f"mAP50 {map50:.4f}" not in base.stdout
 
 
