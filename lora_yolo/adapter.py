@@ -27,10 +27,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 from torch import nn
-from ultralytics.nn.tasks import guess_model_task
 
 from lora_yolo.atomic import atomic_path
-from lora_yolo.checkpoint import build_for_classes, class_count
+from lora_yolo.checkpoint import build_for_classes, class_count, model_task
 from lora_yolo.config import LoraConfig, positive_number
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_plan, lora_tensor_names
@@ -263,7 +262,8 @@ def check_tensors(adapter: Adapter, path: Path) -> None:
         raise LoraYoloError(f"{path} is inconsistent: tensors and metadata disagree on {odd}")
     for layer, (r, _) in adapter.layers.items():
         a, b = adapter.tensors[f"{layer}.lora_A.weight"], adapter.tensors[f"{layer}.lora_B.weight"]
-        if a.ndim != 4 or b.ndim != 4 or a.shape[0] != r or b.shape[1] != r or b.shape[2:] != (1, 1):
+        conv = a.ndim == 4 and b.ndim == 4 and b.shape[2:] == (1, 1)
+        if not (conv or a.ndim == b.ndim == 2) or a.shape[0] != r or b.shape[1] != r:
             raise LoraYoloError(f"{path} is inconsistent: {layer} has A {tuple(a.shape)}, B {tuple(b.shape)}, r={r}")
         if dora and adapter.tensors[f"{layer}.lora_magnitude_vector"].shape != b.shape[:1]:
             raise LoraYoloError(f"{path} is inconsistent: {layer}'s DoRA magnitude does not fit {b.shape[0]} channels")
@@ -297,26 +297,30 @@ def check_fits(adapter: Adapter, base: nn.Module | dict, allow_other_weights: bo
 def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: list[str], names: dict) -> None:
     """Every tensor of `adapter` must fit the base whose modules (by name, unadapted) are `modules`.
 
-    LoRA layers must be plain ungrouped zero-padded convs with A (r, in, kh, kw) and B (out, r, 1, 1). Tensors trained
-    in full must be the weight or bias of a class conv (`classes`) without a LoRA adapter, with one row per adapter
-    class: that is all training stores in full, and all serving can swap (the class convs have no BatchNorm, so
-    they are the same in the fused model). An adapter whose class set differs from the base's `names` must carry
-    those class convs: the base's rows would otherwise be used for other classes (or be random, for new ones).
+    LoRA layers must be plain ungrouped zero-padded convs with A (r, in, kh, kw) and B (out, r, 1, 1), or plain linear
+    layers with A (r, in) and B (out, r). Tensors trained in full must be the weight or bias of a class layer
+    (`classes`) without a LoRA adapter, with one row per adapter class: that is all training stores in full, and all
+    serving can swap (the class layers have no BatchNorm, so they are the same in the fused model). An adapter whose
+    class set differs from the base's `names` must carry those class layers: the base's rows would otherwise be used
+    for other classes (or be random, for new ones).
     The same checks hold against the base or its fused form, so attach, merge and serving agree. A crafted file
     fails here with one line instead of deep inside torch.
     """
     for layer, (r, _) in adapter.layers.items():
         conv = modules.get(layer)
-        if type(conv) is not nn.Conv2d:
-            what = "is not in the base model" if conv is None else f"is a {type(conv).__name__}, not a conv"
+        if type(conv) not in (nn.Conv2d, nn.Linear):
+            what = "is not in the base model" if conv is None else f"is a {type(conv).__name__}, not a conv or linear"
             raise LoraYoloError(f"adapter layer {layer} {what}")
-        if conv.groups != 1 or conv.padding_mode != "zeros":
+        if type(conv) is nn.Conv2d and (conv.groups != 1 or conv.padding_mode != "zeros"):
             raise LoraYoloError(f"adapter layer {layer} is a grouped or non-zero-padded conv, which LoRA cannot adapt")
         a, b = adapter.tensors[f"{layer}.lora_A.weight"], adapter.tensors[f"{layer}.lora_B.weight"]
-        want_a, want_b = (r, conv.in_channels, *conv.kernel_size), (conv.out_channels, r, 1, 1)
+        if type(conv) is nn.Linear:
+            want_a, want_b = (r, conv.in_features), (conv.out_features, r)
+        else:
+            want_a, want_b = (r, conv.in_channels, *conv.kernel_size), (conv.out_channels, r, 1, 1)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             raise LoraYoloError(
-                f"adapter layer {layer}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the base conv "
+                f"adapter layer {layer}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the base layer "
                 f"(expected {want_a}, {want_b})"
             )
     for key in adapter.full:  # what training stores in full: the class convs, when the class set changes
@@ -366,7 +370,7 @@ def extract_adapter(model: nn.Module, config: LoraConfig, base: dict, full: list
         nc=class_count(model),
         names=dict(model.names),
         base=base,
-        task=guess_model_task(model),
+        task=model_task(model),
     )
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from ultralytics import __version__ as ULTRALYTICS_VERSION
+from ultralytics.nn.modules.head import Classify
 from ultralytics.nn.tasks import (
+    ClassificationModel,
     DetectionModel,
     OBBModel,
     PoseModel,
@@ -30,8 +32,15 @@ from lora_yolo.errors import LoraYoloError, first_line
 from lora_yolo.fold import unfold_batchnorm
 from lora_yolo.memory import remove_checkpointing
 
-# Tasks whose head extends Detect, so adapters, class layers and merges work the same way.
-MODEL_CLASSES = {"detect": DetectionModel, "segment": SegmentationModel, "pose": PoseModel, "obb": OBBModel}
+# Tasks whose head extends Detect, plus classification (a Classify head: conv, pool, linear), so adapters, class
+# layers and merges work the same way.
+MODEL_CLASSES = {
+    "detect": DetectionModel,
+    "segment": SegmentationModel,
+    "pose": PoseModel,
+    "obb": OBBModel,
+    "classify": ClassificationModel,
+}
 ASSETS = Path(__file__).parent / "assets"  # yolo11n-shapes.pt: the offline demo base (scripts/pretrain_base.py)
 
 
@@ -64,7 +73,7 @@ def load_model(source: str | Path) -> nn.Module:
         model, _ = load_checkpoint(text)
     except Exception as e:
         raise load_error(text, e) from None
-    model.task = check_task(getattr(model, "task", None) or guess_model_task(model), text)
+    model.task = check_task(getattr(model, "task", None) or model_task(model), text)
     return model
 
 
@@ -92,15 +101,23 @@ def load_error(text: str, e: Exception) -> LoraYoloError:
 
 
 def check_task(task: str | None, source: str) -> str:
-    """The model's task, if LoRA supports it (tasks whose head is a Detect head: see MODEL_CLASSES)."""
+    """The model's task, if LoRA supports it (a Detect or Classify head: see MODEL_CLASSES)."""
     if task not in MODEL_CLASSES:
-        raise LoraYoloError(f"{source} is a {task} model; supported tasks: {', '.join(MODEL_CLASSES)}")
+        what = f"is a {task} model" if task else "has a head lora-yolo does not know (RT-DETR's decoder is one)"
+        raise LoraYoloError(f"{source} {what}; supported tasks: {', '.join(MODEL_CLASSES)}")
     return task
+
+
+def model_task(model: nn.Module) -> str:
+    """The model's task from its own head (its YAML), not from `model.args`: a checkpoint written without training
+    arguments loads with Ultralytics' defaults there, whose task is always `detect`."""
+    return guess_model_task(getattr(model, "yaml", None) or model)
 
 
 def class_count(model: nn.Module) -> int:
     """Number of classes the model's head predicts."""
-    return int(model.model[-1].nc)
+    head = model.model[-1]
+    return int(head.linear.out_features if isinstance(head, Classify) else head.nc)
 
 
 def build_for_classes(base: nn.Module, nc: int, names: dict[int, str]) -> nn.Module:
@@ -129,6 +146,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, train_args: dict | None 
     if hasattr(snapshot, "lora_meta"):
         del snapshot.lora_meta  # a plain checkpoint carries nothing of lora_yolo
     args = dict(train_args if train_args is not None else getattr(model, "args", {}) or {})
+    args.setdefault("task", model_task(model))  # what Ultralytics' YOLO() reads the task from
     ckpt = {
         "date": datetime.now().astimezone().isoformat(),
         "version": ULTRALYTICS_VERSION,

@@ -161,7 +161,12 @@ def _passthrough(tokens: list[str]) -> dict[str, Any]:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     ctx: typer.Context,
-    data: Annotated[Optional[str], typer.Argument(help="Ultralytics dataset YAML (train/val/names).")] = None,
+    data: Annotated[
+        Optional[str],
+        typer.Argument(
+            help="Ultralytics dataset YAML (train/val/names); classification: the dataset folder (train/, val/)."
+        ),
+    ] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Base .pt checkpoint or model YAML.")] = "yolo11n.pt",
     config: ConfigOpt = None,
     rank: RankOpt = None,
@@ -279,13 +284,14 @@ def predict(
 
     overrides = _overrides(ctx, RESERVED, "predict", {"save": True}, imgsz=imgsz, conf=conf, device=device)
     save_dir, images, boxes = predict_lora(source, model, adapter, allow_other_weights, **overrides)
-    typer.echo(f"{images} images, {boxes} detections; results in {save_dir}")
+    found = "" if boxes is None else f", {boxes} detections"  # a classification model: one label per image
+    typer.echo(f"{images} images{found}; results in {save_dir}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def val(
     ctx: typer.Context,
-    data: Annotated[str, typer.Argument(help="Ultralytics dataset YAML.")],
+    data: Annotated[str, typer.Argument(help="Ultralytics dataset YAML (classification: the dataset folder).")],
     model: BaseOpt = "yolo11n.pt",
     adapter: AdapterOpt = None,
     imgsz: Annotated[Optional[int], typer.Option(help="Image size.")] = None,
@@ -298,7 +304,10 @@ def val(
 
     overrides = _overrides(ctx, RESERVED, "val", imgsz=imgsz, batch=batch, device=device)
     metrics = validate(data, model, adapter, allow_other_weights, **overrides)
-    typer.echo(f"mAP50 {metrics.box.map50:.4f}  mAP50-95 {metrics.box.map:.4f}; results in {metrics.save_dir}")
+    if hasattr(metrics, "top1"):  # classification
+        typer.echo(f"top-1 {metrics.top1:.4f}  top-5 {metrics.top5:.4f}; results in {metrics.save_dir}")
+    else:
+        typer.echo(f"mAP50 {metrics.box.map50:.4f}  mAP50-95 {metrics.box.map:.4f}; results in {metrics.save_dir}")
 
 
 @app.command()

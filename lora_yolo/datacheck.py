@@ -1,7 +1,9 @@
-"""Check a dataset YAML before training, so a bad dataset is one clear line, not a traceback mid-run.
+"""Check a dataset before training, so a bad dataset is one clear line, not a traceback mid-run.
 
 Ultralytics' own `check_det_dataset` does the resolving (the `path` key, relative folders) and most of the checking;
-this adds what it only logs as a warning and then silently skips: labels whose class id is out of range.
+this adds what it only logs as a warning and then silently skips: labels whose class id is out of range. A
+classification dataset is a folder (`train/` and `val/`, one subfolder per class), read by `check_cls_dataset`;
+a folder without `train/` is refused here rather than split by Ultralytics into a new folder beside it.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from ultralytics.data.utils import IMG_FORMATS, check_det_dataset, img2label_paths
+from ultralytics.data.utils import IMG_FORMATS, check_cls_dataset, check_det_dataset, img2label_paths
 
 from lora_yolo.errors import LoraYoloError, first_line
 
@@ -38,13 +40,36 @@ def _class_id(field: str) -> float | None:
         return None
 
 
-def check_dataset(data: str | Path) -> dict:
+def check_classify_dataset(data: str | Path) -> dict:
+    """Ultralytics' resolved classification dataset: a folder with `train/` and a validation split (`val/`,
+    `validation/`, `valid/` or `test/`), one subfolder of images per class."""
+    path = Path(data)
+    if not path.is_dir():
+        raise LoraYoloError(
+            f"a classification dataset is a folder with train/ and val/, one subfolder per class; got {data}"
+        )
+    if not (path / "train").is_dir():
+        raise LoraYoloError(f"classification dataset {data} has no train/ folder")
+    if not any((path / split).is_dir() for split in ("val", "validation", "valid", "test")):
+        raise LoraYoloError(f"classification dataset {data} has no val/ (or test/) folder")
+    try:
+        resolved = check_cls_dataset(str(path))
+    except Exception as e:
+        raise LoraYoloError(f"dataset {data}: {first_line(e)}") from None
+    if not resolved["nc"]:
+        raise LoraYoloError(f"classification dataset {data} has no class folders in train/")
+    return resolved
+
+
+def check_dataset(data: str | Path, task: str = "detect") -> dict:
     """Ultralytics' resolved dataset dict, or a LoraYoloError naming the file and the problem.
 
     Example:
         >>> check_dataset("datasets/shapes-b2/data.yaml")["nc"]
         4
     """
+    if task == "classify":
+        return check_classify_dataset(data)
     path = Path(data)
     if not path.is_file():
         raise LoraYoloError(f"dataset YAML not found: {data}")

@@ -24,15 +24,16 @@ COLLAPSE_SHARE = 0.5
 COLLAPSE_FLOOR = 0.02
 
 
-def map_history(results_csv: Path) -> list[float]:
-    """Validation box mAP50-95 after each epoch, as Ultralytics wrote it; a damaged row (a run killed while writing,
-    then resumed) is skipped rather than failing the end of a finished run."""
+def map_history(results_csv: Path, column: str = "metrics/mAP50-95(B)") -> list[float]:
+    """Validation box mAP50-95 (or another `column`: top-1 accuracy for classification) after each epoch, as
+    Ultralytics wrote it; a damaged row (a run killed while writing, then resumed) is skipped rather than failing
+    the end of a finished run."""
     if not results_csv.is_file():
         return []
     history = []
     with open(results_csv, encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            value = next((v for k, v in row.items() if k and k.strip() == "metrics/mAP50-95(B)"), None)
+            value = next((v for k, v in row.items() if k and k.strip() == column), None)
             try:
                 history.append(float(value))
             except (TypeError, ValueError):
@@ -60,11 +61,13 @@ def diagnose(
     nbs: int,
     batch: int,
     auto: bool = False,
+    score: str = "box mAP50-95",
 ) -> list[str]:
     """One line per problem found, each naming its fix; empty for a run that trained as it should.
 
     `best_untouched` / `last_untouched`: `untouched()` of adapter.safetensors / adapter_last.safetensors. `lr0` is
-    the learning rate the run used; `auto`: Ultralytics' `optimizer=auto` chose it (and ignores `--lr0`).
+    the learning rate the run used; `auto`: Ultralytics' `optimizer=auto` chose it (and ignores `--lr0`); `score`
+    names what `history`, `zero_shot` and `final` measure.
     """
     if last_untouched:
         return [
@@ -78,7 +81,7 @@ def diagnose(
     if history and peak >= COLLAPSE_FLOOR and history[-1] < COLLAPSE_SHARE * peak:
         where = "the base zero-shot" if peak == zero_shot else f"epoch {history.index(peak) + 1}"
         problems.append(
-            f"validation box mAP50-95 collapsed: {peak:.4f} at {where}, {history[-1]:.4f} after the last epoch "
+            f"validation {score} collapsed: {peak:.4f} at {where}, {history[-1]:.4f} after the last epoch "
             f"(merged.pt holds the best epoch's adapter). The learning rate is too high for this base: train again "
             + (
                 f"with optimizer=AdamW and a lower --lr0 (e.g. {lr0 / 10:g}; optimizer=auto chose {lr0:g} and ignores "
@@ -94,7 +97,6 @@ def diagnose(
         )
     elif zero_shot is not None and zero_shot >= COLLAPSE_FLOOR and final <= zero_shot:
         problems.append(
-            f"the fine-tuned model scores no better than the base zero-shot (box mAP50-95 {final:.4f} vs "
-            f"{zero_shot:.4f})"
+            f"the fine-tuned model scores no better than the base zero-shot ({score} {final:.4f} vs {zero_shot:.4f})"
         )
     return problems

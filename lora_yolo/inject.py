@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lora_yolo.fold import unfold_batchnorm
-from lora_yolo.layer import LoraConv2d
+from lora_yolo.layer import LoraConv2d, LoraLayer, LoraLinear
 
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
 
@@ -36,20 +36,22 @@ def add_lora(
     use_rslora: bool = False,
     use_dora: bool = False,
 ) -> nn.Module:
-    """Wrap each conv named in `plan` (name -> (r, lora_alpha)) in a `LoraConv2d`, in place.
+    """Wrap each conv or linear layer named in `plan` (name -> (r, lora_alpha)) in a `LoraConv2d` / `LoraLinear`, in
+    place.
 
     Example:
         >>> add_lora(model, select_targets(model, LoraConfig()))
     """
     for name, (r, alpha) in plan.items():
-        conv = model.get_submodule(name)
-        replace_module(model, name, LoraConv2d(conv, r, alpha, lora_dropout, use_rslora, use_dora))
+        layer = model.get_submodule(name)
+        lora = LoraLinear if isinstance(layer, nn.Linear) else LoraConv2d
+        replace_module(model, name, lora(layer, r, alpha, lora_dropout, use_rslora, use_dora))
     return model
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoraConv2d]:
-    """Every adapter in the model, by the name of the conv it wraps."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraConv2d)}
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """Every adapter in the model, by the name of the layer it wraps."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def lora_plan(model: nn.Module) -> dict[str, tuple[int, float]]:

@@ -54,7 +54,7 @@ class InspectReport:
             )
         lines += [
             "",
-            f"selected layers: {sum(row.selected for row in self.layers)} of {len(self.layers)} convs",
+            f"selected layers: {sum(row.selected for row in self.layers)} of {len(self.layers)} conv and linear layers",
             f"base params:     {self.base_params:,}",
             f"LoRA params:     {self.lora_params:,} ({self.trainable_pct:.2f}% of the adapted model)",
             f"adapter file:    {self.adapter_bytes:,} bytes",

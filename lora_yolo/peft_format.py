@@ -4,6 +4,7 @@ The layers are the same (PEFT's Conv2d LoRA is also A = conv in -> r with the ba
 alpha / r or alpha / sqrt(r), DoRA's magnitude per output channel), so conversion only renames tensors:
   ours  `model.16.cv1.conv.lora_A.weight`        PEFT  `base_model.model.model.16.cv1.conv.lora_A.weight`
   ours  `<conv>.lora_magnitude_vector` (out,)   PEFT  `<...>.lora_magnitude_vector` (1, out, 1, 1)
+  ours  `<linear>.lora_A.weight` (r, in)         PEFT  the same (its Linear LoRA); DoRA's magnitude (out,) both
   ours  tensors trained in full (class layers)   PEFT  `modules_to_save`, under their own names
 Module names are those of the Ultralytics model itself (`YOLO(...).model`), which is what PEFT wraps:
 `PeftModel.from_pretrained(YOLO("base.pt").model, DIR)`. For an adapter with its own class set, PEFT needs the model
@@ -23,11 +24,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 from torch import nn
-from ultralytics.nn.tasks import guess_model_task
 
 from lora_yolo.adapter import Adapter, check_tensors, fingerprint, parse_json, parse_metadata, read_safetensors
 from lora_yolo.atomic import atomic_dir
-from lora_yolo.checkpoint import class_count
+from lora_yolo.checkpoint import class_count, model_task
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.targets import class_layers
@@ -79,7 +79,9 @@ def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
     }
     tensors = {}
     for name, t in adapter.tensors.items():
-        tensors[PREFIX + name] = (t.view(1, -1, 1, 1) if name.endswith(MAGNITUDE) else t).contiguous()
+        layer_a = adapter.tensors.get(name.removesuffix(MAGNITUDE) + ".lora_A.weight")
+        conv = name.endswith(MAGNITUDE) and layer_a is not None and layer_a.ndim == 4
+        tensors[PREFIX + name] = (t.view(1, -1, 1, 1) if conv else t).contiguous()  # PEFT: (1, out, 1, 1) for a conv
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lora_yolo": json.dumps(adapter.metadata())})
         (tmp / CONFIG).write_text(json.dumps(peft_config, indent=2), encoding="utf-8")
@@ -219,7 +221,7 @@ def _foreign(tensors: dict, plan: dict, full: list[str], config: dict, base: nn.
         targets=[],
         include=[f"^{re.escape(n)}$" for n in plan],
     )
-    return Adapter(tensors, lora, plan, full, nc, names, fingerprint(base), guess_model_task(base))
+    return Adapter(tensors, lora, plan, full, nc, names, fingerprint(base), model_task(base))
 
 
 def convert(source: str | Path, output: str | Path, to_format: str | None, base: str | Path | None = None) -> Path:

@@ -5,7 +5,7 @@ no adapter active it computes exactly what `YOLO(base).predict` computes. An ada
 W, before BatchNorm's per-channel scale s; the fused conv holds s * W, so the adapted fused weight is
   LoRA: s * (W + delta W) = W_fused + s * delta W
   DoRA: s * dora(W_fused / s + delta W)
-which `SwitchableConv2d` computes on the fly (unmerged) or writes into the conv (`merge_adapter`, zero extra cost).
+which `SwitchableLayer` computes on the fly (unmerged) or writes into the conv (`merge_adapter`, zero extra cost).
 
 Adapters that change the class set carry their class layers in full: switching to one swaps those layers, the head's
 class count and the model's names, so predictions and validation speak the adapter's classes.
@@ -38,9 +38,9 @@ from ultralytics.nn.modules import Conv
 from lora_yolo.adapter import Adapter, check_fits, check_layers, fingerprint, load_adapter
 from lora_yolo.checkpoint import check_task, load_error, resolve_checkpoint
 from lora_yolo.datacheck import check_dataset
-from lora_yolo.errors import LoraYoloError
+from lora_yolo.errors import LoraYoloError, first_line
 from lora_yolo.inject import replace_module
-from lora_yolo.layer import MergeableConv, dora_scale, lora_delta, lora_scaling
+from lora_yolo.layer import MergeableLayer, dora_scale, layer_forward, lora_delta, lora_scaling, per_channel
 from lora_yolo.passthrough import check_args
 from lora_yolo.targets import class_layers
 
@@ -58,10 +58,11 @@ class _LayerAdapter(nn.Module):
         self.register_buffer("magnitude", None if magnitude is None else magnitude.float())
 
 
-class SwitchableConv2d(MergeableConv):
-    """A fused base conv with any number of named adapters, at most one active, optionally merged into the weight."""
+class SwitchableLayer(MergeableLayer):
+    """A fused base conv (or a linear layer) with any number of named adapters, at most one active, optionally
+    merged into the weight."""
 
-    def __init__(self, base_layer: nn.Conv2d, bn_scale: torch.Tensor) -> None:
+    def __init__(self, base_layer: nn.Conv2d | nn.Linear, bn_scale: torch.Tensor) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.register_buffer("bn_scale", bn_scale)  # s: the BatchNorm scale folded into base_layer (ones if none)
@@ -76,18 +77,18 @@ class SwitchableConv2d(MergeableConv):
         """The fused weight with the active adapter applied, in `dtype`."""
         a = self.adapters[self.active]
         w = self.base_layer.weight.to(dtype)
-        s = self.bn_scale.to(dtype).view(-1, 1, 1, 1)
+        s = per_channel(self.bn_scale.to(dtype), w.dim())
         delta = lora_delta(a.lora_A, a.lora_B, a.scaling, dtype)
         if a.magnitude is None:
             return w + s * delta
         v = torch.where(s != 0, w / s, 0) + delta  # the unfused W + delta W (a channel with s = 0 stays zero)
-        return s * v * dora_scale(v, a.magnitude).view(-1, 1, 1, 1)
+        return s * v * per_channel(dora_scale(v, a.magnitude), w.dim())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.active is None or self.merged:
             return self.base_layer(x)
         w = self.base_layer.weight
-        return self.base_layer._conv_forward(x, self.adapted_weight(w.dtype), self.base_layer.bias)
+        return layer_forward(self.base_layer, x, self.adapted_weight(w.dtype), self.base_layer.bias)
 
     def merge(self) -> None:
         """Write the active adapter into the conv weight; nothing to do when no adapter here is active."""
@@ -143,7 +144,7 @@ class AdapterModel:
         self._base_classes = (dict(model.names), {})  # names, replaced modules (none)
         self._adapters: dict[str, Adapter] = {}
         self._classes: dict[str, tuple[dict[int, str], dict[str, nn.Module]]] = {}
-        self._switchables: dict[str, SwitchableConv2d] = {}  # by conv path, whether or not in the model right now
+        self._switchables: dict[str, SwitchableLayer] = {}  # by layer path, whether or not in the model right now
         self.active_adapter: str | None = None
 
     @property
@@ -205,15 +206,21 @@ class AdapterModel:
         for path, layer in self._switchables.items():
             layer.merge()
             self._replace(path, layer, layer.base_layer)
+        self.yolo.predictor = None
 
     def unmerge_adapter(self) -> None:
         """Restore the base weights bit-exactly; the adapter stays active, computed on the fly."""
         for path, layer in self._switchables.items():
             self._replace(path, layer.base_layer, layer)
             layer.unmerge()
+        self.yolo.predictor = None
 
     def predict(self, *args: Any, **kwargs: Any) -> list:
-        """Ultralytics' `YOLO.predict` with the active adapter."""
+        """Ultralytics' `YOLO.predict` with the active adapter.
+
+        Ultralytics' predictor runs on a deep copy of the model taken when it is set up, so every switch, merge or
+        unmerge drops it (`self.yolo.predictor = None`) and the next call sets up a new one from the model as it is.
+        """
         return self.yolo.predict(*args, **kwargs)
 
     def val(self, *args: Any, **kwargs: Any) -> Any:
@@ -234,14 +241,14 @@ class AdapterModel:
         if self.model.get_submodule(path) is old:
             replace_module(self.model, path, new)
 
-    def _switchable(self, layer: str) -> SwitchableConv2d:
-        """The switchable conv at `layer`, made from the base's fused conv there on first use."""
+    def _switchable(self, layer: str) -> SwitchableLayer:
+        """The switchable layer at `layer`, made from the base's fused conv (or linear layer) there on first use."""
         if layer in self._switchables:
             return self._switchables[layer]
         base_modules = self._base_classes[1]
-        module = base_modules.get(layer) or self.model.get_submodule(layer)  # a conv: check_layers made sure
-        scale = self._scales.get(layer, torch.ones(module.out_channels))
-        switchable = self._switchables[layer] = SwitchableConv2d(module, scale.to(module.weight.device))
+        module = base_modules.get(layer) or self.model.get_submodule(layer)  # conv or linear: check_layers made sure
+        scale = self._scales.get(layer, torch.ones(module.weight.shape[0]))
+        switchable = self._switchables[layer] = SwitchableLayer(module, scale.to(module.weight.device))
         if layer in base_modules:  # a class layer: other adapters' class sets may replace it
             base_modules[layer] = switchable
         self._replace(layer, module, switchable)
@@ -261,6 +268,8 @@ class AdapterModel:
         for m in modules.values():
             if isinstance(m, nn.Conv2d):
                 m.out_channels = m.weight.shape[0]
+            elif isinstance(m, nn.Linear):
+                m.out_features = m.weight.shape[0]
         return dict(adapter.names), modules
 
     def _base_copy(self, path: str) -> nn.Module:
@@ -269,7 +278,7 @@ class AdapterModel:
         if path not in base_modules:
             base_modules[path] = self.model.get_submodule(path)
         module = base_modules[path]
-        if not isinstance(module, SwitchableConv2d):
+        if not isinstance(module, SwitchableLayer):
             return deepcopy(module)
         copy = deepcopy(module.base_layer)
         copy.weight.data = module.original_weight.clone()
@@ -280,10 +289,10 @@ class AdapterModel:
         for path, base_module in self._base_classes[1].items():
             replace_module(self.model, path, modules.get(path, base_module))
         head = self.model.model[-1]
-        head.nc, head.no = len(names), len(names) + head.reg_max * 4
+        if hasattr(head, "reg_max"):  # a Detect head counts its outputs; a Classify head's are its linear layer's
+            head.nc, head.no = len(names), len(names) + head.reg_max * 4
         if self.model.names != names:
             self.model.names = dict(names)
-            self.yolo.predictor = None  # Ultralytics' predictor caches the names it was set up with
 
 
 # Arguments the predict/val commands own.
@@ -308,8 +317,9 @@ def predict(
     adapter: str | Path | None = None,
     allow_other_weights: bool = False,
     **overrides: Any,
-) -> tuple[Path, int, int]:
-    """Ultralytics prediction on `source` with `base` + `adapter`, no merged file; returns (save_dir, images, boxes).
+) -> tuple[Path, int, int | None]:
+    """Ultralytics prediction on `source` with `base` + `adapter`, no merged file; returns (save_dir, images, boxes),
+    boxes None for a classification model (one label per image).
 
     `overrides` are Ultralytics predict arguments (imgsz, conf, save, ...); results are streamed, so any source
     size works.
@@ -327,10 +337,13 @@ def predict(
     predictor = model.yolo.task_map[model.yolo.task]["predictor"](overrides=args)
     predictor.setup_model(model=model.model, verbose=False)
     images = boxes = 0
-    for result in predictor(source=str(source), stream=True):
-        images += 1
-        boxes += len(result)  # detections (boxes, masks, keypoints or oriented boxes) in this image
-    return Path(predictor.save_dir), images, boxes
+    try:
+        for result in predictor(source=str(source), stream=True):
+            images += 1
+            boxes += 0 if result.probs is not None else len(result)  # detections (boxes, masks, keypoints or obb)
+    except FileNotFoundError as e:  # a folder with no image in it (Ultralytics does not search subfolders)
+        raise LoraYoloError(first_line(e)) from None
+    return Path(predictor.save_dir), images, None if model.yolo.task == "classify" else boxes
 
 
 def validate(
@@ -340,15 +353,16 @@ def validate(
     allow_other_weights: bool = False,
     **overrides: Any,
 ) -> Any:
-    """Ultralytics validation of `base` + `adapter` on the dataset YAML `data`; returns Ultralytics' metrics.
+    """Ultralytics validation of `base` + `adapter` on the dataset YAML `data` (a classification model: the dataset
+    folder); returns Ultralytics' metrics.
 
     Example:
         >>> metrics = validate("data.yaml", "yolo11n.pt", "adapter.safetensors", imgsz=640)
         >>> metrics.box.map
     """
     check_args(overrides, RESERVED, "val")
-    nc = check_dataset(data)["nc"]
     model = serving_model(base, adapter, allow_other_weights, overrides.get("nms"))
+    nc = check_dataset(data, model.yolo.task)["nc"]
     if nc != len(model.model.names):
         raise LoraYoloError(f"{data} has {nc} classes, the model with this adapter predicts {len(model.model.names)}")
     return model.val(data=str(data), **overrides)

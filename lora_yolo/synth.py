@@ -9,13 +9,14 @@ backgrounds with distractor blobs. A *domain* fixes the classes and the look:
 
 Every object also knows its outline, so the same images label every task with a Detect-style head: `detect` (boxes),
 `segment` (outline polygons), `obb` (the outline's minimum-area rotated rectangle) and `pose` (two keypoints: the
-centre and the outline's first vertex, which turns with the shape).
+centre and the outline's first vertex, which turns with the shape). For `classify` each image holds one object and
+lies in the folder of its class (`train/circle/00000.jpg`), Ultralytics' classification layout.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -70,7 +71,7 @@ class Shape:
         return line
 
 
-TASKS = ("detect", "segment", "obb", "pose")
+TASKS = ("detect", "segment", "obb", "pose", "classify")
 
 
 def _circle(cx: float, cy: float, r: float, angle: float, n: int = 24) -> np.ndarray:
@@ -158,9 +159,10 @@ def render(rng: np.random.Generator, domain: Domain, size: int) -> tuple[np.ndar
 def make_dataset(
     root: str | Path, domain: str, n_train: int, n_val: int, imgsz: int = 160, seed: int = 0, task: str = "detect"
 ) -> Path:
-    """Write a dataset (images/, labels/, data.yaml) for `task` under `root`; returns the data.yaml path.
+    """Write a dataset (images/, labels/, data.yaml) for `task` under `root`; returns the data.yaml path (for
+    `classify`: the dataset folder, which is what Ultralytics takes as `data`).
 
-    The images depend only on the domain and seed, not on the task.
+    The images depend only on the domain and seed, not on the task (classification draws one object per image).
 
     Example:
         >>> make_dataset("datasets/shapes-b2", "B2", n_train=120, n_val=40)
@@ -171,6 +173,8 @@ def make_dataset(
         raise LoraYoloError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     spec, root = DOMAINS[domain], Path(root)
     rng = np.random.default_rng([seed, list(DOMAINS).index(domain)])
+    if task == "classify":
+        return _classify_dataset(root, replace(spec, objects=(1, 1)), n_train, n_val, imgsz, rng)
     for split, n in (("train", n_train), ("val", n_val)):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
@@ -186,3 +190,17 @@ def make_dataset(
     header = f"# Synthetic domain {domain} from lora_yolo.synth (seed {seed}, {imgsz} px). No 'path': root is here.\n"
     path.write_text(header + yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def _classify_dataset(root: Path, spec: Domain, n_train: int, n_val: int, imgsz: int, rng: np.random.Generator) -> Path:
+    """`root/{train,val}/<class>/<i>.jpg`, one object per image; every class has a folder in both splits, empty or not,
+    so Ultralytics reads the same class list from either."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        for name in spec.classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img, (shape,) = render(rng, spec, imgsz)
+            cv2.imwrite(
+                str(root / split / spec.classes[shape.cls] / f"{i:05d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 80]
+            )
+    return root

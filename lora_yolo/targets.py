@@ -1,4 +1,4 @@
-"""Which conv layers get an adapter, and why the others do not.
+"""Which conv and linear layers get an adapter, and why the others do not.
 
 Presets come from the model's own YAML rather than hard-coded layer indices, so they fit every YOLO11 scale and
 YOLOv8 alike: layers listed under `backbone:` are the backbone, the last layer is the head (Detect), the rest of the
@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 from ultralytics.nn.modules.block import DFL, Attention
+from ultralytics.nn.modules.head import Classify
 
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
-from lora_yolo.layer import LoraConv2d, lora_param_count, max_rank
+from lora_yolo.layer import LoraLayer, lora_param_count, max_rank
 
 
 @dataclass
@@ -24,7 +25,7 @@ class ConvLayer:
     """One conv of the model as `inspect` shows it, with the selection decision."""
 
     name: str
-    kind: str  # pointwise | kxk | strided | depthwise | grouped | attention
+    kind: str  # pointwise | kxk | strided | depthwise | grouped | attention | linear
     section: str  # backbone | neck | head
     in_channels: int
     out_channels: int
@@ -48,7 +49,9 @@ def _section(name: str, n_backbone: int, n_layers: int) -> str:
     return "backbone" if index < n_backbone else "head" if index == n_layers - 1 else "neck"
 
 
-def _kind(conv: nn.Conv2d, attention: bool) -> str:
+def _kind(conv: nn.Conv2d | nn.Linear, attention: bool) -> str:
+    if isinstance(conv, nn.Linear):
+        return "linear"
     if conv.groups > 1:
         return "depthwise" if conv.groups == conv.in_channels == conv.out_channels else "grouped"
     if attention:
@@ -63,9 +66,12 @@ def _presets(layer: ConvLayer, in_attention: bool) -> set[str]:
 
 
 def class_layers(model: nn.Module) -> list[str]:
-    """Names of the head's class-prediction convs (the last conv of each `cv3` / `one2one_cv3` branch)."""
+    """Names of the head's class-prediction layers: the last conv of each `cv3` / `one2one_cv3` branch of a Detect
+    head, the linear layer of a Classify head."""
     index = len(model.model) - 1
     head = model.model[index]
+    if isinstance(head, Classify):
+        return [f"model.{index}.linear"]
     return [
         f"model.{index}.{attr}.{i}.{len(branch) - 1}"
         for attr in ("cv3", "one2one_cv3")
@@ -75,13 +81,14 @@ def class_layers(model: nn.Module) -> list[str]:
 
 
 def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = frozenset()) -> list[ConvLayer]:
-    """Every conv of an Ultralytics model with what `config` does to it; `full` names convs trained in full instead.
+    """Every conv and linear layer of an Ultralytics model with what `config` does to it; `full` names the layers
+    trained in full instead.
 
     Example:
         >>> rows = describe_convs(DetectionModel("yolo11n.yaml"), LoraConfig())
         >>> sum(row.lora_params for row in rows)
     """
-    if any(isinstance(m, LoraConv2d) for m in model.modules()):
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise LoraYoloError("this model already carries LoRA adapters; start from a plain base model")
     yaml = getattr(model, "yaml", None)
     if not isinstance(yaml, dict) or "backbone" not in yaml:
@@ -89,20 +96,22 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
     n_backbone, n_layers = len(yaml["backbone"]), len(model.model)
     attention = [n for n, m in model.named_modules() if isinstance(m, Attention)]
     fixed = [n for n, m in model.named_modules() if isinstance(m, DFL)]
+    read_directly = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     rows = []
     for name, conv in model.named_modules():
-        if not isinstance(conv, nn.Conv2d):
+        if not isinstance(conv, (nn.Conv2d, nn.Linear)):
             continue
         in_attention = any(name.startswith(a + ".") for a in attention)
+        linear = isinstance(conv, nn.Linear)
         row = ConvLayer(
             name=name,
             kind=_kind(conv, in_attention),
             section=_section(name, n_backbone, n_layers),
-            in_channels=conv.in_channels,
-            out_channels=conv.out_channels,
-            kernel=conv.kernel_size[0],
-            stride=conv.stride[0],
-            groups=conv.groups,
+            in_channels=conv.in_features if linear else conv.in_channels,
+            out_channels=conv.out_features if linear else conv.out_channels,
+            kernel=1 if linear else conv.kernel_size[0],
+            stride=1 if linear else conv.stride[0],
+            groups=1 if linear else conv.groups,
             params=sum(p.numel() for p in conv.parameters()),
         )
         wanted = bool(set(config.targets) & _presets(row, in_attention)) or any(
@@ -118,7 +127,11 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
             row.reason = "fixed DFL projection, never trained"
         elif name in full:
             row.reason = "trained in full (new classes)"
-        elif conv.groups > 1:
+        elif name.rpartition(".")[0] in read_directly:
+            row.reason = (
+                "nn.MultiheadAttention reads this weight itself (never calls the layer): an adapter would not apply"
+            )
+        elif row.groups > 1:
             row.reason = (
                 f"{row.kind} (groups={conv.groups}) not supported: a per-group adapter would hold "
                 f"{lora_param_count(conv, config.rank_for(name))} params vs the layer's {row.params}"

@@ -41,7 +41,7 @@ class TrainResult:
     """What a run produced and what it cost; `table()` is the summary printed at the end."""
 
     save_dir: Path
-    metrics: dict[str, float]  # mAP50 / mAP50-95 of merged.pt
+    metrics: dict[str, float]  # mAP50 / mAP50-95 of merged.pt (classify: top1 / top5 accuracy)
     base_metrics: dict[str, float] | None  # the base, zero-shot, when its classes are the dataset's
     trainable: int
     total: int
@@ -64,10 +64,12 @@ class TrainResult:
     def table(self) -> str:
         """Human-readable summary."""
         base, m = self.base_metrics, self.metrics
+        first, second = ("top1", "top5") if "top1" in m else ("mAP50", "mAP50-95")
+        label = "top-1 / top-5 accuracy" if "top1" in m else "mAP50 / mAP50-95"
         rows = [
             (
-                "mAP50 / mAP50-95, " + ("merged.pt (the untouched base)" if self.untouched else "fine-tuned"),
-                f"{m['mAP50']:.4f} / {m['mAP50-95']:.4f}",
+                f"{label}, " + ("merged.pt (the untouched base)" if self.untouched else "fine-tuned"),
+                f"{m[first]:.4f} / {m[second]:.4f}",
             ),
             *[
                 (f"{kind} mAP50 / mAP50-95, fine-tuned", f"{m[f'{kind} mAP50']:.4f} / {m[f'{kind} mAP50-95']:.4f}")
@@ -75,8 +77,8 @@ class TrainResult:
                 if f"{kind} mAP50" in m
             ],
             (
-                "mAP50 / mAP50-95, base zero-shot",
-                f"{base['mAP50']:.4f} / {base['mAP50-95']:.4f}" if base else "n/a (classes differ)",
+                f"{label}, base zero-shot",
+                f"{base[first]:.4f} / {base[second]:.4f}" if base else "n/a (classes differ)",
             ),
             (
                 "trainable parameters",
@@ -97,8 +99,23 @@ class TrainResult:
         return "\n".join([*(f"{k:<{width}}  {v}" for k, v in rows), *(f"WARNING: {w}" for w in self.warnings)])
 
 
+# What a run is judged by: (results.csv column, `TrainResult.metrics` key, name in messages), per task.
+SCORES = {
+    "classify": ("metrics/accuracy_top1", "top1", "top-1 accuracy"),
+    "detect": ("metrics/mAP50-95(B)", "mAP50-95", "box mAP50-95"),
+}
+
+
+def score_of(task: str) -> tuple[str, str, str]:
+    """The score of `task` (every task with a Detect head is judged by its box mAP50-95)."""
+    return SCORES.get(task, SCORES["detect"])
+
+
 def _map(metrics: dict[str, float]) -> dict[str, float]:
-    """Box mAP50 / mAP50-95, plus mask (segment) or keypoint (pose) mAP when the task reports them."""
+    """Box mAP50 / mAP50-95, plus mask (segment) or keypoint (pose) mAP when the task reports them; top-1 / top-5
+    accuracy for classification."""
+    if "metrics/accuracy_top1" in metrics:
+        return {"top1": float(metrics["metrics/accuracy_top1"]), "top5": float(metrics["metrics/accuracy_top5"])}
     out = {"mAP50": float(metrics["metrics/mAP50(B)"]), "mAP50-95": float(metrics["metrics/mAP50-95(B)"])}
     for suffix, kind in (("M", "mask"), ("P", "pose")):
         if f"metrics/mAP50({suffix})" in metrics:
@@ -138,16 +155,17 @@ def train(
             raise LoraYoloError("a resumed run keeps the LoRA settings it started with: pass no config with resume")
         if not Path(resume).is_file():
             raise LoraYoloError(f"resume checkpoint not found: {resume}")
+        task = _resume_task(resume)
         if data is not None:  # a new path for the run's dataset (moved): Ultralytics takes it on resume
-            check_dataset(data)
+            check_dataset(data, task)
             overrides = {**overrides, "data": str(data)}
-        trainer = _trainer(_resume_task(resume), overrides={**overrides, "resume": str(resume)})
+        trainer = _trainer(task, overrides={**overrides, "resume": str(resume)})
     else:
         if data is None:
             raise LoraYoloError("DATA is required (a dataset YAML) unless --resume is given")
-        check_dataset(data)
         base = load_model(model)
         task = base.task if hasattr(base, "task") else "detect"
+        check_dataset(data, task)
         trainer = _trainer(
             task, overrides={**overrides, "model": str(model), "data": str(data), "task": task}, lora=config
         )
@@ -165,8 +183,9 @@ def train(
 
     adapter = load_adapter(trainer.save_dir / ADAPTER)
     base = base_file(adapter)
+    column, key, name = score_of(trainer.args.task)
     metrics = trainer.metrics  # None in the parent of a DDP run: its workers validated
-    if not metrics or "metrics/mAP50(B)" not in metrics:
+    if not metrics or column not in metrics:
         metrics = _validate(trainer, trainer.save_dir / MERGED, "merged_val")
     base_metrics = None
     if adapter.base["nc"] == adapter.nc and load_model(base).names == adapter.names:
@@ -174,15 +193,16 @@ def train(
     metrics = _map(metrics)
     best_untouched = untouched(adapter)
     warnings = diagnose(
-        map_history(trainer.csv),
-        zero_shot=base_metrics["mAP50-95"] if base_metrics else None,
-        final=metrics["mAP50-95"],
+        map_history(trainer.csv, column),
+        zero_shot=base_metrics[key] if base_metrics else None,
+        final=metrics[key],
         best_untouched=best_untouched,
         last_untouched=untouched(load_adapter(trainer.save_dir / ADAPTER_LAST)),
         lr0=_learning_rate(trainer),
         nbs=trainer.args.nbs,
         batch=trainer.args.batch,
         auto=trainer.args.optimizer == "auto",
+        score=name,
     )
     for w in warnings:
         LOGGER.warning(f"lora-yolo: {w}")

@@ -1,7 +1,7 @@
 """LoRA trainers: Ultralytics' own task trainers, with adapters added to the model they build.
 
-`LoraTrainerMixin` holds the LoRA changes; `LoraDetectionTrainer`, `LoraSegmentationTrainer`, `LoraPoseTrainer` and
-`LoraOBBTrainer` put it in front of Ultralytics' trainer for each task whose head extends Detect (`TRAINERS`).
+`LoraTrainerMixin` holds the LoRA changes; `LoraDetectionTrainer`, `LoraSegmentationTrainer`, `LoraPoseTrainer`,
+`LoraOBBTrainer` and `LoraClassificationTrainer` put it in front of Ultralytics' trainer for each task (`TRAINERS`).
 
 Everything Ultralytics does around the model (augmentation, EMA, AMP, schedulers, loggers, plots, validation,
 callbacks, DDP) stays its own; this class changes only what it must, each where Ultralytics decides it:
@@ -41,6 +41,7 @@ from pathlib import Path
 
 from torch import distributed as dist
 from torch import nn
+from ultralytics.models.yolo.classify import ClassificationTrainer, ClassificationValidator
 from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.models.yolo.obb import OBBTrainer, OBBValidator
 from ultralytics.models.yolo.pose import PoseTrainer, PoseValidator
@@ -375,8 +376,14 @@ class LoraOBBTrainer(LoraTrainerMixin, OBBTrainer):
     """LoRA training of an oriented-box model."""
 
 
-# task -> (trainer, validator): every Ultralytics task whose head extends Detect.
+class LoraClassificationTrainer(LoraTrainerMixin, ClassificationTrainer):
+    """LoRA training of a classification model: the Classify head's linear layer adapts (`LoraLinear`) or, for a new
+    class set, trains in full."""
+
+
+# task -> (trainer, validator): every Ultralytics task whose head extends Detect, and classification.
 TRAINERS = {
+    "classify": (LoraClassificationTrainer, ClassificationValidator),
     "detect": (LoraDetectionTrainer, DetectionValidator),
     "segment": (LoraSegmentationTrainer, SegmentationValidator),
     "pose": (LoraPoseTrainer, PoseValidator),

@@ -99,7 +99,7 @@ def test_alpha_that_is_no_positive_number(good, tmp_path, alpha):
         ("model.0.bn", "is a BatchNorm2d, not a conv|is not in the base"),  # serving: fused, BN gone
         ("model.99.conv", "is not in the base model"),
         ("model.10.m.0.attn.pe.conv", "grouped"),  # C2PSA's depthwise positional conv
-        ("model.0", "is a Conv, not a conv"),  # Ultralytics' Conv block (conv + BN + act), not nn.Conv2d
+        ("model.0", "is a Conv, not a conv or linear"),  # Ultralytics' Conv block (conv + BN + act), not nn.Conv2d
     ],
 )
 def test_layer_names_pointing_at_other_modules(good, base_pt, tmp_path, target, match):

@@ -71,7 +71,8 @@ def test_bad_dataset(monkeypatch, capsys, bad_data, base_pt, case):
     [
         ("no/such.pt", "model file not found"),
         ("README.md", "must be a .pt checkpoint or a model .yaml"),
-        ("yolo11n-cls.yaml", "is a classify model; supported tasks: detect, segment, pose, obb"),
+        ("yolo26n-sem.yaml", "is a semantic model; supported tasks: detect, segment, pose, obb, classify"),
+        ("rtdetr-l.yaml", "has a head lora-yolo does not know (RT-DETR's decoder is one); supported tasks"),
     ],
 )
 def test_bad_model(monkeypatch, capsys, model, message):

@@ -11,7 +11,7 @@ from conftest import SHAPES_B1, head_output, make_base, random_adapter
 from ultralytics import YOLO
 
 from lora_yolo import LoraConfig, LoraYoloError, load_model, merge_lora
-from lora_yolo.serve import AdapterModel, SwitchableConv2d
+from lora_yolo.serve import AdapterModel, SwitchableLayer
 
 NEW = {0: "disc", 1: "ring", 2: "cross", 3: "star"}
 
@@ -53,7 +53,7 @@ def test_each_adapter_equals_its_plain_merged_model(served, name):
     assert got.shape == expected.shape
     assert (got - expected).abs().max() < 1e-4  # fused vs unfused rounding only
     model.merge_adapter()
-    assert not any(isinstance(m, SwitchableConv2d) for m in model.model.modules())  # plain convs: the base's cost
+    assert not any(isinstance(m, SwitchableLayer) for m in model.model.modules())  # plain convs: the base's cost
     assert (head_output(model.model, X) - got).abs().max() < 1e-5
     model.unmerge_adapter()
     after = model.model.state_dict()
@@ -74,7 +74,28 @@ def test_switching_keeps_the_base_in_place_and_is_repeatable(served):
     same = {n: p.data_ptr() for n, p in model.model.named_parameters() if n in weights}
     assert same == {n: weights[n] for n in same}  # no tensor reallocated: nothing reloaded
     model.disable_adapters()
-    assert not any(m.merged or m.active for m in model.model.modules() if isinstance(m, SwitchableConv2d))
+    assert not any(m.merged or m.active for m in model.model.modules() if isinstance(m, SwitchableLayer))
+
+
+def test_predict_after_each_switch_uses_the_model_as_switched(served, base_pt):
+    """Ultralytics' predictor runs on a copy of the model made when it is set up: after a switch, merge or disable
+    the next predict must not reuse it (it did, and kept predicting with the adapter active at the first call)."""
+    model, plain = served
+    image = sorted((SHAPES_B1.parent / "images" / "val").glob("*.jpg"))[0]
+
+    def scores(yolo_or_served) -> torch.Tensor:
+        return yolo_or_served.predict(image, imgsz=96, conf=0.0, max_det=5, verbose=False)[0].boxes.data
+
+    base = scores(YOLO(str(base_pt)))
+    model.disable_adapters()
+    assert torch.equal(scores(model), base)
+    model.set_adapter("a")
+    with_a = scores(model)
+    assert not torch.equal(with_a, base)
+    model.merge_adapter()
+    assert torch.allclose(scores(model), with_a, atol=1e-4)
+    model.disable_adapters()
+    assert torch.equal(scores(model), base)
 
 
 def test_class_set_switches_with_the_adapter(served):
