@@ -129,8 +129,10 @@ class AdapterModel:
         check_task(self.yolo.task, path)
         self.base = fingerprint(model)  # of the unfused base: what adapters record
         self._scales = bn_scales(model)
-        if end2end is not None and getattr(model.model[-1], "one2one_cv2", None) is not None:
+        two_branches = getattr(model.model[-1], "one2one_cv2", None) is not None
+        if end2end is not None and two_branches:
             model.end2end = end2end
+        self._kept = ("one-to-one (NMS-free)" if model.end2end else "one-to-many (NMS)") if two_branches else None
         unfused, self._class_convs = dict(model.named_modules()), class_layers(model)  # both YOLO26 branches
         model.fuse(verbose=False)
         fused = dict(model.named_modules())  # the fused base's own modules, before any adapter replaces one
@@ -170,6 +172,12 @@ class AdapterModel:
             raise LoraYoloError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
         check_fits(adapter, self.base, allow_other_weights)
         check_layers(adapter, self._checked_modules, self._class_convs, self._base_classes[0])
+        owners = [*adapter.layers, *(k.rpartition(".")[0] for k in adapter.full)]
+        if owners and all(o in self._unused for o in owners):  # it would change nothing this model computes
+            raise LoraYoloError(
+                f"the adapter only changes the head branch this model does not run (it keeps the {self._kept} "
+                f"branch); load the base with the other branch (AdapterModel(base, end2end=...), or nms= on the CLI)"
+            )
         self._classes[name] = self._class_layers(adapter)
         for layer in adapter.layers:
             if layer not in self._unused:
@@ -221,11 +229,22 @@ class AdapterModel:
         Ultralytics' predictor runs on a deep copy of the model taken when it is set up, so every switch, merge or
         unmerge drops it (`self.yolo.predictor = None`) and the next call sets up a new one from the model as it is.
         """
+        self._check_branch(kwargs.get("nms"))
         return self.yolo.predict(*args, **kwargs)
 
     def val(self, *args: Any, **kwargs: Any) -> Any:
         """Ultralytics' `YOLO.val` with the active adapter."""
+        self._check_branch(kwargs.get("nms"))
         return self.yolo.val(*args, **kwargs)
+
+    def _check_branch(self, nms: bool | None) -> None:
+        """A YOLO26 model keeps one head branch (chosen when loaded): `nms` asking for the other is refused, where
+        Ultralytics would only warn and run the branch there is."""
+        if self._kept is not None and nms is not None and nms != self._kept.startswith("one-to-many"):
+            raise LoraYoloError(
+                f"nms={nms} needs the other head branch: this model keeps the {self._kept} one; load it with "
+                f"AdapterModel(base, end2end={not nms})"
+            )
 
     __call__ = predict
 

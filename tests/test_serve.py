@@ -214,3 +214,23 @@ def test_adapter_on_convs_fuse_rebuilds_is_refused_not_skipped(tmp_path):
     assert any(".conv1.conv" in n for n in adapter.layers)
     with pytest.raises(LoraYoloError, match=r"conv1\.conv is not in the base model"):
         AdapterModel(base).load_adapter(adapter)
+
+
+def test_yolo26_branch_mismatches_are_refused(base26):
+    """An adapter that only touches the branch fuse removed would change nothing; nms= asking for the removed branch
+    would run the other one. Both are one clear error instead."""
+    _, adapter = random_adapter(base26, scale=0.3)
+    one2one = [n for n in adapter.layers if ".one2one_" in n]
+    only = copy.deepcopy(adapter)
+    only.layers = {n: adapter.layers[n] for n in one2one}
+    only.tensors = {k: t for k, t in adapter.tensors.items() if k.rsplit(".lora_", 1)[0] in one2one}
+    with pytest.raises(LoraYoloError, match=r"only changes the head branch this model does not run \(it keeps the "
+                                            r"one-to-many \(NMS\) branch\)"):  # fmt: skip
+        AdapterModel(base26).load_adapter(only)
+    AdapterModel(base26, end2end=True).load_adapter(only)  # the branch it adapts: fine
+    image = sorted((SHAPES_B1.parent / "images" / "val").glob("*.jpg"))[0]
+    with pytest.raises(LoraYoloError, match=r"nms=False needs the other head branch.*end2end=True"):
+        AdapterModel(base26).predict(image, nms=False, verbose=False)
+    with pytest.raises(LoraYoloError, match=r"nms=True needs the other head branch.*end2end=False"):
+        AdapterModel(base26, end2end=True).val(data=str(SHAPES_B1), nms=True)
+    assert len(AdapterModel(base26).predict(image, nms=True, imgsz=64, verbose=False)) == 1  # the branch it keeps
