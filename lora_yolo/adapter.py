@@ -220,13 +220,13 @@ def parse_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str], path:
         raise bad(f"lora_config: {type(e).__name__}") from None
     if (
         not isinstance(layers, dict)
-        or not layers
+        or not (layers or full)  # class layers alone: add_classes=exact
         or not all(
             isinstance(v, list) and len(v) == 2 and _positive_int(v[0]) and positive_number(v[1])
             for v in layers.values()
         )
     ):
-        raise bad("layers must map at least one conv to [rank >= 1, alpha > 0]")
+        raise bad("layers must map convs to [rank >= 1, alpha > 0], at least one unless tensors are trained in full")
     if not isinstance(full, list) or not all(isinstance(n, str) for n in full) or len(set(full)) != len(full):
         raise bad("full must be a list of distinct tensor names")
     if not _positive_int(nc):
@@ -354,7 +354,20 @@ def attach_adapter(base: nn.Module, adapter: Adapter, allow_other_weights: bool 
     config = adapter.config
     add_lora(model, adapter.layers, config.lora_dropout, config.use_rslora, config.use_dora)
     model.load_state_dict(adapter.tensors, strict=False)
+    if config.add_classes == "exact":  # the base's class rows are the base's by definition, bit for bit
+        copy_class_rows(base, model, class_count(base))
     return model
+
+
+def copy_class_rows(base: nn.Module, model: nn.Module, rows: int) -> None:
+    """The base's class rows into the first `rows` rows of each class layer of `model`, exactly: an adapter file
+    stores them in fp16, which would round a base that is not on the fp16 grid (and Ultralytics' load maps rows by
+    name only when both models have real names)."""
+    ours, theirs = dict(model.named_modules()), dict(base.named_modules())
+    with torch.no_grad():
+        for name in class_layers(model):
+            for param in ("weight", "bias"):
+                getattr(ours[name], param)[:rows] = getattr(theirs[name], param)
 
 
 def extract_adapter(model: nn.Module, config: LoraConfig, base: dict, full: list[str]) -> Adapter:

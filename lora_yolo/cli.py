@@ -83,7 +83,7 @@ def _pairs(items: list[str] | None, cast: Callable[[str], Any], option: str) -> 
 # The parameters of `lora_options`: the LoRA settings a command can set (train refuses them on --resume).
 LORA_OPTIONS = (
     "config", "rank", "alpha", "dropout", "rslora", "dora", "targets", "include", "exclude", "first_layer",
-    "rank_pattern", "alpha_pattern", "loraplus_ratio", "gradient_checkpointing",
+    "rank_pattern", "alpha_pattern", "loraplus_ratio", "gradient_checkpointing", "add_classes",
 )  # fmt: skip
 
 
@@ -103,6 +103,7 @@ def lora_options(options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
             use_dora=options["dora"],
             loraplus_lr_ratio=options.get("loraplus_ratio"),
             gradient_checkpointing=options.get("gradient_checkpointing"),
+            add_classes=options.get("add_classes"),
             targets=[t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None,
             include=options["include"] or None,
             exclude=options["exclude"] or None,
@@ -182,6 +183,16 @@ def train(
     alpha_pattern: AlphaPatternOpt = None,
     loraplus_ratio: LoraplusOpt = None,
     gradient_checkpointing: CheckpointingOpt = None,
+    add_classes: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Keep the base's classes and add DATA's: exact (the base's outputs bit-identical, only new class "
+            "rows train) or adapted (adapters everywhere, the base's objects pseudo-labelled)."
+        ),
+    ] = None,
+    pseudo_conf: Annotated[
+        Optional[float], typer.Option(help="--add-classes adapted: confidence of the base's pseudo-labels.")
+    ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
     imgsz: Annotated[Optional[int], typer.Option(help="Image size.")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
@@ -208,7 +219,8 @@ def train(
 
     flags = dict(epochs=epochs, imgsz=imgsz, batch=batch, device=device, lr0=lr0, project=project, name=name, seed=seed)
     overrides = _overrides(ctx, RESERVED, "training", preset_args, **flags)
-    result = train_lora(data, model=model, config=lora, resume=resume, **overrides)
+    extra = {} if pseudo_conf is None else {"pseudo_conf": pseudo_conf}
+    result = train_lora(data, model=model, config=lora, resume=resume, **extra, **overrides)
     typer.echo("\n" + result.table())
 
 

@@ -40,6 +40,7 @@ class LoraConfig:
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward (lora_yolo.memory)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> rank, first match wins
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha, first match wins
+    add_classes: str | None = None  # "exact" | "adapted": keep the base's classes, add the data's (lora_yolo.classes)
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -73,6 +74,8 @@ class LoraConfig:
             _check_rank(f"rank_pattern[{pattern!r}]", r)
         for pattern in self.alpha_pattern:
             _compile("alpha_pattern", pattern)
+        if self.add_classes not in (None, "exact", "adapted"):
+            raise LoraYoloError(f"add_classes must be exact or adapted, got {self.add_classes!r}")
         if not self.targets and not self.include:
             raise LoraYoloError("no targets: give at least one preset or an include pattern")
 
@@ -87,11 +90,11 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable form (stored in adapter metadata and run folders).
 
-        `first_layer` and `gradient_checkpointing` are left out at their defaults (0, false): lora-yolo versions before
-        them refuse unknown keys, and an adapter that does not use them should stay readable by them.
+        `first_layer`, `gradient_checkpointing` and `add_classes` are left out at their defaults: lora-yolo versions
+        before them refuse unknown keys, and an adapter that does not use them should stay readable by them.
         """
         data = asdict(self)
-        for name, default in (("first_layer", 0), ("gradient_checkpointing", False)):
+        for name, default in (("first_layer", 0), ("gradient_checkpointing", False), ("add_classes", None)):
             if data[name] == default:
                 del data[name]
         return data

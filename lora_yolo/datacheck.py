@@ -16,7 +16,7 @@ from ultralytics.data.utils import IMG_FORMATS, check_cls_dataset, check_det_dat
 from lora_yolo.errors import LoraYoloError, first_line
 
 
-def _images(source: str | list) -> list[Path]:
+def split_images(source: str | list) -> list[Path]:
     """Image files of a split, found as Ultralytics' dataset finds them: a folder (searched recursively), or a file
     listing one image per line, where a line starting with `./` is relative to the list file and any other line is
     used as written."""
@@ -90,7 +90,7 @@ def check_dataset(data: str | Path, task: str = "detect") -> dict:
         raise LoraYoloError(f"dataset {data}: {first_line(e)}") from None
     nc = resolved["nc"]
     for split in ("train", "val"):
-        for label in img2label_paths([str(f) for f in _images(resolved[split])]):
+        for label in img2label_paths([str(f) for f in split_images(resolved[split])]):
             if not Path(label).is_file():
                 continue
             for line in Path(label).read_text(encoding="utf-8-sig", errors="replace").splitlines():

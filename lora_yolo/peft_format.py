@@ -55,6 +55,11 @@ def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
         raise LoraYoloError(f"{out} is not empty; write the PEFT adapter to a new or empty folder")
     if not out.parent.is_dir():
         raise LoraYoloError(f"output folder does not exist: {out.parent}")
+    if not adapter.layers:
+        raise LoraYoloError(
+            "this adapter has no LoRA layers (only class layers trained in full, as add_classes=exact writes): "
+            "PEFT's LoRA format needs at least one; use the adapter file as it is"
+        )
     ranks = Counter(r for r, _ in adapter.layers.values())
     alphas = Counter(a for _, a in adapter.layers.values())
     r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]

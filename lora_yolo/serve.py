@@ -96,6 +96,23 @@ class SwitchableLayer(MergeableLayer):
             super().merge()
 
 
+class AddedRows(nn.Module):
+    """A class layer of an `add_classes=exact` adapter: the base's own layer for the base's classes, then the new
+    classes' rows. A plain layer holding all rows computes the same function, but its kernel (chosen for another
+    output count) may round the old scores differently in the last bit; this keeps them bit-identical to the base."""
+
+    def __init__(self, base: nn.Conv2d, full: nn.Conv2d, rows: int) -> None:
+        super().__init__()
+        self.base = base
+        self.new = deepcopy(full)
+        self.new.weight = nn.Parameter(full.weight[rows:].detach().clone(), requires_grad=False)
+        self.new.bias = nn.Parameter(full.bias[rows:].detach().clone(), requires_grad=False)
+        self.new.out_channels = self.new.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.base(x), self.new(x)], 1)
+
+
 def bn_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """For every Conv+BN block, the per-channel scale gamma / sqrt(var + eps) that fusing folds into its conv."""
     return {
@@ -289,6 +306,9 @@ class AdapterModel:
                 m.out_channels = m.weight.shape[0]
             elif isinstance(m, nn.Linear):
                 m.out_features = m.weight.shape[0]
+        if adapter.config.add_classes == "exact":  # the base's rows computed by the base's own layer
+            rows = int(adapter.base["nc"])
+            modules = {path: AddedRows(self._base_copy(path), m, rows) for path, m in modules.items()}
         return dict(adapter.names), modules
 
     def _base_copy(self, path: str) -> nn.Module:

@@ -16,7 +16,8 @@ import torch
 from ultralytics.utils import LOGGER
 
 from lora_yolo.adapter import load_adapter
-from lora_yolo.checkpoint import load_model
+from lora_yolo.checkpoint import load_model, resolve_checkpoint
+from lora_yolo.classes import FOLDER, PSEUDO_CONF, prepare_dataset
 from lora_yolo.config import LoraConfig
 from lora_yolo.datacheck import check_dataset
 from lora_yolo.diagnose import diagnose, map_history, untouched
@@ -46,6 +47,7 @@ class TrainResult:
     trainable: int
     total: int
     epoch_seconds: float  # median over epochs
+    pseudo_labels: int | None = None  # add_classes=adapted: boxes of the base's classes the base labelled
     warnings: list[str] = field(default_factory=list)  # what went wrong (`lora_yolo.diagnose`), each with its fix
     untouched: bool = False  # the best adapter received no update: merged.pt is the base
 
@@ -90,6 +92,11 @@ class TrainResult:
                 f"({self.merged.stat().st_size / self.adapter.stat().st_size:.0f}x smaller)",
             ),
             ("time per epoch (median)", f"{self.epoch_seconds:.1f} s"),
+            *(
+                [("pseudo-labels added (the base's classes)", f"{self.pseudo_labels:,}")]
+                if self.pseudo_labels is not None
+                else []
+            ),
             ("adapter", str(self.adapter)),
             ("adapter (last epoch)", str(self.adapter_last)),
             ("merged model", str(self.merged)),
@@ -136,11 +143,14 @@ def train(
     config: LoraConfig | None = None,
     resume: str | Path | None = None,
     callbacks: dict[str, list[Callable]] | None = None,
+    pseudo_conf: float = PSEUDO_CONF,
     **overrides: Any,
 ) -> TrainResult:
     """Fine-tune `model` on the Ultralytics dataset `data` with LoRA; `overrides` are Ultralytics train arguments.
 
     `callbacks` maps Ultralytics trainer events (`on_train_epoch_end`, ...) to extra functions of the trainer.
+    With `config.add_classes` the run keeps the base's classes and adds the dataset's (`lora_yolo.classes`);
+    `pseudo_conf` is the confidence of the base's pseudo-labels in `adapted` mode.
 
     Example:
         >>> result = train("coco8.yaml", model="yolo11n.pt", config=LoraConfig(r=8), epochs=10, imgsz=640)
@@ -150,6 +160,7 @@ def train(
         config, preset_args = resolve_config(None)
         overrides = {**preset_args, **overrides}
     check_args(overrides, RESERVED, "training")
+    pseudo_labels = None
     if resume is not None:
         if config is not None:  # as Ultralytics, which keeps a resumed run's own arguments (batch, device aside)
             raise LoraYoloError("a resumed run keeps the LoRA settings it started with: pass no config with resume")
@@ -169,6 +180,21 @@ def train(
         trainer = _trainer(
             task, overrides={**overrides, "model": str(model), "data": str(data), "task": task}, lora=config
         )
+        if config is not None and config.add_classes:  # the relabelled copy of the dataset, in the run folder
+            if str(model).endswith((".yaml", ".yml")):
+                raise LoraYoloError("add_classes keeps a trained base's classes: give a .pt checkpoint, not a YAML")
+            adapted = config.add_classes == "adapted"
+            relabelled, pseudo = prepare_dataset(
+                data,
+                resolve_checkpoint(model),
+                base.names,
+                trainer.save_dir / FOLDER,
+                pseudo_conf if adapted else None,
+                task,
+            )
+            pseudo_labels = pseudo if adapted else None
+            trainer.args.data = str(relabelled)
+            trainer.data = trainer.get_dataset()
         # As Ultralytics' Model.train does: build the model before train(), so the DDP launcher pickles the model
         # with its adapters and each worker trains that very model.
         trainer.model = trainer.get_model(cfg=base.yaml, weights=None if str(model).endswith(".yaml") else base)
@@ -213,6 +239,7 @@ def train(
         trainable=sum(t.numel() for t in adapter.tensors.values()),
         total=sum(p.numel() for p in trainer.model.parameters()),
         epoch_seconds=_epoch_seconds(trainer.csv),
+        pseudo_labels=pseudo_labels,
         warnings=warnings,
         untouched=best_untouched,
     )

@@ -39,6 +39,7 @@ import math
 from copy import deepcopy
 from pathlib import Path
 
+import torch
 from torch import distributed as dist
 from torch import nn
 from ultralytics.models.yolo.classify import ClassificationTrainer, ClassificationValidator
@@ -49,9 +50,17 @@ from ultralytics.models.yolo.segment import SegmentationTrainer, SegmentationVal
 from ultralytics.utils import DEFAULT_CFG, LOCAL_RANK, LOGGER, RANK, YAML
 from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zero_first, unwrap_model
 
-from lora_yolo.adapter import Adapter, attach_adapter, extract_adapter, fingerprint, load_adapter, save_adapter
+from lora_yolo.adapter import (
+    Adapter,
+    attach_adapter,
+    copy_class_rows,
+    extract_adapter,
+    fingerprint,
+    load_adapter,
+    save_adapter,
+)
 from lora_yolo.atomic import atomic_path
-from lora_yolo.checkpoint import MODEL_CLASSES, build_for_classes, load_model, save_checkpoint
+from lora_yolo.checkpoint import MODEL_CLASSES, build_for_classes, class_count, load_model, save_checkpoint
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.fold import fold_batchnorm, unfold_batchnorm
@@ -150,13 +159,18 @@ class LoraTrainerMixin:
         # By names, not by count: model.load() maps class rows by name, so any new name starts from a random row.
         full = class_layers(model) if dict(base.names) != dict(self.data["names"]) else []
         config = self.lora_config
-        plan = select_targets(model, config, full=frozenset(full))
+        keep = class_count(base) if config.add_classes else 0  # the base's class rows, first (lora_yolo.classes)
+        if keep:
+            copy_class_rows(base, model, keep)
+        exact = config.add_classes == "exact"  # no adapter: only the new class rows train
+        plan = {} if exact else select_targets(model, config, full=frozenset(full))
         add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
         _training_form(model, config)
         model.lora_meta = {
             "config": config.to_dict(),
             "base": fingerprint(base),
             "full": [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in full],
+            "frozen_rows": keep if exact else 0,
         }
         return model
 
@@ -179,6 +193,7 @@ class LoraTrainerMixin:
         if self.ema:  # the EMA never trains: plain layers, and checkpoints (its pickles) hold Ultralytics' own forward
             remove_checkpointing(self.ema.ema)
         model = unwrap_model(self.model)
+        _freeze_rows(model)
         if RANK in {-1, 0}:
             self._write_run_files(model)
         n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
@@ -218,9 +233,13 @@ class LoraTrainerMixin:
             settings = {k: v for k, v in group.items() if k != "params"}
             adapter = {**settings, "use_muon": False, "param_group": "weight"} if settings.get("use_muon") else settings
             rest, lora, lora_b, magnitudes = [], [], [], []
+            frozen_rows = unwrap_model(model).lora_meta.get("frozen_rows", 0)
             for p in group["params"]:
                 name = names[id(p)]
-                if name.endswith(".lora_magnitude_vector"):
+                # DoRA magnitudes; and class layers whose base rows must not move (decay would shrink them too)
+                if name.endswith(".lora_magnitude_vector") or (
+                    frozen_rows and name in unwrap_model(model).lora_meta["full"]
+                ):
                     magnitudes.append(p)
                 elif ratio != 1 and name.endswith(".lora_B.weight"):
                     lora_b.append(p)
@@ -330,6 +349,21 @@ class LoraTrainerMixin:
         self.epoch += 1  # log the final metrics at step epochs+1, as Ultralytics does
         self.run_callbacks("on_fit_epoch_end")
         self.epoch -= 1
+
+
+def _freeze_rows(model: nn.Module) -> None:
+    """add_classes=exact: zero the gradient of the base's class rows (every other base tensor is frozen anyway).
+
+    Registered in the process that trains (a DDP worker unpickles the model without tensor hooks). With zero
+    gradients and no weight decay (`build_optimizer`) SGD, Adam and AdamW leave those rows bit-exact, and the EMA's
+    lerp towards an equal value is exact too.
+    """
+    rows = model.lora_meta.get("frozen_rows", 0)
+    if not rows:
+        return
+    params = dict(model.named_parameters())
+    for name in model.lora_meta["full"]:
+        params[name].register_hook(lambda g, n=rows: torch.cat([torch.zeros_like(g[:n]), g[n:]]))
 
 
 def _training_form(model: nn.Module, config: LoraConfig) -> None:

@@ -1,0 +1,101 @@
+"""Add the dataset's classes to a base without forgetting the base's own (`train(..., config.add_classes=...)`).
+
+The combined class set is the base's classes first, under their ids, then the dataset's classes the base does not
+have (a name in both is one class). Training reads a copy of the dataset made in the run folder (`add_classes/`):
+the images are symbolic links to the user's, the labels are rewritten with the combined ids, and in `adapted` mode
+the base's own objects in the training images are added as pseudo-labels, found by the base itself, so training
+does not teach the model that they are background. Nothing is written into the user's dataset.
+
+Two modes (see `lora_yolo.trainer` for the training side):
+- `exact`: no adapter anywhere; each class conv gets rows for the new classes and only those rows train (no weight
+  decay, gradients of the base's rows zeroed), so every box and every old class score is the base's, bit for bit;
+- `adapted`: LoRA across the network as usual and the class convs trained in full, on the pseudo-labelled data.
+
+Either way the adapter is an ordinary adapter with a new class set (its class convs in full, one row per combined
+class), so merge, export, serving and PEFT conversion treat it as any other.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from ultralytics.data.utils import img2label_paths
+
+from lora_yolo.datacheck import check_dataset, split_images
+from lora_yolo.errors import LoraYoloError
+
+FOLDER = "add_classes"  # in the run folder: the relabelled dataset
+PSEUDO_CONF = 0.25  # Ultralytics' own predict default
+
+
+def combined_names(base: dict[int, str], data: dict[int, str]) -> dict[int, str]:
+    """The base's classes under their ids, then the dataset's new ones in the dataset's order."""
+    names = dict(base)
+    for name in data.values():
+        if name not in names.values():
+            names[len(names)] = name
+    return names
+
+
+def prepare_dataset(
+    data: str | Path, base: str | Path, base_names: dict[int, str], out: Path, pseudo_conf: float | None, task: str
+) -> tuple[Path, int]:
+    """The relabelled copy of `data` under `out` and its data.yaml; returns (yaml path, pseudo-labels added).
+
+    `pseudo_conf` None: no pseudo-labels (exact mode); otherwise the base labels its own classes in the training
+    images at that confidence (only classes the dataset does not label itself: where a name is in both, the
+    dataset's labels are the truth).
+    """
+    if pseudo_conf is not None and task != "detect":
+        raise LoraYoloError(f"add_classes=adapted pseudo-labels boxes, so it supports detection only (this is {task})")
+    resolved = check_dataset(data, task)
+    names = combined_names(base_names, resolved["names"])
+    remap = {i: next(k for k, v in names.items() if v == name) for i, name in resolved["names"].items()}
+    pseudo_ids = [i for i, name in base_names.items() if name not in resolved["names"].values()]
+    added = 0
+    for split in ("train", "val"):
+        images = split_images(resolved[split])
+        if not images:
+            raise LoraYoloError(f"dataset {data} has no {split} images")
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+        boxes = _pseudo_labels(base, images, pseudo_conf, pseudo_ids) if pseudo_conf and split == "train" else {}
+        for i, (image, label) in enumerate(zip(images, img2label_paths([str(f) for f in images]))):
+            link = out / "images" / split / f"{i:06d}_{image.name}"
+            if not link.is_symlink():
+                os.symlink(image.resolve(), link)
+            lines = []
+            if Path(label).is_file():
+                for line in Path(label).read_text(encoding="utf-8-sig").splitlines():
+                    fields = line.split()
+                    if fields:
+                        lines.append(" ".join([str(remap[int(float(fields[0]))]), *fields[1:]]))
+            lines += boxes.get(image, [])
+            added += len(boxes.get(image, []))
+            (out / "labels" / split / f"{i:06d}_{Path(label).name}").write_text("\n".join(lines) + "\n")
+    spec = {"path": str(out.resolve()), "train": "images/train", "val": "images/val", "names": names}
+    for key in ("kpt_shape", "flip_idx", "channels"):
+        if key in resolved:
+            spec[key] = resolved[key]
+    path = out / "data.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path, added
+
+
+def _pseudo_labels(base: str | Path, images: list[Path], conf: float, classes: list[int]) -> dict[Path, list[str]]:
+    """Label lines (`cls cx cy w h`, normalised) of the base's own detections of `classes` in each image."""
+    from ultralytics import YOLO
+
+    if not classes:
+        return {}
+    model = YOLO(str(base))
+    lines: dict[Path, list[str]] = {}
+    for image in images:
+        (result,) = model.predict(str(image), conf=conf, classes=classes, verbose=False, save=False)
+        lines[image] = [
+            f"{int(c)} " + " ".join(f"{v:.6f}" for v in box)
+            for c, box in zip(result.boxes.cls.tolist(), result.boxes.xywhn.tolist())
+        ]
+    return lines

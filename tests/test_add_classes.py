@@ -1,0 +1,83 @@
+"""Adding the dataset's classes to the base's (`add_classes`): exact mode keeps every base output, adapted mode
+pseudo-labels the base's objects; both write ordinary adapters with the combined class set."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ROOT, TINY, sha256
+from ultralytics import YOLO
+
+from lora_yolo import LoraConfig, load_adapter, load_model
+from lora_yolo.classes import FOLDER, combined_names
+from lora_yolo.serve import AdapterModel
+from lora_yolo.train import train
+
+pytestmark = pytest.mark.slow
+B2 = ROOT / "datasets" / "shapes-b2"  # star, cross, ring, diamond: none is a demo base class
+COMBINED = {0: "circle", 1: "square", 2: "triangle", 3: "star", 4: "cross", 5: "ring", 6: "diamond"}
+X = torch.rand(2, 3, 64, 64)
+
+
+def labels_hash() -> dict[str, str]:
+    return {str(p): sha256(p) for p in sorted((B2 / "labels").rglob("*.txt"))}
+
+
+@pytest.fixture(scope="module")
+def runs(demo_base, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("add")
+    before = labels_hash()
+    out = {
+        mode: train(
+            B2 / "data.yaml",
+            model=demo_base,
+            config=LoraConfig(add_classes=mode),
+            project=str(folder),
+            name=mode,
+            **{**TINY, "fraction": 0.1},
+        )  # fmt: skip
+        for mode in ("exact", "adapted")
+    }
+    assert labels_hash() == before  # the user's dataset is never written
+    return out
+
+
+def test_combined_names_keep_the_base_ids_and_merge_shared_names():
+    assert combined_names({0: "a", 1: "b"}, {0: "c", 1: "a", 2: "d"}) == {0: "a", 1: "b", 2: "c", 3: "d"}
+
+
+def test_exact_mode_keeps_every_base_output_bit_identical(runs, demo_base):
+    result = runs["exact"]
+    adapter = load_adapter(result.adapter)
+    assert adapter.names == COMBINED and not adapter.layers and adapter.full  # class rows only, no LoRA layer
+    base = dict(load_model(demo_base).named_parameters())
+    for key in adapter.full:  # the base's rows as stored, the new rows trained
+        assert torch.equal(adapter.tensors[key][:3].float(), base[key].float()), key
+    assert any(adapter.tensors[k][3:].abs().max() > 0 for k in adapter.full)
+    served = AdapterModel(demo_base)
+    served.set_adapter(served.load_adapter(result.adapter))
+    plain = YOLO(str(demo_base)).model.fuse(verbose=False).eval()  # what Ultralytics predicts the base with
+    with torch.no_grad():
+        (y, raw), (y_base, raw_base) = served.model.eval()(X), plain(X)
+        merged, unfused = load_model(result.merged).eval()(X)[0], load_model(demo_base).eval()(X)[0]
+    assert torch.equal(raw["boxes"], raw_base["boxes"]) and torch.equal(raw["scores"][:, :3], raw_base["scores"])
+    assert torch.equal(y[:, :4], y_base[:, :4])  # decoded boxes
+    # Probabilities: the same sigmoid of the same logits, but torch's vectorised sigmoid may round the last bit of an
+    # element differently once the tensor has other columns; merged.pt's wider plain conv may round its logits too.
+    assert (y[:, 4:7] - y_base[:, 4:7]).abs().max() < 1e-8 and y.shape[1] == 4 + 7
+    assert torch.equal(merged[:, :4], unfused[:, :4]) and (merged[:, 4:7] - unfused[:, 4:7]).abs().max() < 1e-6
+
+
+def test_adapted_mode_pseudo_labels_the_base_objects_in_the_run_folder(runs):
+    result = runs["adapted"]
+    adapter = load_adapter(result.adapter)
+    assert adapter.names == COMBINED and adapter.layers and adapter.config.add_classes == "adapted"
+    assert result.pseudo_labels is not None and f"{result.pseudo_labels:,}" in result.table()
+    lines = [
+        line.split()
+        for f in (result.save_dir / FOLDER / "labels" / "train").glob("*.txt")
+        for line in f.read_text().splitlines()
+    ]
+    old = [line for line in lines if int(line[0]) < 3]  # the base's classes: only pseudo-labels carry them
+    assert len(old) == result.pseudo_labels and all(int(line[0]) < 7 for line in lines)
+    assert sum(int(line[0]) >= 3 for line in lines) > 0  # the dataset's own labels, shifted to the combined ids
