@@ -334,6 +334,13 @@ def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: li
             raise LoraYoloError(
                 f"adapter tensor {key} {tuple(adapter.tensors[key].shape)} does not fit the base ({want})"
             )
+    if adapter.config.add_classes == "exact":  # the base's rows come from the base: its classes must lead
+        base_names = dict(names)
+        if adapter.nc <= len(base_names) or {i: adapter.names[i] for i in base_names} != base_names:
+            raise LoraYoloError(
+                f"adapter says add_classes=exact but its classes ({adapter.nc}) do not start with the base's "
+                f"{len(base_names)} classes in the base's order"
+            )
     missing = [c for c in classes if any(f"{c}.{n}" not in adapter.full for n, _ in modules[c].named_parameters())]
     if missing and adapter.names != dict(names):
         raise LoraYoloError(

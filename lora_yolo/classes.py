@@ -18,6 +18,7 @@ class), so merge, export, serving and PEFT conversion treat it as any other.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import yaml
@@ -48,10 +49,16 @@ def prepare_dataset(
     images at that confidence (only classes the dataset does not label itself: where a name is in both, the
     dataset's labels are the truth).
     """
+    if task == "classify":  # a softmax over more classes changes every old probability: nothing to keep exact
+        raise LoraYoloError("add_classes supports models with a Detect head, not classification")
     if pseudo_conf is not None and task != "detect":
         raise LoraYoloError(f"add_classes=adapted pseudo-labels boxes, so it supports detection only (this is {task})")
     resolved = check_dataset(data, task)
     names = combined_names(base_names, resolved["names"])
+    if len(names) == len(base_names):
+        raise LoraYoloError(f"every class of {data} is already one of the base's: there is no class to add")
+    if out.exists():  # an earlier attempt of this run (exist_ok): its links and labels are ours, rebuilt here
+        shutil.rmtree(out)
     remap = {i: next(k for k, v in names.items() if v == name) for i, name in resolved["names"].items()}
     pseudo_ids = [i for i, name in base_names.items() if name not in resolved["names"].values()]
     added = 0
@@ -64,11 +71,10 @@ def prepare_dataset(
         boxes = _pseudo_labels(base, images, pseudo_conf, pseudo_ids) if pseudo_conf and split == "train" else {}
         for i, (image, label) in enumerate(zip(images, img2label_paths([str(f) for f in images]))):
             link = out / "images" / split / f"{i:06d}_{image.name}"
-            if not link.is_symlink():
-                os.symlink(image.resolve(), link)
+            os.symlink(image.resolve(), link)
             lines = []
             if Path(label).is_file():
-                for line in Path(label).read_text(encoding="utf-8-sig").splitlines():
+                for line in Path(label).read_text(encoding="utf-8-sig", errors="replace").splitlines():
                     fields = line.split()
                     if fields:
                         lines.append(" ".join([str(remap[int(float(fields[0]))]), *fields[1:]]))

@@ -160,7 +160,9 @@ class AdapterModel:
         )
         self._unused = {n for n in unfused if f"{n}.".startswith(dropped)}
         self._checked_modules = {**{n: unfused[n] for n in self._unused}, **fused}
-        self._base_classes = (dict(model.names), {})  # names, replaced modules (none)
+        # names, and the base's class layers as loaded: a class set's rows start from these, never from a layer
+        # an adapter was merged into later
+        self._base_classes = (dict(model.names), {c: fused[c] for c in self._class_convs if c in fused})
         self._adapters: dict[str, Adapter] = {}
         self._classes: dict[str, tuple[dict[int, str], dict[str, nn.Module]]] = {}
         self._switchables: dict[str, SwitchableLayer] = {}  # by layer path, whether or not in the model right now
@@ -307,7 +309,7 @@ class AdapterModel:
             elif isinstance(m, nn.Linear):
                 m.out_features = m.weight.shape[0]
         if adapter.config.add_classes == "exact":  # the base's rows computed by the base's own layer
-            rows = int(adapter.base["nc"])
+            rows = len(self._base_classes[0])  # check_layers: the adapter's classes start with these
             modules = {path: AddedRows(self._base_copy(path), m, rows) for path, m in modules.items()}
         return dict(adapter.names), modules
 

@@ -166,7 +166,11 @@ def train(
             raise LoraYoloError("a resumed run keeps the LoRA settings it started with: pass no config with resume")
         if not Path(resume).is_file():
             raise LoraYoloError(f"resume checkpoint not found: {resume}")
-        task = _resume_task(resume)
+        task, run_data = _resume_task(resume)
+        if data is not None and Path(run_data).parent.name == FOLDER:
+            raise LoraYoloError(
+                f"this run trains on its relabelled copy of the dataset ({run_data}, add_classes): resume without DATA"
+            )
         if data is not None:  # a new path for the run's dataset (moved): Ultralytics takes it on resume
             check_dataset(data, task)
             overrides = {**overrides, "data": str(data)}
@@ -183,6 +187,10 @@ def train(
         if config is not None and config.add_classes:  # the relabelled copy of the dataset, in the run folder
             if str(model).endswith((".yaml", ".yml")):
                 raise LoraYoloError("add_classes keeps a trained base's classes: give a .pt checkpoint, not a YAML")
+            if trainer.ddp:  # Ultralytics' DDP launcher deletes the run folder, and the relabelled copy with it
+                raise LoraYoloError("add_classes trains on one device for now: pass a single --device")
+            if not 0 < pseudo_conf <= 1:
+                raise LoraYoloError(f"pseudo_conf must be in (0, 1], got {pseudo_conf}")
             adapted = config.add_classes == "adapted"
             relabelled, pseudo = prepare_dataset(
                 data,
@@ -265,11 +273,11 @@ def _stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _resume_task(checkpoint: str | Path) -> str:
-    """The task of an interrupted run, from its own last.pt (a checkpoint this user's run wrote)."""
+def _resume_task(checkpoint: str | Path) -> tuple[str, str]:
+    """The task and dataset of an interrupted run, from its own last.pt (a checkpoint this user's run wrote)."""
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        return ckpt["train_args"].get("task") or "detect"
+        return ckpt["train_args"].get("task") or "detect", str(ckpt["train_args"].get("data") or "")
     except Exception as e:
         raise LoraYoloError(f"{checkpoint} is not an Ultralytics training checkpoint ({first_line(e)})") from None
 

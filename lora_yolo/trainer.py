@@ -132,7 +132,7 @@ class LoraTrainerMixin:
 
     def get_model(self, cfg=None, weights: nn.Module | None = None, verbose: bool = True) -> nn.Module:
         """Build the fine-tuning model as Ultralytics' trainer does, add adapters; resume rebuilds base + adapter."""
-        if weights is not None and lora_layers(weights):
+        if weights is not None and getattr(weights, "lora_meta", None) is not None:  # a run's own checkpoint
             model = self._resume_model(weights)
         else:
             model = self._new_model(cfg, weights)

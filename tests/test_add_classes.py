@@ -8,8 +8,9 @@ import torch
 from conftest import ROOT, TINY, sha256
 from ultralytics import YOLO
 
-from lora_yolo import LoraConfig, load_adapter, load_model
+from lora_yolo import LoraConfig, LoraYoloError, load_adapter, load_model
 from lora_yolo.classes import FOLDER, combined_names
+from lora_yolo.errors import TrainingInterrupted
 from lora_yolo.serve import AdapterModel
 from lora_yolo.train import train
 
@@ -27,16 +28,21 @@ def labels_hash() -> dict[str, str]:
 def runs(demo_base, tmp_path_factory):
     folder = tmp_path_factory.mktemp("add")
     before = labels_hash()
+
+    def crash_after_first_save(trainer):
+        if trainer.epoch == 0:
+            raise KeyboardInterrupt  # Ctrl-C after epoch 1 was saved: exact mode must resume as exact mode
+
+    args = dict(data=B2 / "data.yaml", model=demo_base, project=str(folder), **{**TINY, "fraction": 0.1})
+    with pytest.raises(TrainingInterrupted):
+        train(**args, config=LoraConfig(add_classes="exact"), name="exact",
+              callbacks={"on_model_save": [crash_after_first_save]})  # fmt: skip
+    last = folder / "exact" / "weights" / "last.pt"
+    with pytest.raises(LoraYoloError, match="relabelled copy of the dataset"):
+        train(B2 / "data.yaml", resume=last)  # the user's data: its class ids are not the run's
     out = {
-        mode: train(
-            B2 / "data.yaml",
-            model=demo_base,
-            config=LoraConfig(add_classes=mode),
-            project=str(folder),
-            name=mode,
-            **{**TINY, "fraction": 0.1},
-        )  # fmt: skip
-        for mode in ("exact", "adapted")
+        "exact": train(None, resume=last),
+        "adapted": train(**args, config=LoraConfig(add_classes="adapted"), name="adapted"),
     }
     assert labels_hash() == before  # the user's dataset is never written
     return out
@@ -47,7 +53,8 @@ def test_combined_names_keep_the_base_ids_and_merge_shared_names():
 
 
 def test_exact_mode_keeps_every_base_output_bit_identical(runs, demo_base):
-    result = runs["exact"]
+    result = runs["exact"]  # interrupted after epoch 1 and resumed
+    assert len((result.save_dir / "results.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
     adapter = load_adapter(result.adapter)
     assert adapter.names == COMBINED and not adapter.layers and adapter.full  # class rows only, no LoRA layer
     base = dict(load_model(demo_base).named_parameters())
@@ -81,3 +88,13 @@ def test_adapted_mode_pseudo_labels_the_base_objects_in_the_run_folder(runs):
     old = [line for line in lines if int(line[0]) < 3]  # the base's classes: only pseudo-labels carry them
     assert len(old) == result.pseudo_labels and all(int(line[0]) < 7 for line in lines)
     assert sum(int(line[0]) >= 3 for line in lines) > 0  # the dataset's own labels, shifted to the combined ids
+
+
+def test_refusals_are_one_line(demo_base, tmp_path):
+    same = B2.parent / "shapes-b1" / "data.yaml"  # the base's own classes: nothing to add
+    with pytest.raises(LoraYoloError, match="there is no class to add"):
+        train(same, model=demo_base, config=LoraConfig(add_classes="exact"), project=str(tmp_path), **TINY)
+    with pytest.raises(LoraYoloError, match="give a .pt checkpoint"):
+        train(B2 / "data.yaml", model="yolo11n.yaml", config=LoraConfig(add_classes="exact"), project=str(tmp_path))
+    with pytest.raises(LoraYoloError, match="add_classes must be exact or adapted"):
+        LoraConfig(add_classes="both")

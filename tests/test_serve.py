@@ -10,7 +10,7 @@ import torch
 from conftest import SHAPES_B1, head_output, make_base, random_adapter
 from ultralytics import YOLO
 
-from lora_yolo import LoraConfig, LoraYoloError, load_model, merge_lora
+from lora_yolo import LoraConfig, LoraYoloError, attach_adapter, load_model, merge_lora
 from lora_yolo.serve import AdapterModel, SwitchableLayer
 
 NEW = {0: "disc", 1: "ring", 2: "cross", 3: "star"}
@@ -234,3 +234,27 @@ def test_yolo26_branch_mismatches_are_refused(base26):
     with pytest.raises(LoraYoloError, match=r"nms=True needs the other head branch.*end2end=False"):
         AdapterModel(base26, end2end=True).val(data=str(SHAPES_B1), nms=True)
     assert len(AdapterModel(base26).predict(image, nms=True, imgsz=64, verbose=False)) == 1  # the branch it keeps
+
+
+def test_class_set_after_a_merged_adapter_starts_from_the_base(base_pt):
+    """An add_classes=exact adapter (served with the base's own class convs) loaded while another adapter with LoRA
+    on the class convs is merged must take those convs from the base, not from the merged weights; switching back
+    gives the first adapter exactly as before. Compared on the raw class logits (a random base's sigmoid scores are
+    all near 0, where differences vanish)."""
+
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval()(X)[1]["scores"]
+
+    trained_a, a = random_adapter(base_pt, seed=1, scale=0.5)
+    names = {**load_model(base_pt).names, **{80 + i: n for i, n in NEW.items()}}  # the base's classes, then more
+    _, c = random_adapter(base_pt, LoraConfig(add_classes="exact"), seed=3, names=names)
+    model = AdapterModel(base_pt)
+    model.set_adapter(model.load_adapter(a, "a"))
+    want_a = logits(model.model)
+    model.merge_adapter()
+    model.set_adapter(model.load_adapter(c, "c"))
+    want_c = logits(merge_lora(attach_adapter(load_model(base_pt), c)).fuse(verbose=False))  # the base's rows
+    assert (logits(model.model) - want_c).abs().max() < 1e-4
+    model.set_adapter("a")
+    assert (logits(model.model) - want_a).abs().max() < 1e-4

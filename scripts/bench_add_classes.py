@@ -1,0 +1,165 @@
+"""Benchmark `--add-classes`: does the demo base keep its own classes (domain A) while learning the new-class task?
+
+    python scripts/bench_add_classes.py            # all runs, then benchmarks/add_classes.json / .md
+    python scripts/bench_add_classes.py --seed 1   # another seed (appended; the report takes every seed run)
+
+Same data and schedule as scripts/bench_finetune.py's new-classes task on the demo base (64 training images of the
+4 new shapes, its validation and test splits), at Ultralytics' `optimizer=auto`. Runs, each scored on A's test
+images (the base's 3 classes, 40 images the base never saw) and on the new classes' test images:
+  exact       lora-yolo --add-classes exact (only the new class rows train)
+  adapted     lora-yolo --add-classes adapted (the default adapters, the base's objects pseudo-labelled)
+  lora-new    the default recipe on the new classes alone (a new class set: forgets A)
+  full-new    Ultralytics full fine-tuning on the new classes alone (forgets A)
+  full-pseudo Ultralytics full fine-tuning on adapted's pseudo-labelled data (the combined class set)
+Goals (the add-classes issue): on A, exact 100% of the base and adapted >= 95%; on the new classes, exact >= 90% and
+adapted >= 95% of lora-new. Each run appends to benchmarks/add_classes.jsonl as it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from bench_finetune import N_TEST, SCHEDULE, datasets, fetch_base
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks"
+RUNS = OUT / "add_classes.jsonl"
+METHODS = ("exact", "adapted", "lora-new", "full-new", "full-pseudo")
+
+
+def with_names(data: str | Path, names: dict[int, str], out: Path) -> Path:
+    """`data` with another class list (the combined one), its images and labels where they are."""
+    spec = yaml.safe_load(Path(data).read_text())
+    spec.update(path=str(Path(data).parent.resolve()), names=names)
+    out.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
+def score(weights: Path, data: Path, project: Path) -> float:
+    from ultralytics import YOLO
+
+    r = YOLO(str(weights)).val(
+        data=str(data), imgsz=SCHEDULE["imgsz"], batch=16, device="cpu", plots=False, project=str(project),
+        name="val", exist_ok=True, verbose=False,
+    )  # fmt: skip
+    return float(r.box.map)
+
+
+def run(method: str, seed: int, root: Path) -> dict:
+    from ultralytics import YOLO
+
+    from lora_yolo.checkpoint import load_model
+    from lora_yolo.classes import FOLDER, combined_names, prepare_dataset
+    from lora_yolo.presets import resolve_config
+    from lora_yolo.synth import make_dataset
+    from lora_yolo.train import train
+
+    base = fetch_base("demo-11n")
+    new = datasets(root, "new-classes", 64)
+    a_test = make_dataset(root / "A-test", "A", 0, N_TEST, SCHEDULE["imgsz"], seed=8)
+    base_names = load_model(base).names
+    combined = combined_names(base_names, yaml.safe_load(Path(new["data"]).read_text())["names"])
+    project = root / f"{method}-{seed}"
+    common = dict(**SCHEDULE, optimizer="auto", nbs=SCHEDULE["batch"], seed=seed, device="cpu", workers=2,
+                  plots=False, project=str(project), name="run", exist_ok=True)  # fmt: skip
+    pseudo = None
+    if method in ("exact", "adapted", "lora-new"):
+        extra = {"add_classes": method} if method != "lora-new" else {}
+        config, _ = resolve_config("default", **extra)
+        result = train(new["data"], model=base, config=config, **common)
+        weights, pseudo = result.merged, result.pseudo_labels
+    else:
+        data = new["data"]
+        if method == "full-pseudo":  # the same relabelled, pseudo-labelled data as adapted
+            data = prepare_dataset(new["data"], base, base_names, project / FOLDER, 0.25, "detect")[0]
+        model = YOLO(str(base))
+        model.train(data=str(data), **common)
+        weights = Path(model.trainer.best)
+    names = load_model(weights).names
+    keeps_a = names == combined
+    new_test = new["test"]
+    if keeps_a:  # the new classes' test labels under the combined ids; A's test with the combined class list
+        both = yaml.safe_load(Path(new["test"]).read_text())
+        both.update(path=str(Path(new["test"]).parent.resolve()), train=both["val"])  # relabels both splits
+        (project / "test-both.yaml").write_text(yaml.safe_dump(both, sort_keys=False))
+        new_test = prepare_dataset(project / "test-both.yaml", base, base_names, project / "new-test", None, "detect")[
+            0
+        ]
+    return {
+        "method": method,
+        "seed": seed,
+        "a_test": score(weights, with_names(a_test, combined, project / "a-test.yaml"), project) if keeps_a else 0.0,
+        "new_test": score(weights, Path(new_test), project),
+        "pseudo_labels": pseudo,
+    }
+
+
+def report() -> None:
+    runs = [json.loads(line) for line in RUNS.read_text().splitlines()] if RUNS.is_file() else []
+    from lora_yolo.synth import make_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        a_test = make_dataset(Path(tmp) / "A-test", "A", 0, N_TEST, SCHEDULE["imgsz"], seed=8)
+        base_a = score(fetch_base("demo-11n"), a_test, Path(tmp))
+    rows = {}
+    for m in METHODS:
+        mine = [r for r in runs if r["method"] == m]
+        if mine:
+            rows[m] = {
+                "seeds": sorted(r["seed"] for r in mine),
+                "a_test": statistics.mean(r["a_test"] for r in mine),
+                "new_test": statistics.mean(r["new_test"] for r in mine),
+                "pseudo_labels": mine[0]["pseudo_labels"],
+            }
+    ref_new = rows.get("lora-new", {}).get("new_test")
+    lines = [
+        "# Adding classes to the demo base (benchmarks/add_classes.jsonl, scripts/bench_add_classes.py)",
+        "",
+        f"Base zero-shot mAP50-95 on A's test images (its own 3 classes): {base_a:.3f}. Schedule: {SCHEDULE}, "
+        "optimizer=auto, 64 training images of the 4 new shapes.",
+        "",
+        "| method | seeds | A test mAP50-95 | vs base | new-class test mAP50-95 | vs lora-new | pseudo-labels |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, r in rows.items():
+        vs_new = f"{100 * r['new_test'] / ref_new:.1f}%" if ref_new else "-"
+        lines.append(
+            f"| {m} | {','.join(map(str, r['seeds']))} | {r['a_test']:.3f} | {100 * r['a_test'] / base_a:.1f}% | "
+            f"{r['new_test']:.3f} | {vs_new} | {r['pseudo_labels'] if r['pseudo_labels'] is not None else '-'} |"
+        )
+    (OUT / "add_classes.md").write_text("\n".join(lines) + "\n")
+    (OUT / "add_classes.json").write_text(json.dumps({"base_a_test": base_a, "rows": rows}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--report", action="store_true", help="only write the report from what ran")
+    args = parser.parse_args()
+    if not args.report:
+        done = (
+            {(r["method"], r["seed"]) for r in map(json.loads, RUNS.read_text().splitlines())}
+            if RUNS.is_file()
+            else set()
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            for method in args.methods:
+                if (method, args.seed) in done:
+                    continue
+                result = run(method, args.seed, Path(tmp))
+                print(json.dumps(result), flush=True)
+                with open(RUNS, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(result) + "\n")
+    report()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
