@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT, TINY, sha256
+from conftest import ROOT, TINY, make_base, sha256
 from ultralytics import YOLO
 
 from lora_yolo import LoraConfig, LoraYoloError, load_adapter, load_model
@@ -98,3 +98,32 @@ def test_refusals_are_one_line(demo_base, tmp_path):
         train(B2 / "data.yaml", model="yolo11n.yaml", config=LoraConfig(add_classes="exact"), project=str(tmp_path))
     with pytest.raises(LoraYoloError, match="add_classes must be exact or adapted"):
         LoraConfig(add_classes="both")
+
+
+@pytest.fixture(scope="module")
+def run26(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("add26")
+    base = make_base(folder / "yolo26n.pt", "yolo26n.yaml")  # 80 COCO classes
+    result = train(B2 / "data.yaml", model=base, config=LoraConfig(add_classes="exact"), project=str(folder),
+                   name="e", **{**TINY, "fraction": 0.05, "epochs": 1})  # fmt: skip
+    return base, result
+
+
+@pytest.mark.parametrize("end2end", [False, True], ids=["one-to-many", "one-to-one"])
+def test_exact_mode_on_yolo26_keeps_either_branch_bit_identical(run26, end2end):
+    """YOLO26: both branches' class convs get the new rows; served for either branch, the base's boxes and raw class
+    scores are the base's."""
+    base, result = run26
+    adapter = load_adapter(result.adapter)
+    assert any(".one2one_cv3." in k for k in adapter.full) and any(".cv3." in k for k in adapter.full)
+    served = AdapterModel(base, end2end=end2end)
+    served.set_adapter(served.load_adapter(result.adapter))
+    plain = load_model(base)
+    plain.end2end = end2end
+    plain.fuse(verbose=False)
+    with torch.no_grad():
+        got, want = served.model.eval()(X)[1], plain.eval()(X)[1]
+    key = "one2one" if end2end else "one2many"
+    got, want = got.get(key, got), want.get(key, want)
+    assert torch.equal(got["boxes"], want["boxes"]) and torch.equal(got["scores"][:, :80], want["scores"])
+    assert got["scores"].shape[1] == 84
