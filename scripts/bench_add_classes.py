@@ -111,10 +111,13 @@ def report() -> None:
     for m in METHODS:
         mine = [r for r in runs if r["method"] == m]
         if mine:
+            a, b = [r["a_test"] for r in mine], [r["new_test"] for r in mine]
             rows[m] = {
                 "seeds": sorted(r["seed"] for r in mine),
-                "a_test": statistics.mean(r["a_test"] for r in mine),
-                "new_test": statistics.mean(r["new_test"] for r in mine),
+                "a_test": statistics.mean(a),
+                "a_spread": (max(a) - min(a)) / 2,  # half the range over the seeds
+                "new_test": statistics.mean(b),
+                "new_spread": (max(b) - min(b)) / 2,
                 "pseudo_labels": mine[0]["pseudo_labels"],
             }
     ref_new = rows.get("lora-new", {}).get("new_test")
@@ -124,14 +127,17 @@ def report() -> None:
         f"Base zero-shot mAP50-95 on A's test images (its own 3 classes): {base_a:.3f}. Schedule: {SCHEDULE}, "
         "optimizer=auto, 64 training images of the 4 new shapes.",
         "",
+        "Means over the seeds, ± half their range.",
+        "",
         "| method | seeds | A test mAP50-95 | vs base | new-class test mAP50-95 | vs lora-new | pseudo-labels |",
         "|---|---|---|---|---|---|---|",
     ]
     for m, r in rows.items():
         vs_new = f"{100 * r['new_test'] / ref_new:.1f}%" if ref_new else "-"
         lines.append(
-            f"| {m} | {','.join(map(str, r['seeds']))} | {r['a_test']:.3f} | {100 * r['a_test'] / base_a:.1f}% | "
-            f"{r['new_test']:.3f} | {vs_new} | {r['pseudo_labels'] if r['pseudo_labels'] is not None else '-'} |"
+            f"| {m} | {','.join(map(str, r['seeds']))} | {r['a_test']:.3f}±{r['a_spread']:.3f} | "
+            f"{100 * r['a_test'] / base_a:.1f}% | {r['new_test']:.3f}±{r['new_spread']:.3f} | {vs_new} | "
+            f"{r['pseudo_labels'] if r['pseudo_labels'] is not None else '-'} |"
         )
     (OUT / "add_classes.md").write_text("\n".join(lines) + "\n")
     (OUT / "add_classes.json").write_text(json.dumps({"base_a_test": base_a, "rows": rows}, indent=2) + "\n")
