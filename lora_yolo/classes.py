@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from ultralytics.data.utils import img2label_paths
 
-from lora_yolo.datacheck import check_dataset, split_images
+from lora_yolo.datacheck import split_images
 from lora_yolo.errors import LoraYoloError
 
 FOLDER = "add_classes"  # in the run folder: the relabelled dataset
@@ -40,23 +40,31 @@ def combined_names(base: dict[int, str], data: dict[int, str]) -> dict[int, str]
     return names
 
 
+def check_add_classes(resolved: dict, base_names: dict[int, str], task: str, adapted: bool) -> None:
+    """What `prepare_dataset` needs, checked before a run folder exists: a Detect head, boxes for pseudo-labels,
+    and at least one class the base lacks."""
+    if task == "classify":  # a softmax over more classes changes every old probability: nothing to keep exact
+        raise LoraYoloError("add_classes supports models with a Detect head, not classification")
+    if adapted and task != "detect":
+        raise LoraYoloError(f"add_classes=adapted pseudo-labels boxes, so it supports detection only (this is {task})")
+    if len(combined_names(base_names, resolved["names"])) == len(base_names):
+        raise LoraYoloError(
+            f"every class of {resolved['yaml_file']} is already one of the base's: there is no class to add"
+        )
+
+
 def prepare_dataset(
-    data: str | Path, base: str | Path, base_names: dict[int, str], out: Path, pseudo_conf: float | None, task: str
+    resolved: dict, base: str | Path, base_names: dict[int, str], out: Path, pseudo_conf: float | None, task: str
 ) -> tuple[Path, int]:
-    """The relabelled copy of `data` under `out` and its data.yaml; returns (yaml path, pseudo-labels added).
+    """The relabelled copy under `out` of the dataset `resolved` (`check_dataset`'s result, its labels already
+    checked, and by `check_add_classes`) and its data.yaml; returns (yaml path, pseudo-labels added).
 
     `pseudo_conf` None: no pseudo-labels (exact mode); otherwise the base labels its own classes in the training
     images at that confidence (only classes the dataset does not label itself: where a name is in both, the
     dataset's labels are the truth).
     """
-    if task == "classify":  # a softmax over more classes changes every old probability: nothing to keep exact
-        raise LoraYoloError("add_classes supports models with a Detect head, not classification")
-    if pseudo_conf is not None and task != "detect":
-        raise LoraYoloError(f"add_classes=adapted pseudo-labels boxes, so it supports detection only (this is {task})")
-    resolved = check_dataset(data, task)
+    data = resolved["yaml_file"]
     names = combined_names(base_names, resolved["names"])
-    if len(names) == len(base_names):
-        raise LoraYoloError(f"every class of {data} is already one of the base's: there is no class to add")
     if out.exists():  # an earlier attempt of this run (exist_ok): its links and labels are ours, rebuilt here
         shutil.rmtree(out)
     remap = {i: next(k for k, v in names.items() if v == name) for i, name in resolved["names"].items()}

@@ -315,10 +315,7 @@ class AdapterModel:
 
     def _base_copy(self, path: str) -> nn.Module:
         """A copy of the base's own module at `path` (remembered, before any adapter replaces it), unadapted."""
-        base_modules = self._base_classes[1]
-        if path not in base_modules:
-            base_modules[path] = self.model.get_submodule(path)
-        module = base_modules[path]
+        module = self._base_classes[1][path]  # every class layer is recorded when the base is loaded
         if not isinstance(module, SwitchableLayer):
             return deepcopy(module)
         copy = deepcopy(module.base_layer)

@@ -17,7 +17,7 @@ from ultralytics.utils import LOGGER
 
 from lora_yolo.adapter import load_adapter
 from lora_yolo.checkpoint import load_model, resolve_checkpoint
-from lora_yolo.classes import FOLDER, PSEUDO_CONF, prepare_dataset
+from lora_yolo.classes import FOLDER, PSEUDO_CONF, check_add_classes, prepare_dataset
 from lora_yolo.config import LoraConfig
 from lora_yolo.datacheck import check_dataset
 from lora_yolo.diagnose import diagnose, map_history, untouched
@@ -166,7 +166,7 @@ def train(
             raise LoraYoloError("a resumed run keeps the LoRA settings it started with: pass no config with resume")
         if not Path(resume).is_file():
             raise LoraYoloError(f"resume checkpoint not found: {resume}")
-        task, run_data = _resume_task(resume)
+        task, run_data = _resumed_run(resume)
         if data is not None and Path(run_data).parent.name == FOLDER:
             raise LoraYoloError(
                 f"this run trains on its relabelled copy of the dataset ({run_data}, add_classes): resume without DATA"
@@ -178,22 +178,25 @@ def train(
     else:
         if data is None:
             raise LoraYoloError("DATA is required (a dataset YAML) unless --resume is given")
+        if config is not None and config.add_classes:  # before the trainer makes a run folder
+            if str(model).endswith((".yaml", ".yml")):
+                raise LoraYoloError("add_classes keeps a trained base's classes: give a .pt checkpoint, not a YAML")
+            if not 0 < pseudo_conf <= 1:
+                raise LoraYoloError(f"pseudo_conf must be in (0, 1], got {pseudo_conf}")
         base = load_model(model)
         task = base.task if hasattr(base, "task") else "detect"
-        check_dataset(data, task)
+        resolved = check_dataset(data, task)
+        if config is not None and config.add_classes:
+            check_add_classes(resolved, base.names, task, adapted=config.add_classes == "adapted")
         trainer = _trainer(
             task, overrides={**overrides, "model": str(model), "data": str(data), "task": task}, lora=config
         )
         if config is not None and config.add_classes:  # the relabelled copy of the dataset, in the run folder
-            if str(model).endswith((".yaml", ".yml")):
-                raise LoraYoloError("add_classes keeps a trained base's classes: give a .pt checkpoint, not a YAML")
             if trainer.ddp:  # Ultralytics' DDP launcher deletes the run folder, and the relabelled copy with it
                 raise LoraYoloError("add_classes trains on one device for now: pass a single --device")
-            if not 0 < pseudo_conf <= 1:
-                raise LoraYoloError(f"pseudo_conf must be in (0, 1], got {pseudo_conf}")
             adapted = config.add_classes == "adapted"
             relabelled, pseudo = prepare_dataset(
-                data,
+                resolved,
                 resolve_checkpoint(model),
                 base.names,
                 trainer.save_dir / FOLDER,
@@ -273,7 +276,7 @@ def _stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _resume_task(checkpoint: str | Path) -> tuple[str, str]:
+def _resumed_run(checkpoint: str | Path) -> tuple[str, str]:
     """The task and dataset of an interrupted run, from its own last.pt (a checkpoint this user's run wrote)."""
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)

@@ -226,20 +226,19 @@ class LoraTrainerMixin:
         trained in full (class layers) keep Muon.
         """
         optimizer = super().build_optimizer(model, *args, **kwargs)
-        ratio = LoraConfig.from_dict(unwrap_model(model).lora_meta["config"]).loraplus_lr_ratio
+        meta = unwrap_model(model).lora_meta
+        ratio = LoraConfig.from_dict(meta["config"]).loraplus_lr_ratio
+        # class layers whose base rows must not move (add_classes=exact): decay would shrink those rows too
+        no_decay = set(meta["full"]) if meta.get("frozen_rows") else set()
         names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
         groups = []
         for group in optimizer.param_groups:
             settings = {k: v for k, v in group.items() if k != "params"}
             adapter = {**settings, "use_muon": False, "param_group": "weight"} if settings.get("use_muon") else settings
             rest, lora, lora_b, magnitudes = [], [], [], []
-            frozen_rows = unwrap_model(model).lora_meta.get("frozen_rows", 0)
             for p in group["params"]:
                 name = names[id(p)]
-                # DoRA magnitudes; and class layers whose base rows must not move (decay would shrink them too)
-                if name.endswith(".lora_magnitude_vector") or (
-                    frozen_rows and name in unwrap_model(model).lora_meta["full"]
-                ):
+                if name.endswith(".lora_magnitude_vector") or name in no_decay:
                     magnitudes.append(p)
                 elif ratio != 1 and name.endswith(".lora_B.weight"):
                     lora_b.append(p)

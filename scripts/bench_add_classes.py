@@ -56,6 +56,7 @@ def run(method: str, seed: int, root: Path) -> dict:
 
     from lora_yolo.checkpoint import load_model
     from lora_yolo.classes import FOLDER, combined_names, prepare_dataset
+    from lora_yolo.datacheck import check_dataset
     from lora_yolo.presets import resolve_config
     from lora_yolo.synth import make_dataset
     from lora_yolo.train import train
@@ -77,7 +78,7 @@ def run(method: str, seed: int, root: Path) -> dict:
     else:
         data = new["data"]
         if method == "full-pseudo":  # the same relabelled, pseudo-labelled data as adapted
-            data = prepare_dataset(new["data"], base, base_names, project / FOLDER, 0.25, "detect")[0]
+            data = prepare_dataset(check_dataset(new["data"]), base, base_names, project / FOLDER, 0.25, "detect")[0]
         model = YOLO(str(base))
         model.train(data=str(data), **common)
         weights = Path(model.trainer.best)

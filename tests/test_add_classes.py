@@ -94,6 +94,7 @@ def test_refusals_are_one_line(demo_base, tmp_path):
     same = B2.parent / "shapes-b1" / "data.yaml"  # the base's own classes: nothing to add
     with pytest.raises(LoraYoloError, match="there is no class to add"):
         train(same, model=demo_base, config=LoraConfig(add_classes="exact"), project=str(tmp_path), **TINY)
+    assert not any(tmp_path.iterdir())  # refused before a run folder was made
     with pytest.raises(LoraYoloError, match="give a .pt checkpoint"):
         train(B2 / "data.yaml", model="yolo11n.yaml", config=LoraConfig(add_classes="exact"), project=str(tmp_path))
     with pytest.raises(LoraYoloError, match="add_classes must be exact or adapted"):
