@@ -30,7 +30,7 @@ from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
 from lora_yolo.atomic import atomic_path
 from lora_yolo.errors import LoraYoloError, first_line
 from lora_yolo.fold import unfold_batchnorm
-from lora_yolo.memory import remove_checkpointing
+from lora_yolo.memory import remove_training_forward
 
 # Tasks whose head extends Detect, plus classification (a Classify head: conv, pool, linear), so adapters, class
 # layers and merges work the same way.
@@ -139,7 +139,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, train_args: dict | None 
 
     fp32 rather than Ultralytics' usual fp16, so base + adapter reproduce the file's weights exactly.
     """
-    snapshot = remove_checkpointing(unfold_batchnorm(deepcopy(model))).float().eval()
+    snapshot = remove_training_forward(unfold_batchnorm(deepcopy(model))).float().eval()
     for p in snapshot.parameters():
         p.requires_grad_(False)
     snapshot.criterion = None  # training-only state

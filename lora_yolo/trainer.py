@@ -16,8 +16,9 @@ callbacks, DDP) stays its own; this class changes only what it must, each where 
 - `_load_checkpoint_state` (resume) puts the exact base back into the EMA after Ultralytics loads its fp16 copy.
 - `_handle_nan_recovery` stops every rank on a NaN seen by any rank, with one message.
 - the model's frozen BatchNorms are folded into their convs (`lora_yolo.fold`): the same function, and autograd
-  keeps no copy of each conv's output for BatchNorm's backward. With `gradient_checkpointing` the model's layers
-  also recompute their activations in backward (`lora_yolo.memory`); the EMA keeps plain layers.
+  keeps no copy of each conv's output for BatchNorm's backward. Each SiLU output autograd would keep is kept as
+  its input and recomputed in backward, and with `gradient_checkpointing` each layer's activations are
+  (`lora_yolo.memory`); the EMA keeps plain layers.
 - `_model_train` puts frozen BatchNorm layers in eval mode each epoch (train mode would update their running
   statistics although their weights are frozen) and checks the trainable set has not drifted.
 - `save_model` also writes the EMA's adapter (the weights Ultralytics validates) as safetensors.
@@ -65,7 +66,7 @@ from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.fold import fold_batchnorm, unfold_batchnorm
 from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_layers, set_trainable, unload_lora
-from lora_yolo.memory import add_checkpointing, remove_checkpointing
+from lora_yolo.memory import add_training_forward, remove_training_forward
 from lora_yolo.merge import merge_files
 from lora_yolo.targets import class_layers, select_targets
 
@@ -191,7 +192,7 @@ class LoraTrainerMixin:
         finally:
             LOGGER.removeFilter(quiet)
         if self.ema:  # the EMA never trains: plain layers, and checkpoints (its pickles) hold Ultralytics' own forward
-            remove_checkpointing(self.ema.ema)
+            remove_training_forward(self.ema.ema)
         model = unwrap_model(self.model)
         _freeze_rows(model)
         if RANK in {-1, 0}:
@@ -366,11 +367,10 @@ def _freeze_rows(model: nn.Module) -> None:
 
 
 def _training_form(model: nn.Module, config: LoraConfig) -> None:
-    """What training computes with, the same function as the plain model: frozen BatchNorms folded, and with
-    `gradient_checkpointing` each layer recomputed in backward."""
+    """What training computes with, the same function and gradients as the plain model: frozen BatchNorms folded,
+    SiLU outputs recomputed in backward, and with `gradient_checkpointing` each layer recomputed."""
     fold_batchnorm(model)
-    if config.gradient_checkpointing:
-        add_checkpointing(model)
+    add_training_forward(model, config.gradient_checkpointing)
 
 
 def adapter_of(model: nn.Module) -> Adapter:

@@ -39,28 +39,40 @@ from ultralytics.cfg import get_cfg  # noqa: E402
 from lora_yolo import LoraConfig, load_model  # noqa: E402
 from lora_yolo.fold import fold_batchnorm  # noqa: E402
 from lora_yolo.inject import add_lora, set_trainable  # noqa: E402
-from lora_yolo.memory import add_checkpointing  # noqa: E402
+from lora_yolo.memory import add_training_forward, pack_saved, remove_training_forward, unpack_saved  # noqa: E402
 from lora_yolo.targets import select_targets  # noqa: E402
 
-# recipe -> (kind, LoraConfig or None, fold): kind is full | freeze | head | lora
+# recipe -> (kind, LoraConfig or None, form): kind is full | freeze | head | lora; form is how a LoRA model trains:
+# "plain" (BatchNorm after the adapted conv), "folded" (frozen BatchNorms folded into the convs), "lean" (folded, and
+# SiLU outputs recomputed in backward: what `lora-yolo train` runs, lora_yolo.memory)
+DEFAULT = "DoRA all, r 32 (default)"
 RECIPES = {
-    "full fine-tuning": ("full", None, False),
-    "freeze backbone": ("freeze", None, False),
-    "head only": ("head", None, False),
-    "DoRA all, unfolded (before)": ("lora", LoraConfig(use_dora=True), False),
-    "DoRA all (default)": ("lora", LoraConfig(use_dora=True), True),
-    "DoRA all, gradient checkpointing": ("lora", LoraConfig(use_dora=True, gradient_checkpointing=True), True),
-    "DoRA all, r 32": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), True),
-    "LoRA all": ("lora", LoraConfig(), True),
-    "DoRA from layer 4": ("lora", LoraConfig(use_dora=True, first_layer=4), True),
-    "DoRA from layer 6": ("lora", LoraConfig(use_dora=True, first_layer=6), True),
-    "DoRA neck_head": ("lora", LoraConfig(use_dora=True, targets=["neck", "head", "attention"]), True),
+    "full fine-tuning": ("full", None, "plain"),
+    "freeze backbone": ("freeze", None, "plain"),
+    "head only": ("head", None, "plain"),
+    "DoRA all, r 32, unfolded (before folding)": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), "plain"),
+    "DoRA all, r 32, folded (before lean)": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), "folded"),
+    DEFAULT: ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), "lean"),
+    "DoRA all, r 32, gradient checkpointing": (
+        "lora",
+        LoraConfig(use_dora=True, r=32, lora_alpha=64, gradient_checkpointing=True),
+        "lean",
+    ),
+    "DoRA all, r 8": ("lora", LoraConfig(use_dora=True), "lean"),
+    "LoRA all, r 32": ("lora", LoraConfig(r=32, lora_alpha=64), "lean"),
+    "DoRA from layer 4": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64, first_layer=4), "lean"),
+    "DoRA from layer 6": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64, first_layer=6), "lean"),
+    "DoRA neck_head": (
+        "lora",
+        LoraConfig(use_dora=True, r=32, lora_alpha=64, targets=["neck", "head", "attention"]),
+        "lean",
+    ),
 }
 
 
 def build(model_yaml: str, recipe: str, device: str) -> nn.Module:
     """The model a recipe trains, in training mode: trainable tensors require grad, frozen BatchNorms in eval."""
-    kind, config, folded = RECIPES[recipe]
+    kind, config, form = RECIPES[recipe]
     torch.manual_seed(0)
     model = load_model(model_yaml)
     model.args = get_cfg()  # Ultralytics' default hyper-parameters, which its loss reads
@@ -68,10 +80,10 @@ def build(model_yaml: str, recipe: str, device: str) -> nn.Module:
     if kind == "lora":
         add_lora(model, select_targets(model, config), config.lora_dropout, config.use_rslora, config.use_dora)
         set_trainable(model, {n for n, _ in model.named_parameters() if ".lora_" in n})
-        if folded:
+        if form != "plain":
             fold_batchnorm(model)
-        if config.gradient_checkpointing:
-            add_checkpointing(model)
+        if form == "lean":
+            add_training_forward(model, config.gradient_checkpointing)
     elif kind in ("freeze", "head"):  # Ultralytics' freeze: requires_grad off for the layers before `first`
         first = n_backbone if kind == "freeze" else last
         set_trainable(model, {n for n, _ in model.named_parameters() if int(n.split(".")[1]) >= first})
@@ -96,18 +108,33 @@ def batch(size: int, imgsz: int, device: str, nc: int = 80) -> dict:
     }
 
 
-def saved_bytes(model: nn.Module, data: dict) -> int:
+def saved_bytes(model: nn.Module, data: dict, lean: bool) -> int:
+    """Unique storages autograd keeps over forward + loss. A lean model's layers pack their saved tensors in their
+    own (innermost) hooks, which would hide them from ours: its wrappers come off for the count and its packing runs
+    inside ours (`lean`), so what is counted is what is kept (a SiLU output counts as the input it is kept as). A
+    checkpointed model's recomputed layers keep their inputs outside autograd: see `held_bytes`."""
     seen = {}
+    if lean:
+        remove_training_forward(model)
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
+    def pack(t: torch.Tensor) -> object:
+        packed = pack_saved(t) if lean else t
+        storage = (packed if isinstance(packed, torch.Tensor) else packed.z).untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
-        return t
+        return packed
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack_saved):
         loss, _ = model.loss(data)
     del loss
+    if lean:
+        add_training_forward(model)
     return sum(seen.values())
+
+
+def is_lean(recipe: str) -> bool:
+    """Whether a recipe's layers store SiLU outputs as their inputs (lean and not checkpointed)."""
+    _, config, form = RECIPES[recipe]
+    return form == "lean" and not config.gradient_checkpointing
 
 
 def held_bytes(model: nn.Module, data: dict) -> int:
@@ -141,7 +168,12 @@ def measure(model_yaml: str, imgsz: int, size: int, rounds: int, steps: int, dev
     out = {}
     for r in RECIPES:  # one model at a time: a 640 px graph of a larger model takes several GB
         model = build(model_yaml, r, device)
-        out[r] = {"saved": saved_bytes(model, data), "held": held_bytes(model, data), "steps": [], "amp_steps": []}
+        out[r] = {
+            "saved": saved_bytes(model, data, is_lean(r)),
+            "held": held_bytes(model, data),
+            "steps": [],
+            "amp_steps": [],
+        }
         del model
     if not rounds:
         return out

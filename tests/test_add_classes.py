@@ -70,8 +70,9 @@ def test_exact_mode_keeps_every_base_output_bit_identical(runs, demo_base):
     assert torch.equal(raw["boxes"], raw_base["boxes"]) and torch.equal(raw["scores"][:, :3], raw_base["scores"])
     assert torch.equal(y[:, :4], y_base[:, :4])  # decoded boxes
     # Probabilities: the same sigmoid of the same logits, but torch's vectorised sigmoid may round the last bit of an
-    # element differently once the tensor has other columns; merged.pt's wider plain conv may round its logits too.
-    assert (y[:, 4:7] - y_base[:, 4:7]).abs().max() < 1e-8 and y.shape[1] == 4 + 7
+    # element differently once the tensor has other columns (by one float32 ulp, at most 6e-8 below 1); merged.pt's
+    # wider plain conv may round its logits too.
+    assert (y[:, 4:7] - y_base[:, 4:7]).abs().max() <= 2**-24 and y.shape[1] == 4 + 7
     assert torch.equal(merged[:, :4], unfused[:, :4]) and (merged[:, 4:7] - unfused[:, 4:7]).abs().max() < 1e-6
 
 
