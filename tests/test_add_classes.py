@@ -3,6 +3,7 @@ pseudo-labels the base's objects; both write ordinary adapters with the combined
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY, make_base, sha256
@@ -11,6 +12,7 @@ from ultralytics import YOLO
 from lora_yolo import LoraConfig, LoraYoloError, load_adapter, load_model
 from lora_yolo.classes import FOLDER, combined_names
 from lora_yolo.errors import TrainingInterrupted
+from lora_yolo.export import export_model
 from lora_yolo.serve import AdapterModel
 from lora_yolo.train import train
 
@@ -129,3 +131,18 @@ def test_exact_mode_on_yolo26_keeps_either_branch_bit_identical(run26, end2end):
     got, want = got.get(key, got), want.get(key, want)
     assert torch.equal(got["boxes"], want["boxes"]) and torch.equal(got["scores"][:, :80], want["scores"])
     assert got["scores"].shape[1] == 84
+
+
+@pytest.mark.parametrize("mode", ["exact", "adapted"])
+def test_merged_combined_model_exports_to_onnx_matching_pytorch(runs, mode, tmp_path):
+    import onnxruntime as ort
+
+    merged = runs[mode].merged
+    onnx = export_model(merged, "onnx", output=tmp_path / "m.onnx", imgsz=64)
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: X[:1].numpy()})
+    model = load_model(merged).fuse(verbose=False).eval()
+    with torch.no_grad():
+        want = model(X[:1])[0].numpy()
+    assert got.shape == want.shape and want.shape[1] == 4 + len(COMBINED)  # every combined class is exported
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-4)  # boxes in pixels: relative; scores: absolute
