@@ -21,6 +21,7 @@ from ultralytics.nn.tasks import (
     OBBModel,
     PoseModel,
     SegmentationModel,
+    SemanticSegmentationModel,
     guess_model_task,
     load_checkpoint,
     yaml_model_load,
@@ -32,14 +33,16 @@ from lora_yolo.errors import LoraYoloError, first_line
 from lora_yolo.fold import unfold_batchnorm
 from lora_yolo.memory import remove_training_forward
 
-# Tasks whose head extends Detect, plus classification (a Classify head: conv, pool, linear), so adapters, class
-# layers and merges work the same way.
+# Tasks whose head extends Detect, plus classification (a Classify head: conv, pool, linear) and YOLO26 semantic
+# segmentation (a SemanticSegment head: convs ending in a class conv), so adapters, class layers and merges work the
+# same way.
 MODEL_CLASSES = {
     "detect": DetectionModel,
     "segment": SegmentationModel,
     "pose": PoseModel,
     "obb": OBBModel,
     "classify": ClassificationModel,
+    "semantic": SemanticSegmentationModel,
 }
 ASSETS = Path(__file__).parent / "assets"  # yolo11n-shapes.pt: the offline demo base (scripts/pretrain_base.py)
 
@@ -101,7 +104,7 @@ def load_error(text: str, e: Exception) -> LoraYoloError:
 
 
 def check_task(task: str | None, source: str) -> str:
-    """The model's task, if LoRA supports it (a Detect or Classify head: see MODEL_CLASSES)."""
+    """The model's task, if LoRA supports it (a Detect, Classify or SemanticSegment head: see MODEL_CLASSES)."""
     if task not in MODEL_CLASSES:
         what = f"is a {task} model" if task else "has a head lora-yolo does not know (RT-DETR's decoder is one)"
         raise LoraYoloError(f"{source} {what}; supported tasks: {', '.join(MODEL_CLASSES)}")

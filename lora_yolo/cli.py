@@ -296,7 +296,7 @@ def predict(
 
     overrides = _overrides(ctx, RESERVED, "predict", {"save": True}, imgsz=imgsz, conf=conf, device=device)
     save_dir, images, boxes = predict_lora(source, model, adapter, allow_other_weights, **overrides)
-    found = "" if boxes is None else f", {boxes} detections"  # a classification model: one label per image
+    found = "" if boxes is None else f", {boxes} detections"  # classification / semantic: one label / map per image
     typer.echo(f"{images} images{found}; results in {save_dir}")
 
 
@@ -318,6 +318,10 @@ def val(
     metrics = validate(data, model, adapter, allow_other_weights, **overrides)
     if hasattr(metrics, "top1"):  # classification
         typer.echo(f"top-1 {metrics.top1:.4f}  top-5 {metrics.top5:.4f}; results in {metrics.save_dir}")
+    elif hasattr(metrics, "miou"):  # semantic segmentation
+        typer.echo(
+            f"mIoU {metrics.miou:.4f}  pixel accuracy {metrics.pixel_accuracy:.4f}; results in {metrics.save_dir}"
+        )
     else:
         typer.echo(f"mAP50 {metrics.box.map50:.4f}  mAP50-95 {metrics.box.map:.4f}; results in {metrics.save_dir}")
 

@@ -11,7 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from ultralytics.data.utils import IMG_FORMATS, check_cls_dataset, check_det_dataset, img2label_paths
+from ultralytics.data.utils import (
+    IMG_FORMATS,
+    add_polygon_background,
+    check_cls_dataset,
+    check_det_dataset,
+    img2label_paths,
+)
 
 from lora_yolo.errors import LoraYoloError, first_line
 
@@ -105,4 +111,6 @@ def check_dataset(data: str | Path, task: str = "detect") -> dict:
                         f"{label}: label class {fields[0]} exceeds dataset class count {nc}. "
                         f"Possible class labels are 0-{nc - 1}"
                     )
+    if task == "semantic":  # polygons rasterised over Ultralytics' background class, as its trainer reads them
+        add_polygon_background(resolved)
     return resolved

@@ -329,6 +329,8 @@ class AdapterModel:
         head = self.model.model[-1]
         if hasattr(head, "reg_max"):  # a Detect head counts its outputs; a Classify head's are its linear layer's
             head.nc, head.no = len(names), len(names) + head.reg_max * 4
+        elif hasattr(head, "nc"):  # SemanticSegment: its export reduces over nc classes
+            head.nc = len(names)
         if self.model.names != names:
             self.model.names = dict(names)
 
@@ -357,7 +359,7 @@ def predict(
     **overrides: Any,
 ) -> tuple[Path, int, int | None]:
     """Ultralytics prediction on `source` with `base` + `adapter`, no merged file; returns (save_dir, images, boxes),
-    boxes None for a classification model (one label per image).
+    boxes None for a classification or semantic segmentation model (one label or class map per image).
 
     `overrides` are Ultralytics predict arguments (imgsz, conf, save, ...); results are streamed, so any source
     size works.
@@ -381,7 +383,7 @@ def predict(
             boxes += 0 if result.probs is not None else len(result)  # detections (boxes, masks, keypoints or obb)
     except FileNotFoundError as e:  # a folder with no image in it (Ultralytics does not search subfolders)
         raise LoraYoloError(first_line(e)) from None
-    return Path(predictor.save_dir), images, None if model.yolo.task == "classify" else boxes
+    return Path(predictor.save_dir), images, None if model.yolo.task in ("classify", "semantic") else boxes
 
 
 def validate(

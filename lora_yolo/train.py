@@ -66,8 +66,7 @@ class TrainResult:
     def table(self) -> str:
         """Human-readable summary."""
         base, m = self.base_metrics, self.metrics
-        first, second = ("top1", "top5") if "top1" in m else ("mAP50", "mAP50-95")
-        label = "top-1 / top-5 accuracy" if "top1" in m else "mAP50 / mAP50-95"
+        first, second, label = next((a, b, label) for a, b, label in PAIRS if a in m)
         rows = [
             (
                 f"{label}, " + ("merged.pt (the untouched base)" if self.untouched else "fine-tuned"),
@@ -106,10 +105,18 @@ class TrainResult:
         return "\n".join([*(f"{k:<{width}}  {v}" for k, v in rows), *(f"WARNING: {w}" for w in self.warnings)])
 
 
+# The two scores the summary shows, per kind of metrics (the first key present wins)
+PAIRS = (
+    ("top1", "top5", "top-1 / top-5 accuracy"),
+    ("mIoU", "pixel accuracy", "mIoU / pixel accuracy"),
+    ("mAP50", "mAP50-95", "mAP50 / mAP50-95"),
+)
+
 # What a run is judged by: (results.csv column, `TrainResult.metrics` key, name in messages), per task.
 SCORES = {
     "classify": ("metrics/accuracy_top1", "top1", "top-1 accuracy"),
     "detect": ("metrics/mAP50-95(B)", "mAP50-95", "box mAP50-95"),
+    "semantic": ("metrics/mIoU", "mIoU", "mIoU"),
 }
 
 
@@ -120,9 +127,11 @@ def score_of(task: str) -> tuple[str, str, str]:
 
 def _map(metrics: dict[str, float]) -> dict[str, float]:
     """Box mAP50 / mAP50-95, plus mask (segment) or keypoint (pose) mAP when the task reports them; top-1 / top-5
-    accuracy for classification."""
+    accuracy for classification; mIoU and pixel accuracy for semantic segmentation."""
     if "metrics/accuracy_top1" in metrics:
         return {"top1": float(metrics["metrics/accuracy_top1"]), "top5": float(metrics["metrics/accuracy_top5"])}
+    if "metrics/mIoU" in metrics:
+        return {"mIoU": float(metrics["metrics/mIoU"]), "pixel accuracy": float(metrics["metrics/pixel_acc"])}
     out = {"mAP50": float(metrics["metrics/mAP50(B)"]), "mAP50-95": float(metrics["metrics/mAP50-95(B)"])}
     for suffix, kind in (("M", "mask"), ("P", "pose")):
         if f"metrics/mAP50({suffix})" in metrics:

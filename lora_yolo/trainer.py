@@ -1,7 +1,8 @@
 """LoRA trainers: Ultralytics' own task trainers, with adapters added to the model they build.
 
 `LoraTrainerMixin` holds the LoRA changes; `LoraDetectionTrainer`, `LoraSegmentationTrainer`, `LoraPoseTrainer`,
-`LoraOBBTrainer` and `LoraClassificationTrainer` put it in front of Ultralytics' trainer for each task (`TRAINERS`).
+`LoraOBBTrainer`, `LoraSemanticTrainer` and `LoraClassificationTrainer` put it in front of Ultralytics' trainer for
+each task (`TRAINERS`).
 
 Everything Ultralytics does around the model (augmentation, EMA, AMP, schedulers, loggers, plots, validation,
 callbacks, DDP) stays its own; this class changes only what it must, each where Ultralytics decides it:
@@ -48,6 +49,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.models.yolo.obb import OBBTrainer, OBBValidator
 from ultralytics.models.yolo.pose import PoseTrainer, PoseValidator
 from ultralytics.models.yolo.segment import SegmentationTrainer, SegmentationValidator
+from ultralytics.models.yolo.semantic import SemanticSegmentationTrainer, SemanticSegmentationValidator
 from ultralytics.utils import DEFAULT_CFG, LOCAL_RANK, LOGGER, RANK, YAML
 from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zero_first, unwrap_model
 
@@ -409,16 +411,22 @@ class LoraOBBTrainer(LoraTrainerMixin, OBBTrainer):
     """LoRA training of an oriented-box model."""
 
 
+class LoraSemanticTrainer(LoraTrainerMixin, SemanticSegmentationTrainer):
+    """LoRA training of a YOLO26 semantic segmentation model; its dataset's polygons get Ultralytics' background
+    class (`add_polygon_background`), so a base trained on such data has the same class set."""
+
+
 class LoraClassificationTrainer(LoraTrainerMixin, ClassificationTrainer):
     """LoRA training of a classification model: the Classify head's linear layer adapts (`LoraLinear`) or, for a new
     class set, trains in full."""
 
 
-# task -> (trainer, validator): every Ultralytics task whose head extends Detect, and classification.
+# task -> (trainer, validator): every Ultralytics task whose head extends Detect, classification and semantic.
 TRAINERS = {
     "classify": (LoraClassificationTrainer, ClassificationValidator),
     "detect": (LoraDetectionTrainer, DetectionValidator),
     "segment": (LoraSegmentationTrainer, SegmentationValidator),
     "pose": (LoraPoseTrainer, PoseValidator),
     "obb": (LoraOBBTrainer, OBBValidator),
+    "semantic": (LoraSemanticTrainer, SemanticSegmentationValidator),
 }

@@ -88,6 +88,8 @@ METHODS = {
     "lora": ("lora", {"use_dora": False, "first_layer": 0, "r": 8, "lora_alpha": 16}),
     "dora-from6": ("lora", {"use_dora": True, "first_layer": 6, "r": 8, "lora_alpha": 16}),
     "dora-r32": ("lora", {"use_dora": True, "first_layer": 0, "r": 32, "lora_alpha": 64}),
+    # LoRA+ (B learns 16x faster than A, Hayou et al. 2024's ratio): B starts at zero, so with few steps it is slow
+    "dora-r32-plus": ("lora", {"use_dora": True, "first_layer": 0, "r": 32, "lora_alpha": 64, "loraplus_lr_ratio": 16}),
     # run on the demo and YOLOv8s cells by mistake for dora-from6 (the default preset was rank 32 by then): kept
     "dora-r32-from6": ("lora", {"use_dora": True, "first_layer": 6, "r": 32, "lora_alpha": 64}),
 }
