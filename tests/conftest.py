@@ -4,10 +4,12 @@ data, the CLI in a fresh process, and the strict-skips mode CI runs under (LORA_
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import subprocess
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -156,15 +158,31 @@ def make_base(path: Path, cfg: str = "yolo11n.yaml", seed: int = 0) -> Path:
     """A base checkpoint built from a model YAML (random weights, fixed seed): no download needed."""
     torch.manual_seed(seed)
     model = load_model(cfg)
-    # Non-trivial BatchNorm statistics, so tests notice if anything touches them.
+    if len(model.names) == len(COCO_NAMES):  # an 80-class base knows COCO's names, as a released yolo11n.pt does
+        model.names = dict(COCO_NAMES)
+    return save_base(model, path)
+
+
+def save_base(model: torch.nn.Module, path: Path) -> Path:
+    """`model` written as a base checkpoint, with BatchNorm statistics that are not the identity (so tests notice if
+    anything touches or folds them wrongly) and on the fp16 grid, like every released Ultralytics checkpoint."""
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
-    model.half().float()  # on the fp16 grid, like every released Ultralytics checkpoint
-    if len(model.names) == len(COCO_NAMES):  # an 80-class base knows COCO's names, as a released yolo11n.pt does
-        model.names = dict(COCO_NAMES)
+    model.half().float()
     return save_checkpoint(model, path, train_args={})
+
+
+def plain_ultralytics(code: str, cwd: Path | None = None) -> dict:
+    """Run `code` in a fresh interpreter where importing lora_yolo fails (so whatever it loads must be plain
+    Ultralytics) and return the JSON object it prints last."""
+    blocked = 'import sys\nsys.modules["lora_yolo"] = None  # importing lora_yolo now fails\n'
+    out = subprocess.run(
+        [sys.executable, "-c", blocked + textwrap.dedent(code)], capture_output=True, text=True, cwd=cwd or ROOT
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1] or "{}")
 
 
 @pytest.fixture(scope="session")
@@ -279,3 +297,19 @@ def same_detections(a: list[torch.Tensor], b: list[torch.Tensor], box_tol: float
         len(x) == len(y) and torch.equal(x[:, 5], y[:, 5]) and bool(((x[:, :4] - y[:, :4]).abs() <= box_tol).all())
         for x, y in zip(a, b)
     )
+
+
+def peft_and_ours(base: Path, adapter_file: Path, folder: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The base with an adapter applied by PEFT itself (from our PEFT export) and by lora_yolo, both in eval mode."""
+    peft = pytest.importorskip("peft")
+    from lora_yolo import attach_adapter, load_adapter
+    from lora_yolo.checkpoint import build_for_classes
+    from lora_yolo.peft_format import to_peft
+
+    adapter = load_adapter(adapter_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that a YOLO model is not a transformers model
+        theirs = peft.PeftModel.from_pretrained(
+            build_for_classes(load_model(base), adapter.nc, adapter.names), str(to_peft(adapter, folder))
+        )
+    return theirs.eval(), attach_adapter(load_model(base), adapter).eval()

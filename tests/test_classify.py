@@ -4,21 +4,16 @@ end on generated data."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, all_outputs
+from conftest import TINY, all_outputs, peft_and_ours, plain_ultralytics, save_base
 from ultralytics import YOLO
 from ultralytics.nn.tasks import ClassificationModel
 
 from lora_yolo import LoraConfig, attach_adapter, load_adapter, load_model
-from lora_yolo.checkpoint import build_for_classes, save_checkpoint
 from lora_yolo.export import export_model
 from lora_yolo.serve import AdapterModel, validate
 from lora_yolo.synth import DOMAINS, make_dataset
@@ -39,12 +34,7 @@ def classify_base(path: Path, cfg: str, names: dict | None) -> Path:
     model = ClassificationModel(cfg, nc=len(names), verbose=False) if names else load_model(cfg)
     if names:
         model.names, model.args, model.task = dict(names), {}, "classify"
-    for m in model.modules():  # BatchNorm statistics that are not the identity, so folding them is tested
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    model.half().float()
-    return save_checkpoint(model, path, train_args={})
+    return save_base(model, path)
 
 
 @pytest.fixture(scope="module", params=sorted(RUNS))
@@ -85,17 +75,13 @@ def test_trains_the_linear_head_and_merges_exactly(cls_run):
 
 def test_merged_validates_the_same_in_plain_ultralytics(cls_run):
     _, _, data, result = cls_run
-    code = f"""
-        import sys, json
-        sys.modules["lora_yolo"] = None  # importing lora_yolo now fails: the file must be plain Ultralytics
+    got = plain_ultralytics(f"""
+        import json
         from ultralytics import YOLO
         m = YOLO({str(result.merged)!r})
         r = m.val(data={str(data)!r}, imgsz=64, batch=4, device="cpu", plots=False, workers=0)
         print(json.dumps({{"top1": r.top1, "task": m.task, "nc": len(m.names)}}))
-    """
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    """)
     assert got["task"] == "classify" and got["nc"] == 3 and got["top1"] == pytest.approx(result.metrics["top1"])
 
 
@@ -134,16 +120,9 @@ def test_served_with_adapter_equals_the_merged_checkpoint(cls_run):
 
 
 def test_peft_loads_the_adapter_with_the_same_outputs(cls_run, tmp_path):
-    peft = pytest.importorskip("peft")
-    from lora_yolo.peft_format import to_peft
-
     _, base, _, result = cls_run
-    adapter = load_adapter(result.adapter)
-    theirs = peft.PeftModel.from_pretrained(
-        build_for_classes(load_model(base), adapter.nc, adapter.names), str(to_peft(adapter, tmp_path / "peft"))
-    )
-    ours = all_outputs(attach_adapter(load_model(base), adapter), X)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(all_outputs(theirs.eval(), X), ours))
+    theirs, ours = peft_and_ours(base, result.adapter, tmp_path / "peft")
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(all_outputs(theirs, X), all_outputs(ours, X)))
 
 
 def test_multihead_attention_out_proj_is_skipped_with_the_reason():

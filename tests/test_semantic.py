@@ -4,22 +4,18 @@ generated polygon data (Ultralytics adds its background class)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, all_outputs
+from conftest import TINY, all_outputs, peft_and_ours, plain_ultralytics, save_base
 from torch.nn import functional as F
 from ultralytics import YOLO
 from ultralytics.nn.tasks import SemanticSegmentationModel
 
 from lora_yolo import LoraConfig, LoraYoloError, attach_adapter, load_adapter, load_model
-from lora_yolo.checkpoint import build_for_classes, save_checkpoint
+from lora_yolo.checkpoint import build_for_classes
 from lora_yolo.export import export_model
 from lora_yolo.serve import AdapterModel, validate
 from lora_yolo.synth import DOMAINS, make_dataset
@@ -39,12 +35,7 @@ def semantic_base(path: Path, names: dict | None) -> Path:
     model = SemanticSegmentationModel("yolo26n-sem.yaml", nc=len(names) if names else None, verbose=False)
     model.names = dict(names) if names else {i: f"class{i}" for i in range(model.model[-1].nc)}
     model.args, model.task = {}, "semantic"
-    for m in model.modules():  # BatchNorm statistics that are not the identity, so folding them is tested
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    model.half().float()
-    return save_checkpoint(model, path, train_args={})
+    return save_base(model, path)
 
 
 @pytest.fixture(scope="module", params=sorted(RUNS))
@@ -86,19 +77,15 @@ def test_trains_the_class_convs_and_merges_exactly(sem_run):
 
 def test_merged_validates_the_same_in_plain_ultralytics(sem_run):
     _, _, data, result = sem_run
-    code = f"""
-        import sys, json
-        sys.modules["lora_yolo"] = None  # importing lora_yolo now fails: the file must be plain Ultralytics
+    got = plain_ultralytics(f"""
+        import json
         from ultralytics import YOLO
         m = YOLO({str(result.merged)!r})
         r = m.val(data={str(data)!r}, imgsz=64, batch=4, device="cpu", plots=False, workers=0)
         p = m.predict({str(data.parent / "images" / "val")!r}, imgsz=64, verbose=False)
         print(json.dumps({{"miou": r.miou, "task": m.task, "names": m.names, "maps": [list(x.semantic_mask.data.shape)
                                                                                   for x in p]}}))
-    """
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    """)
     assert got["task"] == "semantic" and got["names"] == {str(k): v for k, v in NAMES.items()}
     assert got["miou"] == pytest.approx(result.metrics["mIoU"]) and got["maps"] == [[64, 64]] * 4
 
@@ -136,16 +123,9 @@ def test_served_with_adapter_equals_the_merged_checkpoint(sem_run):
 
 
 def test_peft_loads_the_adapter_with_the_same_outputs(sem_run, tmp_path):
-    peft = pytest.importorskip("peft")
-    from lora_yolo.peft_format import to_peft
-
     _, base, _, result = sem_run
-    adapter = load_adapter(result.adapter)
-    theirs = peft.PeftModel.from_pretrained(
-        build_for_classes(load_model(base), adapter.nc, adapter.names), str(to_peft(adapter, tmp_path / "peft"))
-    )
-    ours = logits(attach_adapter(load_model(base), adapter))
-    assert torch.allclose(logits(theirs.eval()), ours, rtol=1e-4, atol=1e-5)
+    theirs, ours = peft_and_ours(base, result.adapter, tmp_path / "peft")
+    assert torch.allclose(logits(theirs), logits(ours), rtol=1e-4, atol=1e-5)
 
 
 def test_cli_val_and_predict_speak_semantic_segmentation(sem_run, cli_here, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHAPES_B1, TINY, sha256
+from conftest import SHAPES_B1, TINY, plain_ultralytics, sha256
 
 from lora_yolo import load_adapter, load_model
 from lora_yolo.errors import TrainingInterrupted
@@ -101,16 +100,13 @@ def test_trainable_count_equals_parameters_with_gradients(coco8_run):
 
 def plain_val(merged: Path, data: Path, imgsz: int, batch: int) -> dict:
     """Validate a merged checkpoint with plain Ultralytics in a fresh process where lora_yolo cannot be imported."""
-    out = run_python(f"""
-        import sys, json
-        sys.modules["lora_yolo"] = None  # importing lora_yolo now fails: the file must be plain Ultralytics
+    return plain_ultralytics(f"""
+        import json
         from ultralytics import YOLO
         m = YOLO({str(merged)!r})
         r = m.val(data={str(data)!r}, imgsz={imgsz}, batch={batch}, device="cpu", plots=False, workers=0)
         print(json.dumps({{"mAP50": r.box.map50, "mAP50-95": r.box.map, "nc": len(m.names)}}))
     """)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_merged_loads_in_plain_ultralytics_with_same_map(coco8_run, coco8):
