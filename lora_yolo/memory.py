@@ -10,7 +10,11 @@ stored as its SiLU's saved input instead and recomputed in backward: `torch.auto
 packs it as z, which autograd keeps anyway until SiLU's backward, and unpacks it as SiLU(z), the same kernel on the
 same tensor, so the value is bit-identical and so are all gradients. The recomputation is one elementwise op per
 block, small beside the conv it feeds. Whether a tensor is a SiLU output is read from autograd itself (its `grad_fn`
-is SiLU's, which records the latest in-place change too), never guessed from shapes or pointers. On yolo11n
+is SiLU's, which records the latest in-place change autograd tracks), never guessed from shapes or pointers.
+Autograd does not check tensors that went through hooks for in-place changes after they were saved, so
+`unpack_saved` does (the saved tensor's, or the SiLU input's, version counter). What no check can see: a SiLU
+output changed outside autograd (under `no_grad` or through `.data`) before it is saved would be rebuilt without
+that change; no Ultralytics block does that. On yolo11n
 (320 px, batch 8, the default DoRA) this takes the bytes held for backward from 0.76x to 0.50x those of full
 fine-tuning at no measurable step time (docs/benchmarks.md).
 
@@ -40,31 +44,51 @@ from torch.utils.checkpoint import checkpoint
 _SILU = "SiluBackward0"  # autograd's node for F.silu / nn.SiLU, whose saved input is `_saved_self`
 
 
+class Kept(NamedTuple):
+    """A saved tensor kept as it is, with its version when saved: autograd skips its own check that a saved tensor
+    was not changed in place afterwards for tensors that went through hooks, so `unpack_saved` makes it."""
+
+    t: torch.Tensor
+    version: int
+
+
 class SiluOutput(NamedTuple):
-    """A saved tensor stored as the SiLU input it was computed from, and where it lies in SiLU's output."""
+    """A saved tensor stored as the SiLU input it was computed from (and that input's version when saved), and where
+    it lies in SiLU's output."""
 
     z: torch.Tensor
+    version: int
     size: torch.Size
     stride: tuple[int, ...]
     offset: int
 
 
-def pack_saved(t: torch.Tensor) -> torch.Tensor | SiluOutput:
+def pack_saved(t: torch.Tensor) -> Kept | SiluOutput:
     """What autograd keeps for a tensor it saves: the tensor, or for a SiLU output (or a view of one) its input."""
     base = t if t._base is None else t._base
     node = base.grad_fn
     if node is None or type(node).__name__ != _SILU:
-        return t
-    z = node._saved_self
+        return Kept(t, t._version)
+    try:
+        z = node._saved_self
+    except RuntimeError:  # that SiLU's graph was already run backward and freed: keep the tensor itself
+        return Kept(t, t._version)
     if z.stride() != base.stride() or z.dtype != base.dtype:  # SiLU(z) must rebuild the storage `t` views
-        return t
-    return SiluOutput(z, t.size(), t.stride(), t.storage_offset())
+        return Kept(t, t._version)
+    return SiluOutput(z, z._version, t.size(), t.stride(), t.storage_offset())
 
 
-def unpack_saved(packed: torch.Tensor | SiluOutput) -> torch.Tensor:
-    """The saved tensor back, in backward: SiLU recomputed from its input where it was stored as that."""
-    if isinstance(packed, torch.Tensor):
-        return packed
+def unpack_saved(packed: Kept | SiluOutput) -> torch.Tensor:
+    """The saved tensor back, in backward: SiLU recomputed from its input where it was stored as that. A tensor (or
+    SiLU input) changed in place since it was saved is autograd's own error, as without the hooks."""
+    kept = packed.t if isinstance(packed, Kept) else packed.z
+    if kept._version != packed.version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace operation "
+            f"(a saved {tuple(kept.shape)} tensor, version {packed.version} when saved, now {kept._version})"
+        )
+    if isinstance(packed, Kept):
+        return packed.t
     return F.silu(packed.z).as_strided(packed.size, packed.stride, packed.offset)
 
 

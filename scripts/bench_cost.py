@@ -39,7 +39,7 @@ from ultralytics.cfg import get_cfg  # noqa: E402
 from lora_yolo import LoraConfig, load_model  # noqa: E402
 from lora_yolo.fold import fold_batchnorm  # noqa: E402
 from lora_yolo.inject import add_lora, set_trainable  # noqa: E402
-from lora_yolo.memory import add_training_forward, pack_saved, remove_training_forward, unpack_saved  # noqa: E402
+from lora_yolo.memory import Kept, add_training_forward, pack_saved, remove_training_forward, unpack_saved  # noqa: E402
 from lora_yolo.targets import select_targets  # noqa: E402
 
 # recipe -> (kind, LoraConfig or None, form): kind is full | freeze | head | lora; form is how a LoRA model trains:
@@ -118,8 +118,8 @@ def saved_bytes(model: nn.Module, data: dict, lean: bool) -> int:
         remove_training_forward(model)
 
     def pack(t: torch.Tensor) -> object:
-        packed = pack_saved(t) if lean else t
-        storage = (packed if isinstance(packed, torch.Tensor) else packed.z).untyped_storage()
+        packed = pack_saved(t) if lean else Kept(t, t._version)
+        storage = packed[0].untyped_storage()  # the tensor kept: the saved one, or the SiLU input
         seen[storage.data_ptr()] = storage.nbytes()
         return packed
 

@@ -109,6 +109,26 @@ def test_lean_activations_store_a_silu_output_and_its_views_as_the_silu_input():
     assert storage(after_outside.grad_fn._saved_input) == storage(outside)
 
 
+def test_lean_activations_keep_autograds_in_place_error_and_survive_a_freed_silu():
+    """Autograd does not check hooked saved tensors for in-place changes: the hooks do, for any saved tensor and for
+    a SiLU input changed after SiLU. A SiLU whose graph was already run backward is kept as it is."""
+    x = torch.randn(3, requires_grad=True)
+    for change in ("saved", "silu input"):
+        with lean_activations():
+            y = x * 2
+            out = (y * y).sum() if change == "saved" else (F.silu(y) * x).sum()
+        with torch.no_grad():
+            y.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.backward()
+    a = F.silu(x * 2)
+    a.sum().backward()  # frees the SiLU node's saved input
+    w = torch.randn(3, requires_grad=True)
+    with lean_activations():
+        out = (a * w).sum()
+    assert torch.equal(torch.autograd.grad(out, w)[0], a.detach())  # `a` kept as it is, as plain autograd keeps it
+
+
 def storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
@@ -139,11 +159,18 @@ def shapes(tmp_path_factory):
 def test_training_with_checkpointing_gives_the_same_adapter(shapes, tmp_path):
     """Two runs from the same YAML base and seed, with and without checkpointing: the same adapter, so
     checkpointing changed nothing but memory and time; the flag travels in lora.yaml, not in plain checkpoints."""
-    results = {}
+    results, forms = {}, {}
+
+    def record(trainer):  # what each layer of the model being trained runs: lean (False), checkpointed (True), plain
+        wrappers = [vars(layer).get("forward") for layer in trainer.model.model]
+        forms[trainer.lora_config.gradient_checkpointing] = [w.args[1] if w else None for w in wrappers]
+
     for flag in (False, True):
         config = LoraConfig(use_dora=True, gradient_checkpointing=flag)
         results[flag] = train(shapes, model="yolo11n.yaml", config=config, project=str(tmp_path), name=str(flag),
-                              **{**TINY, "epochs": 1})  # fmt: skip
+                              callbacks={"on_train_epoch_start": [record]}, **{**TINY, "epochs": 1})  # fmt: skip
+    n = len(forms[False])
+    assert forms == {False: [False] * n, True: [True] * (n - 1) + [None]}  # the trainer installs either form
     a, b = (load_adapter(results[f].adapter_last) for f in (False, True))
     assert a.tensors.keys() == b.tensors.keys()
     diff = max(float((a.tensors[k].float() - b.tensors[k].float()).abs().max()) for k in a.tensors)
