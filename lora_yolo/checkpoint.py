@@ -17,6 +17,7 @@ from ultralytics import __version__ as ULTRALYTICS_VERSION
 from ultralytics.nn.modules.head import Classify
 from ultralytics.nn.tasks import (
     ClassificationModel,
+    DepthModel,
     DetectionModel,
     OBBModel,
     PoseModel,
@@ -34,8 +35,8 @@ from lora_yolo.fold import unfold_batchnorm
 from lora_yolo.memory import remove_training_forward
 
 # Tasks whose head extends Detect, plus classification (a Classify head: conv, pool, linear) and YOLO26 semantic
-# segmentation (a SemanticSegment head: convs ending in a class conv), so adapters, class layers and merges work the
-# same way.
+# segmentation (a SemanticSegment head: convs ending in a class conv) and depth (a Depth head: convs and one
+# transposed conv, no classes), so adapters, class layers and merges work the same way.
 MODEL_CLASSES = {
     "detect": DetectionModel,
     "segment": SegmentationModel,
@@ -43,6 +44,7 @@ MODEL_CLASSES = {
     "obb": OBBModel,
     "classify": ClassificationModel,
     "semantic": SemanticSegmentationModel,
+    "depth": DepthModel,
 }
 ASSETS = Path(__file__).parent / "assets"  # yolo11n-shapes.pt: the offline demo base (scripts/pretrain_base.py)
 
@@ -104,7 +106,7 @@ def load_error(text: str, e: Exception) -> LoraYoloError:
 
 
 def check_task(task: str | None, source: str) -> str:
-    """The model's task, if LoRA supports it (a Detect, Classify or SemanticSegment head: see MODEL_CLASSES)."""
+    """The model's task, if LoRA supports it (a Detect, Classify, SemanticSegment or Depth head: see MODEL_CLASSES)."""
     if task not in MODEL_CLASSES:
         what = f"is a {task} model" if task else "has a head lora-yolo does not know (RT-DETR's decoder is one)"
         raise LoraYoloError(f"{source} {what}; supported tasks: {', '.join(MODEL_CLASSES)}")
@@ -118,9 +120,9 @@ def model_task(model: nn.Module) -> str:
 
 
 def class_count(model: nn.Module) -> int:
-    """Number of classes the model's head predicts."""
+    """Number of classes the model's head predicts (a Depth head: its one output, named `depth`)."""
     head = model.model[-1]
-    return int(head.linear.out_features if isinstance(head, Classify) else head.nc)
+    return int(head.linear.out_features if isinstance(head, Classify) else getattr(head, "nc", 1))
 
 
 def build_for_classes(base: nn.Module, nc: int, names: dict[int, str]) -> nn.Module:

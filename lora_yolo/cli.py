@@ -296,7 +296,7 @@ def predict(
 
     overrides = _overrides(ctx, RESERVED, "predict", {"save": True}, imgsz=imgsz, conf=conf, device=device)
     save_dir, images, boxes = predict_lora(source, model, adapter, allow_other_weights, **overrides)
-    found = "" if boxes is None else f", {boxes} detections"  # classification / semantic: one label / map per image
+    found = "" if boxes is None else f", {boxes} detections"  # classification, semantic, depth: one per image
     typer.echo(f"{images} images{found}; results in {save_dir}")
 
 
@@ -318,6 +318,11 @@ def val(
     metrics = validate(data, model, adapter, allow_other_weights, **overrides)
     if hasattr(metrics, "top1"):  # classification
         typer.echo(f"top-1 {metrics.top1:.4f}  top-5 {metrics.top5:.4f}; results in {metrics.save_dir}")
+    elif "metrics/delta1" in getattr(metrics, "results_dict", {}):  # depth
+        r = metrics.results_dict
+        typer.echo(
+            f"delta1 {r['metrics/delta1']:.4f}  abs_rel {r['metrics/abs_rel']:.4f}; results in {metrics.save_dir}"
+        )
     elif hasattr(metrics, "miou"):  # semantic segmentation
         typer.echo(
             f"mIoU {metrics.miou:.4f}  pixel accuracy {metrics.pixel_accuracy:.4f}; results in {metrics.save_dir}"

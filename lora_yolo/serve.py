@@ -359,7 +359,8 @@ def predict(
     **overrides: Any,
 ) -> tuple[Path, int, int | None]:
     """Ultralytics prediction on `source` with `base` + `adapter`, no merged file; returns (save_dir, images, boxes),
-    boxes None for a classification or semantic segmentation model (one label or class map per image).
+    boxes None for a classification, semantic segmentation or depth model (one label, class map or depth map per
+    image).
 
     `overrides` are Ultralytics predict arguments (imgsz, conf, save, ...); results are streamed, so any source
     size works.
@@ -383,7 +384,7 @@ def predict(
             boxes += 0 if result.probs is not None else len(result)  # detections (boxes, masks, keypoints or obb)
     except FileNotFoundError as e:  # a folder with no image in it (Ultralytics does not search subfolders)
         raise LoraYoloError(first_line(e)) from None
-    return Path(predictor.save_dir), images, None if model.yolo.task in ("classify", "semantic") else boxes
+    return Path(predictor.save_dir), images, None if model.yolo.task in ("classify", "semantic", "depth") else boxes
 
 
 def validate(

@@ -10,7 +10,9 @@ backgrounds with distractor blobs. A *domain* fixes the classes and the look:
 Every object also knows its outline, so the same images label every task with a Detect-style head: `detect` (boxes),
 `segment` (outline polygons), `obb` (the outline's minimum-area rotated rectangle) and `pose` (two keypoints: the
 centre and the outline's first vertex, which turns with the shape). For `classify` each image holds one object and
-lies in the folder of its class (`train/circle/00000.jpg`), Ultralytics' classification layout.
+lies in the folder of its class (`train/circle/00000.jpg`), Ultralytics' classification layout. For `depth` each
+image gets a depth map (`depth/train/00000.png`, uint16 millimetres, Ultralytics' layout): a floor plane receding
+from 2 m at the bottom to 6 m at the top, each object a flat card (1.6-1.8 m) nearer than those drawn before it.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ class Shape:
         return line
 
 
-TASKS = ("detect", "segment", "obb", "pose", "classify")
+TASKS = ("detect", "segment", "obb", "pose", "classify", "depth")
+DEPTH_SCALE = 1000  # depth PNG value per metre
 
 
 def _circle(cx: float, cy: float, r: float, angle: float, n: int = 24) -> np.ndarray:
@@ -175,21 +178,39 @@ def make_dataset(
     rng = np.random.default_rng([seed, list(DOMAINS).index(domain)])
     if task == "classify":
         return _classify_dataset(root, replace(spec, objects=(1, 1)), n_train, n_val, imgsz, rng)
+    targets = "depth" if task == "depth" else "labels"
     for split, n in (("train", n_train), ("val", n_val)):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        (root / targets / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             img, labels = render(rng, spec, imgsz)
             cv2.imwrite(str(root / "images" / split / f"{i:05d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 80])
+            if task == "depth":
+                cv2.imwrite(str(root / targets / split / f"{i:05d}.png"), _depth_map(labels, imgsz))
+                continue
             lines = [shape.label(task, imgsz) for shape in labels]
-            (root / "labels" / split / f"{i:05d}.txt").write_text("\n".join(lines) + "\n")
+            (root / targets / split / f"{i:05d}.txt").write_text("\n".join(lines) + "\n")
     data = {"train": "images/train", "val": "images/val", "names": dict(enumerate(spec.classes))}
     if task == "pose":
         data.update(kpt_shape=[2, 3], flip_idx=[0, 1])
+    if task == "depth":
+        data.update(names={0: "depth"}, depth_scale=DEPTH_SCALE)
     path = root / "data.yaml"
     header = f"# Synthetic domain {domain} from lora_yolo.synth (seed {seed}, {imgsz} px). No 'path': root is here.\n"
     path.write_text(header + yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def _depth_map(shapes: list[Shape], size: int) -> np.ndarray:
+    """uint16 depth in millimetres: the floor plane (6 m at the top row to 2 m at the bottom), then each shape's
+    outline filled as a flat card between 1.8 and 1.6 m, each one drawn later nearer (and occluding the earlier)."""
+    rows = np.linspace(6.0, 2.0, size, dtype=np.float32)[:, None]
+    depth = np.repeat(rows, size, axis=1)
+    for k, shape in enumerate(shapes):
+        card = np.zeros((size, size), np.uint8)
+        cv2.fillPoly(card, [np.round(shape.outline).astype(np.int32)], 1)
+        depth[card > 0] = 1.8 - 0.2 * k / max(len(shapes), 1)
+    return np.round(depth * DEPTH_SCALE).astype(np.uint16)
 
 
 def _classify_dataset(root: Path, spec: Domain, n_train: int, n_val: int, imgsz: int, rng: np.random.Generator) -> Path:

@@ -25,7 +25,7 @@ class ConvLayer:
     """One conv of the model as `inspect` shows it, with the selection decision."""
 
     name: str
-    kind: str  # pointwise | kxk | strided | depthwise | grouped | attention | linear
+    kind: str  # pointwise | kxk | strided | depthwise | grouped | attention | linear | transposed
     section: str  # backbone | neck | head
     in_channels: int
     out_channels: int
@@ -49,9 +49,11 @@ def _section(name: str, n_backbone: int, n_layers: int) -> str:
     return "backbone" if index < n_backbone else "head" if index == n_layers - 1 else "neck"
 
 
-def _kind(conv: nn.Conv2d | nn.Linear, attention: bool) -> str:
+def _kind(conv: nn.Conv2d | nn.Linear | nn.ConvTranspose2d, attention: bool) -> str:
     if isinstance(conv, nn.Linear):
         return "linear"
+    if isinstance(conv, nn.ConvTranspose2d):
+        return "transposed"
     if conv.groups > 1:
         return "depthwise" if conv.groups == conv.in_channels == conv.out_channels else "grouped"
     if attention:
@@ -84,8 +86,8 @@ def class_layers(model: nn.Module) -> list[str]:
 
 
 def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = frozenset()) -> list[ConvLayer]:
-    """Every conv and linear layer of an Ultralytics model with what `config` does to it; `full` names the layers
-    trained in full instead.
+    """Every conv (transposed too) and linear layer of an Ultralytics model with what `config` does to it; `full`
+    names the layers trained in full instead.
 
     Example:
         >>> rows = describe_convs(DetectionModel("yolo11n.yaml"), LoraConfig())
@@ -102,7 +104,7 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
     read_directly = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     rows = []
     for name, conv in model.named_modules():
-        if not isinstance(conv, (nn.Conv2d, nn.Linear)):
+        if not isinstance(conv, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
             continue
         in_attention = any(name.startswith(a + ".") for a in attention)
         linear = isinstance(conv, nn.Linear)
@@ -134,6 +136,8 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
             row.reason = (
                 "nn.MultiheadAttention reads this weight itself (never calls the layer): an adapter would not apply"
             )
+        elif row.kind == "transposed":  # YOLO26's Depth head upsamples with one
+            row.reason = "transposed conv: no adapter form for it here, it stays frozen"
         elif row.groups > 1:
             row.reason = (
                 f"{row.kind} (groups={conv.groups}) not supported: a per-group adapter would hold "

@@ -109,6 +109,7 @@ class TrainResult:
 PAIRS = (
     ("top1", "top5", "top-1 / top-5 accuracy"),
     ("mIoU", "pixel accuracy", "mIoU / pixel accuracy"),
+    ("delta1", "abs_rel", "delta1 / abs_rel"),
     ("mAP50", "mAP50-95", "mAP50 / mAP50-95"),
 )
 
@@ -117,6 +118,7 @@ SCORES = {
     "classify": ("metrics/accuracy_top1", "top1", "top-1 accuracy"),
     "detect": ("metrics/mAP50-95(B)", "mAP50-95", "box mAP50-95"),
     "semantic": ("metrics/mIoU", "mIoU", "mIoU"),
+    "depth": ("metrics/delta1", "delta1", "depth delta1 accuracy"),
 }
 
 
@@ -127,11 +129,14 @@ def score_of(task: str) -> tuple[str, str, str]:
 
 def _map(metrics: dict[str, float]) -> dict[str, float]:
     """Box mAP50 / mAP50-95, plus mask (segment) or keypoint (pose) mAP when the task reports them; top-1 / top-5
-    accuracy for classification; mIoU and pixel accuracy for semantic segmentation."""
+    accuracy for classification; mIoU and pixel accuracy for semantic segmentation; delta1 (share of pixels within
+    1.25x of the true depth) and the mean relative error for depth."""
     if "metrics/accuracy_top1" in metrics:
         return {"top1": float(metrics["metrics/accuracy_top1"]), "top5": float(metrics["metrics/accuracy_top5"])}
     if "metrics/mIoU" in metrics:
         return {"mIoU": float(metrics["metrics/mIoU"]), "pixel accuracy": float(metrics["metrics/pixel_acc"])}
+    if "metrics/delta1" in metrics:
+        return {"delta1": float(metrics["metrics/delta1"]), "abs_rel": float(metrics["metrics/abs_rel"])}
     out = {"mAP50": float(metrics["metrics/mAP50(B)"]), "mAP50-95": float(metrics["metrics/mAP50-95(B)"])}
     for suffix, kind in (("M", "mask"), ("P", "pose")):
         if f"metrics/mAP50({suffix})" in metrics:
@@ -234,7 +239,8 @@ def train(
     if not metrics or column not in metrics:
         metrics = _validate(trainer, trainer.save_dir / MERGED, "merged_val")
     base_metrics = None
-    if adapter.base["nc"] == adapter.nc and load_model(base).names == adapter.names:
+    same_classes = adapter.base["nc"] == adapter.nc and load_model(base).names == adapter.names
+    if same_classes or adapter.task == "depth":  # depth has no classes: the base always predicts the same thing
         base_metrics = _map(_validate(trainer, base, "base_val"))
     metrics = _map(metrics)
     best_untouched = untouched(adapter)

@@ -1,8 +1,8 @@
 """LoRA trainers: Ultralytics' own task trainers, with adapters added to the model they build.
 
 `LoraTrainerMixin` holds the LoRA changes; `LoraDetectionTrainer`, `LoraSegmentationTrainer`, `LoraPoseTrainer`,
-`LoraOBBTrainer`, `LoraSemanticTrainer` and `LoraClassificationTrainer` put it in front of Ultralytics' trainer for
-each task (`TRAINERS`).
+`LoraOBBTrainer`, `LoraSemanticTrainer`, `LoraDepthTrainer` and `LoraClassificationTrainer` put it in front of
+Ultralytics' trainer for each task (`TRAINERS`).
 
 Everything Ultralytics does around the model (augmentation, EMA, AMP, schedulers, loggers, plots, validation,
 callbacks, DDP) stays its own; this class changes only what it must, each where Ultralytics decides it:
@@ -45,6 +45,7 @@ import torch
 from torch import distributed as dist
 from torch import nn
 from ultralytics.models.yolo.classify import ClassificationTrainer, ClassificationValidator
+from ultralytics.models.yolo.depth import DepthTrainer, DepthValidator
 from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.models.yolo.obb import OBBTrainer, OBBValidator
 from ultralytics.models.yolo.pose import PoseTrainer, PoseValidator
@@ -416,12 +417,19 @@ class LoraSemanticTrainer(LoraTrainerMixin, SemanticSegmentationTrainer):
     class (`add_polygon_background`), so a base trained on such data has the same class set."""
 
 
+class LoraDepthTrainer(LoraTrainerMixin, DepthTrainer):
+    """LoRA training of a YOLO26 depth model. Ultralytics' final_eval refits the head's output calibration
+    (`cal_a`, `cal_b` buffers) into best.pt/last.pt after training; lora-yolo's final_eval does not: merged.pt and
+    serving with the adapter keep the base's calibration, so the two agree and the adapter file stays the whole
+    change (docs/training.md)."""
+
+
 class LoraClassificationTrainer(LoraTrainerMixin, ClassificationTrainer):
     """LoRA training of a classification model: the Classify head's linear layer adapts (`LoraLinear`) or, for a new
     class set, trains in full."""
 
 
-# task -> (trainer, validator): every Ultralytics task whose head extends Detect, classification and semantic.
+# task -> (trainer, validator): every Ultralytics task whose head extends Detect, classification, semantic, depth.
 TRAINERS = {
     "classify": (LoraClassificationTrainer, ClassificationValidator),
     "detect": (LoraDetectionTrainer, DetectionValidator),
@@ -429,4 +437,5 @@ TRAINERS = {
     "pose": (LoraPoseTrainer, PoseValidator),
     "obb": (LoraOBBTrainer, OBBValidator),
     "semantic": (LoraSemanticTrainer, SemanticSegmentationValidator),
+    "depth": (LoraDepthTrainer, DepthValidator),
 }

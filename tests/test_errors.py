@@ -71,7 +71,6 @@ def test_bad_dataset(monkeypatch, capsys, bad_data, base_pt, case):
     [
         ("no/such.pt", "model file not found"),
         ("README.md", "must be a .pt checkpoint or a model .yaml"),
-        ("yolo26n-depth.yaml", "is a depth model; supported tasks: detect, segment, pose, obb, classify, semantic"),
         ("rtdetr-l.yaml", "has a head lora-yolo does not know (RT-DETR's decoder is one); supported tasks"),
     ],
 )
