@@ -46,6 +46,25 @@ def _class_id(field: str) -> float | None:
         return None
 
 
+def _check_dense_targets(data: str | Path, resolved: dict, task: str, split: str, images: list[str]) -> None:
+    """A depth or semantic split whose images have no target file at all (depth map, class-map PNG or polygon label)
+    is one line here; Ultralytics would skip every image and then fail mid-setup. Missing targets for some images
+    it skips with a warning."""
+    if task == "depth":  # Ultralytics' DepthDataset: images/<split>/x.jpg -> depth/<split>/x.png (or .npy)
+        targets = [img2label_paths([f], label_dir="depth", suffix=".png")[0] for f in images]
+        found = [t for t in targets if Path(t).is_file() or Path(t).with_suffix(".npy").is_file()]
+        where = f"depth/{split}/NAME.png (or .npy) beside images/"
+    elif resolved.get("masks_dir"):  # SemanticDataset: class-map PNGs in masks_dir mirroring images/
+        masks = resolved["masks_dir"]
+        found = [t for t in img2label_paths(images, label_dir=masks, suffix=".png") if Path(t).is_file()]
+        where = f"{masks}/{split}/NAME.png (masks_dir) beside images/"
+    else:  # PolygonSemanticDataset: Ultralytics' segment labels, rasterised
+        found = [t for t in img2label_paths(images) if Path(t).is_file()]
+        where = f"labels/{split}/NAME.txt polygons beside images/, or masks_dir"
+    if not found:
+        raise LoraYoloError(f"dataset {data}: none of the {len(images)} {split} images has a {task} target ({where})")
+
+
 def check_classify_dataset(data: str | Path) -> dict:
     """Ultralytics' resolved classification dataset: a folder with `train/` and a validation split (`val/`,
     `validation/`, `valid/` or `test/`), one subfolder of images per class."""
@@ -96,13 +115,21 @@ def check_dataset(data: str | Path, task: str = "detect") -> dict:
         raise LoraYoloError(f"dataset {data}: {first_line(e)}") from None
     nc = resolved["nc"]
     for split in ("train", "val"):
-        for label in img2label_paths([str(f) for f in split_images(resolved[split])]):
+        images = [str(f) for f in split_images(resolved[split])]
+        if task in ("depth", "semantic") and images:
+            _check_dense_targets(data, resolved, task, split, images)
+        for label in img2label_paths(images):
             if not Path(label).is_file():
                 continue
             for line in Path(label).read_text(encoding="utf-8-sig", errors="replace").splitlines():
                 fields = line.split()
                 if not fields:
                     continue
+                if task == "semantic" and len(fields) == 5:  # Ultralytics would fail mid-setup, with a traceback
+                    raise LoraYoloError(
+                        f"{label}: a box label; semantic segmentation reads polygons (class x1 y1 x2 y2 x3 y3 ...) "
+                        "or class-map PNGs under masks_dir"
+                    )
                 cls = _class_id(fields[0])
                 if cls is None or not cls.is_integer() or cls < 0:
                     raise LoraYoloError(f"{label}: class id {fields[0][:20]!r} is not a class index (0-{nc - 1})")

@@ -5,6 +5,7 @@ and depth (`-depth`: no classes, every conv adapted). Train, merge, plain-Ultral
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,9 @@ def test_served_with_adapter_equals_the_merged_checkpoint(dense_run):
     task, _, base, data, result = dense_run
     images = sorted((data.parent / "images" / "val").glob("*.jpg"))
     model = AdapterModel(base)
+    head_nc = getattr(model.model.model[-1], "nc", None)  # semantic: what the exported argmax reduces over
     model.set_adapter(model.load_adapter(result.adapter))
+    assert getattr(model.model.model[-1], "nc", None) == (None if task == "depth" else 4)
     merged = YOLO(str(result.merged))
     assert torch.allclose(output(model.model), output(load_model(result.merged)), rtol=1e-4, atol=1e-4)
     served, want = model.predict(images, imgsz=64, verbose=False), merged.predict(images, imgsz=64, verbose=False)
@@ -141,6 +144,7 @@ def test_served_with_adapter_equals_the_merged_checkpoint(dense_run):
         same = [(a.semantic_mask.data == b.semantic_mask.data).float().mean() for a, b in zip(served, want)]
         assert min(same) > 0.99 and served[0].names == NAMES
     model.disable_adapters()
+    assert getattr(model.model.model[-1], "nc", None) == head_nc  # the base's class count back
     plain = YOLO(str(base)).model.fuse(verbose=False)  # what Ultralytics predicts the base with
     assert torch.equal(output(model.model), output(plain))  # the base exactly, its own class set back
     metrics = validate(data, base, result.adapter, imgsz=64, batch=4, plots=False)
@@ -170,3 +174,23 @@ def test_add_classes_is_refused(dense_run, tmp_path):
     with pytest.raises(LoraYoloError, match=f"not {task} ones"):
         train(data, model=base, config=LoraConfig(add_classes="exact"), project=str(tmp_path), **TINY)
     assert not any(tmp_path.iterdir())  # refused before a run folder was made
+
+
+@pytest.mark.parametrize(
+    "task, data_task, message",
+    [
+        ("depth", "segment", "none of the 2 train images has a depth target (depth/train/NAME.png"),
+        ("semantic", "depth", "none of the 2 train images has a semantic target (labels/train/NAME.txt polygons"),
+        ("semantic", "detect", "a box label; semantic segmentation reads polygons"),
+    ],
+)
+def test_data_for_another_task_is_one_clear_line(tmp_path, task, data_task, message):
+    data = make_dataset(tmp_path / "data", "A", n_train=2, n_val=2, imgsz=64, seed=0, task=data_task)
+    base = (
+        semantic_base(tmp_path / "b.pt", NAMES)
+        if task == "semantic"
+        else make_base(tmp_path / "b.pt", "yolo26n-depth.yaml")
+    )
+    with pytest.raises(LoraYoloError, match=re.escape(message)):
+        train(data, model=base, project=str(tmp_path / "runs"), **TINY)
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
