@@ -446,7 +446,8 @@ def write_markdown(results: dict) -> None:
 
 
 def write_plot(results: dict) -> None:
-    """Validation mAP50-95 against lr0 per method, one panel per base and task (64 images, seed 0)."""
+    """Validation mAP50-95 against lr0 per method, one panel per base and task (64 images, seed 0); one colour per
+    method in every panel and one legend below them all, so no label covers a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -455,17 +456,20 @@ def write_plot(results: dict) -> None:
     cellz = [c for c in results["table"] if c["n_train"] == 64]
     fig, axes = plt.subplots(1, len(cellz), figsize=(4.5 * len(cellz), 4), squeeze=False)
     numeric = [x for x in results["lrs"] if x != "auto"]
+    methods = sorted({m for cell in cellz for m in cell["rows"]}, key=list(METHODS).index)
+    colour = dict(zip(methods, plt.get_cmap("tab10").colors))
     for ax, cell in zip(axes[0], cellz):
         for method, e in cell["rows"].items():
             ys = [e["val_by_lr_seed0"].get(str(x)) for x in numeric]
             pts = [(x, y) for x, y in zip(numeric, ys) if y is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
+                ax.plot(*zip(*pts), marker="o", label=method, color=colour[method])
         ax.set_xscale("log")
         ax.set(title=f"{cell['base']}: {cell['task']}", xlabel="AdamW lr0", ylabel="val mAP50-95 (seed 0)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colour[m], marker="o", label=m) for m in methods]
+    fig.legend(handles=handles, loc="lower center", ncol=len(methods), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(OUT / "results.png", dpi=110)
 
 
