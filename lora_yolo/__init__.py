@@ -1,4 +1,4 @@
-"""lora-yolo: LoRA fine-tuning for Ultralytics YOLO models (detect, segment, pose, obb, classify, semantic).
+"""lora-yolo: LoRA fine-tuning for Ultralytics YOLO models (detect, segment, pose, obb, classify, semantic, depth).
 
 The library behind the `lora-yolo` command; every command is one call here.
 """

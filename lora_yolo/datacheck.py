@@ -51,7 +51,7 @@ def _check_dense_targets(data: str | Path, resolved: dict, task: str, split: str
     is one line here; Ultralytics would skip every image and then fail mid-setup. Missing targets for some images
     it skips with a warning."""
     if task == "depth":  # Ultralytics' DepthDataset: images/<split>/x.jpg -> depth/<split>/x.png (or .npy)
-        targets = [img2label_paths([f], label_dir="depth", suffix=".png")[0] for f in images]
+        targets = img2label_paths(images, label_dir="depth", suffix=".png")
         found = [t for t in targets if Path(t).is_file() or Path(t).with_suffix(".npy").is_file()]
         where = f"depth/{split}/NAME.png (or .npy) beside images/"
     elif resolved.get("masks_dir"):  # SemanticDataset: class-map PNGs in masks_dir mirroring images/

@@ -14,9 +14,9 @@ is SiLU's, which records the latest in-place change autograd tracks), never gues
 Autograd does not check tensors that went through hooks for in-place changes after they were saved, so
 `unpack_saved` does (the saved tensor's, or the SiLU input's, version counter). What no check can see: a SiLU
 output changed outside autograd (under `no_grad` or through `.data`) before it is saved would be rebuilt without
-that change; no Ultralytics block does that. On yolo11n
-(320 px, batch 8, the default DoRA) this takes the bytes held for backward from 0.76x to 0.50x those of full
-fine-tuning at no measurable step time (docs/benchmarks.md).
+that change; no Ultralytics block does that. On yolo11n (320 px, batch 8, the default DoRA) this takes the bytes
+held for backward from 0.76x to 0.50x those of full fine-tuning, within the noise of CPU step times
+(docs/benchmarks.md).
 
 **Gradient checkpointing (`gradient_checkpointing`).** Each layer but the head runs under `torch.utils.checkpoint`:
 autograd keeps only the layer's inputs, and backward runs the layer's forward a second time to rebuild what it
