@@ -3,7 +3,7 @@
     python scripts/bench_finetune.py --quick                       # demo base, 2 methods, 2 lr: about 10 minutes
     python scripts/bench_finetune.py --part search                 # seed 0 of every method x lr (resumable)
     python scripts/bench_finetune.py --part confirm --seeds 1      # the lr each method chose, more seeds
-    python scripts/bench_finetune.py --part curve                  # 16 / 64 / 256 images, chosen lr, seed 0
+    python scripts/bench_finetune.py --part curve                  # 16 / 256 images, chosen lr, seed 0 (or --seeds)
     python scripts/bench_finetune.py --report                      # results.json / .md / .png from what ran
 
 Protocol. Bases: the shipped demo base plus real checkpoints that other people trained on real photographs and
@@ -483,7 +483,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--lrs", nargs="*", default=LRS, type=lambda x: x if x == "auto" else float(x))
-    parser.add_argument("--seeds", nargs="*", type=int, default=[1])
+    parser.add_argument("--seeds", nargs="*", type=int, help="default: 1 for confirm, 0 for curve")
     parser.add_argument("--n-train", nargs="*", type=int)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -495,7 +495,7 @@ def main() -> None:
         args.tasks = ["new-classes"]
     if args.part:
         args.n_train = args.n_train or ([16, 256] if args.part == "curve" else [64])
-        args.seeds = [0] if args.part == "curve" else args.seeds
+        args.seeds = args.seeds or ([0] if args.part == "curve" else [1])
         with tempfile.TemporaryDirectory(prefix="bench-data-") as data_root:
             execute(plan_part(args), Path(data_root))
     if args.report or args.part:
