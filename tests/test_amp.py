@@ -108,7 +108,7 @@ def test_adapter_gradients_are_as_finite_as_full_fine_tuning(demo_base, batch):
     # autocast, LoRA and DoRA had 2 at 2**12 and 8 at 2**13, where full fine-tuning had 0 and 1. bf16 has fp32's
     # range: nothing overflows even at GradScaler's starting scale 2**16.
     models = {kind: training_model(demo_base, kind) for kind in ("full", "lora", "dora")}
-    for scale in (2.0**10, 2.0**12, 2.0**13, 2.0**14, 2.0**16):
+    for scale in (2.0**13, 2.0**14, 2.0**16):  # 2**13: the first overflow; fp16 B A failed here
         _, full = non_finite_layers(models["full"], batch, scale, torch.float16)
         for kind in ("lora", "dora"):
             layers, bad = non_finite_layers(models[kind], batch, scale, torch.float16)
