@@ -11,6 +11,9 @@ images (the base's 3 classes, 40 images the base never saw) and on the new class
   lora-new    the default recipe on the new classes alone (a new class set: forgets A)
   full-new    Ultralytics full fine-tuning on the new classes alone (forgets A)
   full-pseudo Ultralytics full fine-tuning on adapted's pseudo-labelled data (the combined class set)
+  branch-new  Ultralytics fine-tuning of the Detect head's class branches (cv3) alone on the new classes, every other
+              layer frozen: how far a trainable class branch can go with the base's boxes, as exact mode keeps them
+              (a Detect head predicts one box per anchor for every class); forgets A
 Goals (the add-classes issue): on A, exact 100% of the base and adapted >= 95%; on the new classes, exact >= 90% and
 adapted >= 95% of lora-new. Each run appends to benchmarks/add_classes.jsonl as it ends.
 """
@@ -30,7 +33,7 @@ from bench_finetune import N_TEST, SCHEDULE, datasets, fetch_base
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks"
 RUNS = OUT / "add_classes.jsonl"
-METHODS = ("exact", "adapted", "lora-new", "full-new", "full-pseudo")
+METHODS = ("exact", "adapted", "lora-new", "full-new", "full-pseudo", "branch-new")
 
 
 def with_names(data: str | Path, names: dict[int, str], out: Path) -> Path:
@@ -80,6 +83,10 @@ def run(method: str, seed: int, root: Path) -> dict:
         if method == "full-pseudo":  # the same relabelled, pseudo-labelled data as adapted
             data = prepare_dataset(check_dataset(new["data"]), base, base_names, project / FOLDER, 0.25, "detect")[0]
         model = YOLO(str(base))
+        if method == "branch-new":  # Ultralytics' freeze matches "model.{entry}." prefixes
+            head = len(model.model.model) - 1
+            others = [name for name, _ in model.model.model[head].named_children() if name != "cv3"]
+            common["freeze"] = [*range(head), *(f"{head}.{name}" for name in others)]
         model.train(data=str(data), **common)
         weights = Path(model.trainer.best)
     names = load_model(weights).names

@@ -355,8 +355,20 @@ def report() -> None:
         full = rows.get("full", {}).get("test")
         for e in rows.values():
             e["vs_full"] = e["test"] / full if full else None
+        # lrs other than the chosen one that also ran more seeds (`--part confirm --lrs`: the preset's own lr, say)
+        other = []
+        for method, lr in dict.fromkeys(
+            (r["method"], r["lr"]) for r in runs if (r["base"], r["task"], r["n_train"]) == (base, task, n)
+        ):
+            mine = [r for r in runs if (r["base"], r["task"], r["n_train"], r["method"], r["lr"]) ==
+                    (base, task, n, method, lr)]  # fmt: skip
+            if len(mine) > 1 and lr != rows.get(method, {}).get("lr"):
+                test = [r.get("test", 0.0) for r in mine]
+                other.append({"method": method, "lr": lr, "seeds": sorted(r["seed"] for r in mine),
+                              "test": statistics.mean(test), "test_spread": (max(test) - min(test)) / 2,
+                              "vs_full": statistics.mean(test) / full if full else None})  # fmt: skip
         table.append({"base": base, "task": task, "n_train": n, "zero_shot_test": zs.get(f"{base}/{task}"),
-                      "rows": rows})  # fmt: skip
+                      "rows": rows, "other_lrs": other})  # fmt: skip
     results = {
         "default": choose_default(runs),
         "protocol": __doc__.split("Protocol. ", 1)[1].split("\n\nEvery run", 1)[0].replace("\n", " "),
@@ -438,6 +450,14 @@ def write_markdown(results: dict) -> None:
                 f"{e['trainable_pct']:.1f} |"
             )
         lines.append("")
+        if cell["other_lrs"]:
+            lines += ["More seeds at lrs the search did not choose:", ""]
+            lines += [
+                f"- {e['method']} @ {e['lr']}: test {e['test']:.3f} ± {e['test_spread']:.3f}"
+                + (f" ({e['vs_full']:.1%} of full)" if e["vs_full"] else "")
+                + f", seeds {','.join(map(str, e['seeds']))}"
+                for e in cell["other_lrs"]
+            ] + [""]
     if results["default"]:
         d = results["default"]
         lines += ["## The default this chose", "", f"**{d['method']} at lr0 {d['lr']}**: worst validation mAP50-95 "
