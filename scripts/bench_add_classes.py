@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
-from bench_finetune import N_TEST, SCHEDULE, datasets, fetch_base
+from bench_finetune import N_TEST, SCHEDULE, datasets, fetch_base, mean_spread
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks"
@@ -119,13 +118,14 @@ def report() -> None:
     for m in METHODS:
         mine = [r for r in runs if r["method"] == m]
         if mine:
-            a, b = [r["a_test"] for r in mine], [r["new_test"] for r in mine]
+            a_test, a_spread = mean_spread([r["a_test"] for r in mine])
+            new_test, new_spread = mean_spread([r["new_test"] for r in mine])
             rows[m] = {
                 "seeds": sorted(r["seed"] for r in mine),
-                "a_test": statistics.mean(a),
-                "a_spread": (max(a) - min(a)) / 2,  # half the range over the seeds
-                "new_test": statistics.mean(b),
-                "new_spread": (max(b) - min(b)) / 2,
+                "a_test": a_test,
+                "a_spread": a_spread,
+                "new_test": new_test,
+                "new_spread": new_spread,
                 "pseudo_labels": mine[0]["pseudo_labels"],
             }
     ref_new = rows.get("lora-new", {}).get("new_test")

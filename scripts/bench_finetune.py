@@ -242,6 +242,11 @@ def chosen_lr(runs: list[dict], base: str, task: str, n_train: int, method: str)
     return max(by_lr, key=by_lr.get) if by_lr else None
 
 
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and half the range over the seeds run: the spread every table reports."""
+    return statistics.mean(values), (max(values) - min(values)) / 2
+
+
 def zero_shot(base_file: Path, test: str) -> float:
     from ultralytics import YOLO
 
@@ -329,6 +334,7 @@ def report() -> None:
             if not mine:
                 continue
             test = [r.get("test", 0.0) for r in mine]
+            mean, spread = mean_spread(test)
             search = {
                 str(r["lr"]): r.get("val", 0.0)
                 for r in runs
@@ -337,8 +343,8 @@ def report() -> None:
             rows[method] = {
                 "lr": lr,
                 "seeds": sorted(r["seed"] for r in mine),
-                "test": statistics.mean(test),
-                "test_spread": (max(test) - min(test)) / 2,
+                "test": mean,
+                "test_spread": spread,
                 "test_per_seed": test,
                 "val": statistics.mean(r.get("val", 0.0) for r in mine),
                 "val_by_lr_seed0": search,
@@ -363,10 +369,9 @@ def report() -> None:
             mine = [r for r in runs if (r["base"], r["task"], r["n_train"], r["method"], r["lr"]) ==
                     (base, task, n, method, lr)]  # fmt: skip
             if len(mine) > 1 and lr != rows.get(method, {}).get("lr"):
-                test = [r.get("test", 0.0) for r in mine]
-                other.append({"method": method, "lr": lr, "seeds": sorted(r["seed"] for r in mine),
-                              "test": statistics.mean(test), "test_spread": (max(test) - min(test)) / 2,
-                              "vs_full": statistics.mean(test) / full if full else None})  # fmt: skip
+                mean, spread = mean_spread([r.get("test", 0.0) for r in mine])
+                other.append({"method": method, "lr": lr, "seeds": sorted(r["seed"] for r in mine), "test": mean,
+                              "test_spread": spread, "vs_full": mean / full if full else None})  # fmt: skip
         table.append({"base": base, "task": task, "n_train": n, "zero_shot_test": zs.get(f"{base}/{task}"),
                       "rows": rows, "other_lrs": other})  # fmt: skip
     results = {

@@ -152,3 +152,38 @@ def test_adapter_trained_under_autocast_merges_exactly(demo_base, batch):
     unmerged = head_output(model, x)
     assert (unmerged - head_output(load_model(demo_base), x)).abs().max() > 1e-3  # the steps changed the model
     assert (head_output(merge_lora(remove_training_forward(model)), x) - unmerged).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_one_adapted_conv_under_autocast_at_gradscalers_scale(use_dora, monkeypatch):
+    # One Ultralytics Conv block as the trainer runs it (adapter beside the conv, frozen BatchNorm folded), fp16
+    # and bf16 autocast against fp32, backward at GradScaler's starting scale 2**16. Tolerance: the half-precision
+    # conv rounds inputs and weights to 11 (fp16) or 8 (bf16) mantissa bits, so within 1% / 4% of the output's
+    # largest magnitude.
+    from ultralytics.nn.modules import Conv
+
+    from lora_yolo import layer
+    from lora_yolo.layer import LoraConv2d
+
+    torch.manual_seed(0)
+    block = Conv(16, 32, 3).eval()
+    with torch.no_grad():
+        block.bn.running_mean.normal_(0, 0.1), block.bn.running_var.uniform_(0.5, 2.0)
+    block.requires_grad_(False)
+    block.conv = LoraConv2d(block.conv, r=8, lora_alpha=16, use_dora=use_dora)
+    with torch.no_grad():
+        block.conv.lora_B.weight.normal_(0, 0.05)  # as after some training
+    fold_batchnorm(block)
+    x = torch.randn(2, 16, 20, 20)
+    want = block(x)
+    norms = []  # dtypes DoRA's channel norm is taken in
+    monkeypatch.setattr(layer, "channel_norm", lambda w: norms.append(w.dtype) or w.flatten(1).norm(dim=1))
+    for dtype, tol in ((torch.float16, 0.01), (torch.bfloat16, 0.04)):
+        block.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype):
+            y = block(x)
+        assert y.dtype == dtype and (y.float() - want).abs().max() <= tol * want.abs().max(), dtype
+        (y.float().square().mean() * 2.0**16).backward()
+        grads = [p.grad for p in block.parameters() if p.requires_grad]
+        assert len(grads) == 2 + use_dora and all(g is not None and torch.isfinite(g).all() for g in grads), dtype
+    assert norms == ([torch.float32] * 2 if use_dora else [])
