@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 from ultralytics import __version__ as ULTRALYTICS_VERSION
-from ultralytics.nn.modules.head import Classify
+from ultralytics.nn.modules.head import Classify, RTDETRDecoder
 from ultralytics.nn.tasks import (
     ClassificationModel,
     DepthModel,
     DetectionModel,
     OBBModel,
     PoseModel,
+    RTDETRDetectionModel,
     SegmentationModel,
     SemanticSegmentationModel,
     guess_model_task,
@@ -34,9 +35,11 @@ from lora_yolo.errors import LoraYoloError, first_line
 from lora_yolo.fold import unfold_batchnorm
 from lora_yolo.memory import remove_training_forward
 
-# Tasks whose head extends Detect, plus classification (a Classify head: conv, pool, linear) and YOLO26 semantic
-# segmentation (a SemanticSegment head: convs ending in a class conv) and depth (a Depth head: convs and one
-# transposed conv, no classes), so adapters, class layers and merges work the same way.
+# Model kinds, by task: heads that extend Detect, plus classification (a Classify head: conv, pool, linear) and
+# YOLO26 semantic segmentation (a SemanticSegment head: convs ending in a class conv) and depth (a Depth head: convs
+# and one transposed conv, no classes), so adapters, class layers and merges work the same way. RT-DETR is a kind of
+# its own (its task is detect, but its trainer, validator and predictor are Ultralytics' RT-DETR ones): a
+# transformer decoder whose projections, MLPs and class layers are linear layers.
 MODEL_CLASSES = {
     "detect": DetectionModel,
     "segment": SegmentationModel,
@@ -45,7 +48,9 @@ MODEL_CLASSES = {
     "classify": ClassificationModel,
     "semantic": SemanticSegmentationModel,
     "depth": DepthModel,
+    "rtdetr": RTDETRDetectionModel,
 }
+RTDETR = "rtdetr"  # the kind whose Ultralytics task is detect
 ASSETS = Path(__file__).parent / "assets"  # yolo11n-shapes.pt: the offline demo base (scripts/pretrain_base.py)
 
 
@@ -63,22 +68,24 @@ def load_model(source: str | Path) -> nn.Module:
     if text.endswith((".yaml", ".yml")):
         try:
             cfg = yaml_model_load(text)
-            task = check_task(guess_model_task(cfg), text)
-            model = MODEL_CLASSES[task](cfg, verbose=False)
+            kind = check_task(model_kind(cfg), text)
+            model = MODEL_CLASSES[kind](cfg, verbose=False)
         except FileNotFoundError:
             raise LoraYoloError(f"model YAML not found: {text}") from None
         except LoraYoloError:
             raise
         except Exception as e:
             raise LoraYoloError(f"{text} is not an Ultralytics model YAML ({first_line(e)})") from None
-        model.args, model.task = {}, task
+        model.args, model.task = {}, model_task(model)
         return model
     text = resolve_checkpoint(text)
     try:
         model, _ = load_checkpoint(text)
     except Exception as e:
         raise load_error(text, e) from None
-    model.task = check_task(getattr(model, "task", None) or model_task(model), text)
+    kind = model_kind(model)
+    kind = check_task(kind if kind == RTDETR else getattr(model, "task", None) or kind, text)
+    model.task = "detect" if kind == RTDETR else kind
     return model
 
 
@@ -106,17 +113,31 @@ def load_error(text: str, e: Exception) -> LoraYoloError:
 
 
 def check_task(task: str | None, source: str) -> str:
-    """The model's task, if LoRA supports it (a Detect, Classify, SemanticSegment or Depth head: see MODEL_CLASSES)."""
+    """The model's task or kind, if LoRA supports it (a Detect, Classify, SemanticSegment, Depth or RT-DETR head: see
+    MODEL_CLASSES)."""
     if task not in MODEL_CLASSES:
-        what = f"is a {task} model" if task else "has a head lora-yolo does not know (RT-DETR's decoder is one)"
-        raise LoraYoloError(f"{source} {what}; supported tasks: {', '.join(MODEL_CLASSES)}")
+        what = f"is a {task} model" if task else "has a head lora-yolo does not know"
+        raise LoraYoloError(f"{source} {what}; supported: {', '.join(MODEL_CLASSES)}")
     return task
 
 
+def model_kind(model: nn.Module | dict) -> str | None:
+    """`rtdetr` for a model (or model YAML dict) whose head is RT-DETR's decoder, else its task (None if unknown).
+
+    Ultralytics' own guess has no task for RT-DETR (its `RTDETR` class sets detect); it is read here from the head.
+    """
+    if isinstance(model, dict):
+        rtdetr = str(model.get("head", [[None] * 3])[-1][2]).endswith("RTDETRDecoder")
+        return RTDETR if rtdetr else guess_model_task(model)
+    rtdetr = isinstance(getattr(model, "model", [None])[-1], RTDETRDecoder)
+    return RTDETR if rtdetr else guess_model_task(getattr(model, "yaml", None) or model)
+
+
 def model_task(model: nn.Module) -> str:
-    """The model's task from its own head (its YAML), not from `model.args`: a checkpoint written without training
-    arguments loads with Ultralytics' defaults there, whose task is always `detect`."""
-    return guess_model_task(getattr(model, "yaml", None) or model)
+    """The model's Ultralytics task from its own head (its YAML), not from `model.args`: a checkpoint written without
+    training arguments loads with Ultralytics' defaults there, whose task is always `detect`. RT-DETR's is detect."""
+    kind = model_kind(model)
+    return "detect" if kind == RTDETR else kind
 
 
 def class_count(model: nn.Module) -> int:

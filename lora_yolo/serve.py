@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from ultralytics import YOLO
-from ultralytics.nn.modules import Conv
+from ultralytics.nn.modules import Conv, RepConv
 
 from lora_yolo.adapter import Adapter, check_fits, check_layers, fingerprint, load_adapter
 from lora_yolo.checkpoint import check_task, load_error, resolve_checkpoint
@@ -73,6 +74,15 @@ class SwitchableLayer(MergeableLayer):
         """Hold `adapter`'s tensors for this conv under `name` (their shapes were checked by `check_layers`)."""
         self.adapters[name] = _LayerAdapter(adapter, layer).to(self.base_layer.weight.device)
 
+    def activate(self, name: str | None) -> None:
+        """Make `name` the active adapter here; None (or an adapter with nothing here) leaves the base layer."""
+        self.active = name if name in self.adapters else None
+
+    def remove(self, name: str) -> None:
+        """Forget adapter `name`'s tensors for this layer, if it has any."""
+        if name in self.adapters:
+            del self.adapters[name]
+
     def adapted_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The fused weight with the active adapter applied, in `dtype`."""
         a = self.adapters[self.active]
@@ -94,6 +104,69 @@ class SwitchableLayer(MergeableLayer):
         """Write the active adapter into the conv weight; nothing to do when no adapter here is active."""
         if self.active is not None:
             super().merge()
+
+
+class RepConvLayer(MergeableLayer):
+    """The one conv Ultralytics' fuse makes of a `RepConv` (RT-DETR's `RepC3`, YOLOv9's `RepBottleneck`), with
+    adapters trained on its two branch convs.
+
+    Fused, the RepConv computes one k x k conv whose weight is s1 · W1 + s2 · W2 (the 1x1 kernel padded to k x k) plus
+    the identity branch. Each branch is a `SwitchableLayer` over that branch's own fused conv s · W (kept here, never
+    in the model), so its adapted weight is exactly what it is for any other conv (LoRA and DoRA alike); the change it
+    makes, padded to k x k, is added to the fused weight.
+    """
+
+    def __init__(self, base_layer: nn.Conv2d, branches: dict[str, SwitchableLayer]) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.branches = nn.ModuleDict(branches)  # "conv1" (k x k), "conv2" (1x1)
+
+    @property
+    def active(self) -> bool:
+        return any(branch.active is not None for branch in self.branches.values())
+
+    def activate(self, name: str | None) -> None:
+        for branch in self.branches.values():
+            branch.activate(name)
+
+    def remove(self, name: str) -> None:
+        for branch in self.branches.values():
+            branch.remove(name)
+
+    def adapted_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The fused weight plus each active branch's adapted minus base weight, in `dtype`."""
+        w = self.original_weight.to(dtype)
+        for branch in self.branches.values():
+            if branch.active is not None:
+                change = branch.adapted_weight(dtype) - branch.base_layer.weight.to(dtype)
+                pad = (w.shape[-1] - change.shape[-1]) // 2
+                w = w + F.pad(change, [pad] * 4)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active or self.merged:
+            return self.base_layer(x)
+        w = self.base_layer.weight
+        return layer_forward(self.base_layer, x, self.adapted_weight(w.dtype), self.base_layer.bias)
+
+    def merge(self) -> None:
+        """Write the active adapter's branches into the fused conv; nothing to do when none is active here."""
+        if self.active:
+            super().merge()
+
+
+def repconv_branches(model: nn.Module, scales: dict[str, torch.Tensor]) -> dict[str, nn.Conv2d]:
+    """For every unfused `RepConv` of `model`, its branch convs by name (`<path>.conv1.conv`, `<path>.conv2.conv`),
+    each as the conv fusing makes of it: weight s · W for its BatchNorm's scale s (the bias does not matter here)."""
+    branches = {}
+    for path, m in model.named_modules():
+        if isinstance(m, RepConv) and hasattr(m, "conv1"):
+            for branch in ("conv1", "conv2"):
+                name = f"{path}.{branch}.conv"
+                conv = deepcopy(getattr(m, branch).conv)
+                conv.weight = nn.Parameter(conv.weight.detach() * per_channel(scales[name], 4), requires_grad=False)
+                branches[name] = conv
+    return branches
 
 
 class AddedRows(nn.Module):
@@ -151,6 +224,7 @@ class AdapterModel:
             model.end2end = end2end
         self._kept = ("one-to-one (NMS-free)" if model.end2end else "one-to-many (NMS)") if two_branches else None
         unfused, self._class_convs = dict(model.named_modules()), class_layers(model)  # both YOLO26 branches
+        self._repconv = repconv_branches(model, self._scales)  # adapters there go to the conv fuse makes of both
         model.fuse(verbose=False)
         fused = dict(model.named_modules())  # the fused base's own modules, before any adapter replaces one
         # What fuse set to None (YOLO26's unused head branch), not what it rebuilt (BatchNorms, RepConv branches):
@@ -159,13 +233,14 @@ class AdapterModel:
             f"{p}.{k}." if p else f"{k}." for p, m in fused.items() for k, v in m._modules.items() if v is None
         )
         self._unused = {n for n in unfused if f"{n}.".startswith(dropped)}
-        self._checked_modules = {**{n: unfused[n] for n in self._unused}, **fused}
+        self._checked_modules = {**{n: unfused[n] for n in [*self._unused, *self._repconv]}, **fused}
         # names, and the base's class layers as loaded: a class set's rows start from these, never from a layer
         # an adapter was merged into later
         self._base_classes = (dict(model.names), {c: fused[c] for c in self._class_convs if c in fused})
         self._adapters: dict[str, Adapter] = {}
         self._classes: dict[str, tuple[dict[int, str], dict[str, nn.Module]]] = {}
-        self._switchables: dict[str, SwitchableLayer] = {}  # by layer path, whether or not in the model right now
+        # by layer path, whether or not in the model right now (a RepConv's: by the path of the conv fuse made)
+        self._switchables: dict[str, SwitchableLayer | RepConvLayer] = {}
         self.active_adapter: str | None = None
 
     @property
@@ -221,8 +296,7 @@ class AdapterModel:
         if self.active_adapter == name:
             self.disable_adapters()
         for layer in self._switchables.values():
-            if name in layer.adapters:
-                del layer.adapters[name]
+            layer.remove(name)
         del self._adapters[name], self._classes[name]
 
     def merge_adapter(self) -> None:
@@ -270,7 +344,7 @@ class AdapterModel:
     def _activate(self, name: str | None) -> None:
         self.unmerge_adapter()
         for layer in self._switchables.values():
-            layer.active = name if name in layer.adapters else None
+            layer.activate(name)
         self._set_classes(*(self._classes[name] if name else self._base_classes))
         self.active_adapter = name
 
@@ -280,7 +354,20 @@ class AdapterModel:
             replace_module(self.model, path, new)
 
     def _switchable(self, layer: str) -> SwitchableLayer:
-        """The switchable layer at `layer`, made from the base's fused conv (or linear layer) there on first use."""
+        """The switchable layer at `layer`, made from the base's fused conv (or linear layer) there on first use; for
+        a RepConv branch, that branch of the `RepConvLayer` put in place of the conv fuse made of the RepConv."""
+        if layer in self._repconv:
+            path, _, _ = layer.rpartition(".")[0].rpartition(".")  # "<repconv>.conv1.conv" -> "<repconv>"
+            fused = f"{path}.conv"
+            if fused not in self._switchables:
+                conv = self.model.get_submodule(fused)
+                branches = {
+                    b: SwitchableLayer(self._repconv[f"{path}.{b}.conv"], self._scales[f"{path}.{b}.conv"])
+                    for b in ("conv1", "conv2")
+                }
+                self._switchables[fused] = RepConvLayer(conv, branches).to(conv.weight.device)
+                self._replace(fused, conv, self._switchables[fused])
+            return self._switchables[fused].branches[layer.split(".")[-2]]
         if layer in self._switchables:
             return self._switchables[layer]
         base_modules = self._base_classes[1]
@@ -308,6 +395,8 @@ class AdapterModel:
                 m.out_channels = m.weight.shape[0]
             elif isinstance(m, nn.Linear):
                 m.out_features = m.weight.shape[0]
+            elif isinstance(m, nn.Embedding):  # RT-DETR's class embedding (denoising queries, training only)
+                m.num_embeddings = m.weight.shape[0]
         if adapter.config.add_classes == "exact":  # the base's rows computed by the base's own layer
             rows = len(self._base_classes[0])  # check_layers: the adapter's classes start with these
             modules = {path: AddedRows(self._base_copy(path), m, rows) for path, m in modules.items()}

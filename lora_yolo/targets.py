@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 from ultralytics.nn.modules.block import DFL, Attention
-from ultralytics.nn.modules.head import Classify, SemanticSegment
+from ultralytics.nn.modules.head import Classify, RTDETRDecoder, SemanticSegment
 
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
@@ -70,11 +70,15 @@ def _presets(layer: ConvLayer, in_attention: bool) -> set[str]:
 def class_layers(model: nn.Module) -> list[str]:
     """Names of the head's class-prediction layers: the last conv of each `cv3` / `one2one_cv3` branch of a Detect
     head, the linear layer of a Classify head, the last conv of a SemanticSegment head's classifier and of its
-    auxiliary head (used in training only, trained like the rest)."""
+    auxiliary head (used in training only, trained like the rest), and RT-DETR's linear score layers (the encoder's
+    and each decoder layer's) plus its class embedding for denoising queries (one row per class, training only)."""
     index = len(model.model) - 1
     head = model.model[index]
     if isinstance(head, Classify):
         return [f"model.{index}.linear"]
+    if isinstance(head, RTDETRDecoder):
+        scores = [f"model.{index}.dec_score_head.{i}" for i in range(len(head.dec_score_head))]
+        return [f"model.{index}.enc_score_head", *scores, f"model.{index}.denoising_class_embed"]
     if isinstance(head, SemanticSegment):
         return [f"model.{index}.{attr}.1" for attr in ("classifier", "aux_head") if getattr(head, attr) is not None]
     return [

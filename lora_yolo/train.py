@@ -16,7 +16,7 @@ import torch
 from ultralytics.utils import LOGGER
 
 from lora_yolo.adapter import load_adapter
-from lora_yolo.checkpoint import load_model, resolve_checkpoint
+from lora_yolo.checkpoint import RTDETR, load_model, model_kind, resolve_checkpoint
 from lora_yolo.classes import FOLDER, PSEUDO_CONF, check_add_classes, prepare_dataset
 from lora_yolo.config import LoraConfig
 from lora_yolo.datacheck import check_dataset
@@ -180,7 +180,7 @@ def train(
             raise LoraYoloError("a resumed run keeps the LoRA settings it started with: pass no config with resume")
         if not Path(resume).is_file():
             raise LoraYoloError(f"resume checkpoint not found: {resume}")
-        task, run_data = _resumed_run(resume)
+        task, kind, run_data = _resumed_run(resume)
         if data is not None and Path(run_data).parent.name == FOLDER:
             raise LoraYoloError(
                 f"this run trains on its relabelled copy of the dataset ({run_data}, add_classes): resume without DATA"
@@ -188,7 +188,7 @@ def train(
         if data is not None:  # a new path for the run's dataset (moved): Ultralytics takes it on resume
             check_dataset(data, task)
             overrides = {**overrides, "data": str(data)}
-        trainer = _trainer(task, overrides={**overrides, "resume": str(resume)})
+        trainer = _trainer(kind, overrides={**overrides, "resume": str(resume)})
     else:
         if data is None:
             raise LoraYoloError("DATA is required (a dataset YAML) unless --resume is given")
@@ -198,12 +198,12 @@ def train(
             if not 0 < pseudo_conf <= 1:
                 raise LoraYoloError(f"pseudo_conf must be in (0, 1], got {pseudo_conf}")
         base = load_model(model)
-        task = base.task if hasattr(base, "task") else "detect"
+        task, kind = base.task, model_kind(base)
         resolved = check_dataset(data, task)
         if config is not None and config.add_classes:
-            check_add_classes(resolved, base.names, task, adapted=config.add_classes == "adapted")
+            check_add_classes(resolved, base.names, kind, adapted=config.add_classes == "adapted")
         trainer = _trainer(
-            task, overrides={**overrides, "model": str(model), "data": str(data), "task": task}, lora=config
+            kind, overrides={**overrides, "model": str(model), "data": str(data), "task": task}, lora=config
         )
         if config is not None and config.add_classes:  # the relabelled copy of the dataset, in the run folder
             if trainer.ddp:  # Ultralytics' DDP launcher deletes the run folder, and the relabelled copy with it
@@ -291,11 +291,14 @@ def _stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _resumed_run(checkpoint: str | Path) -> tuple[str, str]:
-    """The task and dataset of an interrupted run, from its own last.pt (a checkpoint this user's run wrote)."""
+def _resumed_run(checkpoint: str | Path) -> tuple[str, str, str]:
+    """The task, model kind and dataset of an interrupted run, from its own last.pt (a checkpoint this user's run
+    wrote)."""
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        return ckpt["train_args"].get("task") or "detect", str(ckpt["train_args"].get("data") or "")
+        task = ckpt["train_args"].get("task") or "detect"
+        kind = RTDETR if model_kind(ckpt.get("ema") or ckpt["model"]) == RTDETR else task
+        return task, kind, str(ckpt["train_args"].get("data") or "")
     except Exception as e:
         raise LoraYoloError(f"{checkpoint} is not an Ultralytics training checkpoint ({first_line(e)})") from None
 
@@ -307,11 +310,11 @@ def _learning_rate(trainer: LoraTrainerMixin) -> float:
     return optimizer.param_groups[0]["initial_lr"] if optimizer is not None else trainer.args.lr0
 
 
-def _trainer(task: str, **kwargs: Any) -> LoraTrainerMixin:
-    """The task's trainer; what Ultralytics refuses while setting up (a GPU that is not there, a bad value) is one
-    line."""
+def _trainer(kind: str, **kwargs: Any) -> LoraTrainerMixin:
+    """The trainer of the model's kind (its task, or `rtdetr`); what Ultralytics refuses while setting up (a GPU that
+    is not there, a bad value) is one line."""
     try:
-        return TRAINERS[task][0](**kwargs)
+        return TRAINERS[kind][0](**kwargs)
     except (ValueError, SyntaxError, TypeError, FileNotFoundError, RuntimeError) as e:
         raise LoraYoloError(first_line(e)) from None
 
@@ -319,4 +322,5 @@ def _trainer(task: str, **kwargs: Any) -> LoraTrainerMixin:
 def _validate(trainer: LoraTrainerMixin, model: str | Path, name: str) -> dict[str, float]:
     """Ultralytics validation of a checkpoint with the run's own settings, saved under the run folder."""
     args = {**vars(trainer.args), "mode": "val", "plots": False, "save_json": False}
-    return TRAINERS[trainer.args.task][1](save_dir=trainer.save_dir / name, args=args)(model=str(model))
+    validator = next(v for t, v in TRAINERS.values() if isinstance(trainer, t))
+    return validator(save_dir=trainer.save_dir / name, args=args)(model=str(model))

@@ -1,8 +1,8 @@
 """LoRA trainers: Ultralytics' own task trainers, with adapters added to the model they build.
 
 `LoraTrainerMixin` holds the LoRA changes; `LoraDetectionTrainer`, `LoraSegmentationTrainer`, `LoraPoseTrainer`,
-`LoraOBBTrainer`, `LoraSemanticTrainer`, `LoraDepthTrainer` and `LoraClassificationTrainer` put it in front of
-Ultralytics' trainer for each task (`TRAINERS`).
+`LoraOBBTrainer`, `LoraSemanticTrainer`, `LoraDepthTrainer`, `LoraClassificationTrainer` and `LoraRTDETRTrainer`
+put it in front of Ultralytics' trainer for each task (`TRAINERS`).
 
 Everything Ultralytics does around the model (augmentation, EMA, AMP, schedulers, loggers, plots, validation,
 callbacks, DDP) stays its own; this class changes only what it must, each where Ultralytics decides it:
@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from torch import distributed as dist
 from torch import nn
+from ultralytics.models.rtdetr.train import RTDETRTrainer
+from ultralytics.models.rtdetr.val import RTDETRValidator
 from ultralytics.models.yolo.classify import ClassificationTrainer, ClassificationValidator
 from ultralytics.models.yolo.depth import DepthTrainer, DepthValidator
 from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
@@ -64,7 +66,15 @@ from lora_yolo.adapter import (
     save_adapter,
 )
 from lora_yolo.atomic import atomic_path
-from lora_yolo.checkpoint import MODEL_CLASSES, build_for_classes, class_count, load_model, save_checkpoint
+from lora_yolo.checkpoint import (
+    MODEL_CLASSES,
+    RTDETR,
+    build_for_classes,
+    class_count,
+    load_model,
+    model_kind,
+    save_checkpoint,
+)
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.fold import fold_batchnorm, unfold_batchnorm
@@ -146,9 +156,8 @@ class LoraTrainerMixin:
     def _new_model(self, cfg, weights: nn.Module | None) -> nn.Module:
         kpt = {"data_kpt_shape": tuple(self.data["kpt_shape"])} if self.args.task == "pose" else {}
         if weights is None:  # a model YAML: the random init is the base, kept beside the run so merge can find it
-            base = MODEL_CLASSES[self.args.task](
-                cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=False, **kpt
-            )
+            model_class = MODEL_CLASSES[model_kind(cfg)]
+            base = model_class(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=False, **kpt)
             base.half().float()  # on the fp16 grid, so fp16 checkpoints (last.pt) hold the base exactly
             base.names = self.data["names"]
             base.pt_path = str(self.wdir / BASE)  # written by _setup_train, see _write_run_files
@@ -429,7 +438,14 @@ class LoraClassificationTrainer(LoraTrainerMixin, ClassificationTrainer):
     class set, trains in full."""
 
 
-# task -> (trainer, validator): every Ultralytics task whose head extends Detect, classification, semantic, depth.
+class LoraRTDETRTrainer(LoraTrainerMixin, RTDETRTrainer):
+    """LoRA training of an RT-DETR model: its convs and the transformer's linear layers adapt (`LoraLinear`), the
+    decoder's score layers and class embedding train in full for a new class set; Ultralytics' RT-DETR data
+    pipeline, loss (with its denoising queries) and validator."""
+
+
+# kind -> (trainer, validator): every Ultralytics task whose head extends Detect, classification, semantic, depth,
+# and RT-DETR (`lora_yolo.checkpoint.MODEL_CLASSES`).
 TRAINERS = {
     "classify": (LoraClassificationTrainer, ClassificationValidator),
     "detect": (LoraDetectionTrainer, DetectionValidator),
@@ -438,4 +454,5 @@ TRAINERS = {
     "obb": (LoraOBBTrainer, OBBValidator),
     "semantic": (LoraSemanticTrainer, SemanticSegmentationValidator),
     "depth": (LoraDepthTrainer, DepthValidator),
+    RTDETR: (LoraRTDETRTrainer, RTDETRValidator),
 }

@@ -215,11 +215,14 @@ def head_output(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def all_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """Every tensor a model returns in eval mode, nested tuples and dicts flattened in order: the decoded output and
-    every head branch's raw predictions (YOLO26: one-to-many and one-to-one)."""
+    every head branch's raw predictions (YOLO26: one-to-many and one-to-one; RT-DETR: every decoder layer's and the
+    encoder's, its denoising metadata None in eval)."""
 
     def flat(out) -> list[torch.Tensor]:
         if isinstance(out, torch.Tensor):
             return [out]
+        if out is None:
+            return []
         return [t for item in (out.values() if isinstance(out, dict) else out) for t in flat(item)]
 
     model.eval()

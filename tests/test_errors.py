@@ -71,12 +71,20 @@ def test_bad_dataset(monkeypatch, capsys, bad_data, base_pt, case):
     [
         ("no/such.pt", "model file not found"),
         ("README.md", "must be a .pt checkpoint or a model .yaml"),
-        ("rtdetr-l.yaml", "has a head lora-yolo does not know (RT-DETR's decoder is one); supported tasks"),
     ],
 )
 def test_bad_model(monkeypatch, capsys, model, message):
     code, err = invoke(monkeypatch, capsys, "inspect", model)
     assert code == 1 and message in err
+
+
+def test_model_with_an_unknown_head(monkeypatch, capsys, tmp_path):
+    """A YAML whose last layer is no head Ultralytics or lora-yolo knows: one line naming what is supported."""
+    layers = "backbone:\n  - [-1, 1, Conv, [16, 3, 2]]\nhead:\n  - [-1, 1, Conv, [8, 1, 1]]\n"
+    cfg = write(tmp_path / "headless.yaml", layers)
+    code, err = invoke(monkeypatch, capsys, "inspect", str(cfg))
+    assert code == 1 and "has a head lora-yolo does not know; supported: detect, segment" in err and ", rtdetr" in err
+    assert err.count("\n") == 1
 
 
 def test_not_a_checkpoint(monkeypatch, capsys, tmp_path):

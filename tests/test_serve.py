@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import SHAPES_B1, head_output, make_base, random_adapter
 from ultralytics import YOLO
+from ultralytics.nn.modules import RepConv
 
 from lora_yolo import LoraConfig, LoraYoloError, attach_adapter, load_model, merge_lora
 from lora_yolo.serve import AdapterModel, SwitchableLayer
@@ -206,14 +207,29 @@ def test_yolo26_either_head_branch_equals_the_merged_model(base26, end2end, name
     assert (branch_output(model.model, X, end2end)[:, :boxes] - want[:, :boxes]).abs().max() > 1e-2  # it did change
 
 
-def test_adapter_on_convs_fuse_rebuilds_is_refused_not_skipped(tmp_path):
-    # YOLOv9's RepConv becomes one new conv when fused: adapters on its two branch convs cannot be served as
-    # trained, so loading says so (only branches fuse removes, YOLO26's unused head, may be left out)
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_adapters_on_repconv_branches_are_served_in_the_conv_fuse_makes(tmp_path, use_dora):
+    """YOLOv9's RepConv becomes one new conv when fused (s1 W1 + s2 W2, the 1x1 padded): the adapters of its two
+    branch convs are applied to that conv, so serving equals the merged model, unmerged and merged."""
     base = make_base(tmp_path / "yolov9t.pt", "yolov9t.yaml")
-    _, adapter = random_adapter(base)
-    assert any(".conv1.conv" in n for n in adapter.layers)
-    with pytest.raises(LoraYoloError, match=r"conv1\.conv is not in the base model"):
-        AdapterModel(base).load_adapter(adapter)
+    _, adapter = random_adapter(base, LoraConfig(use_dora=use_dora), scale=0.3)
+    repconvs = sorted({n.rsplit(".", 2)[0] for n in adapter.layers if n.endswith((".conv1.conv", ".conv2.conv"))})
+    assert repconvs == sorted(n for n, m in load_model(base).named_modules() if isinstance(m, RepConv))  # all 42
+    x = torch.rand(1, 3, 64, 64)
+    merged = merge_lora(attach_adapter(load_model(base), adapter)).fuse(verbose=False).eval()
+    model = AdapterModel(base)
+    model.set_adapter(model.load_adapter(adapter))
+    for merge in (False, True):
+        if merge:
+            model.merge_adapter()
+        assert torch.allclose(head_output(model.model, x), head_output(merged, x), rtol=1e-4, atol=1e-4)
+        for path in repconvs:  # each fused RepConv on its own: the whole model's output hardly sees some of them
+            ours, theirs = model.model.get_submodule(path), merged.get_submodule(path)
+            z = torch.randn(1, theirs.c1, 8, 8)
+            with torch.no_grad():
+                assert torch.allclose(ours(z), theirs(z), rtol=1e-4, atol=1e-4), path
+    model.disable_adapters()
+    assert torch.equal(head_output(model.model, x), head_output(load_model(base).fuse(verbose=False), x))
 
 
 def test_yolo26_branch_mismatches_are_refused(base26):
