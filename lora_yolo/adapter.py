@@ -325,8 +325,8 @@ def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: li
             )
     for key in adapter.full:  # what training stores in full: the class convs, when the class set changes
         owner, _, param = key.rpartition(".")
-        if owner not in classes or param not in ("weight", "bias"):
-            raise LoraYoloError(f"adapter tensor {key} is trained in full, but only the class convs can be")
+        if owner not in classes or param not in dict(modules[owner].named_parameters(recurse=False)):
+            raise LoraYoloError(f"adapter tensor {key} is trained in full, but only the class layers can be")
         if owner in adapter.layers:
             raise LoraYoloError(f"adapter tensor {key} is trained in full, and {owner} also has a LoRA adapter")
         want = (adapter.nc, *getattr(modules[owner], param).shape[1:])

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from ultralytics import __version__ as ULTRALYTICS_VERSION
-from ultralytics.nn.modules.head import Classify, RTDETRDecoder
+from ultralytics.nn.modules.head import Classify, RTDETRDecoder, WorldDetect, YOLOEDetect
 from ultralytics.nn.tasks import (
     ClassificationModel,
     DepthModel,
@@ -51,6 +51,8 @@ MODEL_CLASSES = {
     "rtdetr": RTDETRDetectionModel,
 }
 RTDETR = "rtdetr"  # the kind whose Ultralytics task is detect
+# YOLO-World and YOLOE: class scores from text embeddings (their own training and prompts), not class layers
+OPEN_VOCABULARY = "YOLO-World / YOLOE (open-vocabulary)"
 ASSETS = Path(__file__).parent / "assets"  # yolo11n-shapes.pt: the offline demo base (scripts/pretrain_base.py)
 
 
@@ -84,7 +86,7 @@ def load_model(source: str | Path) -> nn.Module:
     except Exception as e:
         raise load_error(text, e) from None
     kind = model_kind(model)
-    kind = check_task(kind if kind == RTDETR else getattr(model, "task", None) or kind, text)
+    kind = check_task(kind if kind in (RTDETR, OPEN_VOCABULARY) else getattr(model, "task", None) or kind, text)
     model.task = "detect" if kind == RTDETR else kind
     return model
 
@@ -122,15 +124,23 @@ def check_task(task: str | None, source: str) -> str:
 
 
 def model_kind(model: nn.Module | dict) -> str | None:
-    """`rtdetr` for a model (or model YAML dict) whose head is RT-DETR's decoder, else its task (None if unknown).
+    """`rtdetr` for a model (or model YAML dict) whose head is RT-DETR's decoder, `OPEN_VOCABULARY` for YOLO-World
+    and YOLOE heads, else its task (None if unknown).
 
-    Ultralytics' own guess has no task for RT-DETR (its `RTDETR` class sets detect); it is read here from the head.
+    Ultralytics' own guess has no task for RT-DETR (its `RTDETR` class sets detect) and calls the open-vocabulary
+    heads detect or segment; both are read here from the head.
     """
     if isinstance(model, dict):
-        rtdetr = str(model.get("head", [[None] * 3])[-1][2]).endswith("RTDETRDecoder")
-        return RTDETR if rtdetr else guess_model_task(model)
-    rtdetr = isinstance(getattr(model, "model", [None])[-1], RTDETRDecoder)
-    return RTDETR if rtdetr else guess_model_task(getattr(model, "yaml", None) or model)
+        head = str(model.get("head", [[None] * 3])[-1][2])
+        if head.endswith("RTDETRDecoder"):
+            return RTDETR
+        return OPEN_VOCABULARY if head.startswith(("WorldDetect", "YOLOE")) else guess_model_task(model)
+    head = getattr(model, "model", [None])[-1]
+    if isinstance(head, RTDETRDecoder):
+        return RTDETR
+    if isinstance(head, (WorldDetect, YOLOEDetect)):
+        return OPEN_VOCABULARY
+    return guess_model_task(getattr(model, "yaml", None) or model)
 
 
 def model_task(model: nn.Module) -> str:

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ultralytics import YOLO
+from ultralytics import RTDETR, YOLO
 from ultralytics.engine.exporter import export_formats
 from ultralytics.utils import DEFAULT_CFG_DICT
 
@@ -79,8 +79,11 @@ def export_model(
             shutil.copyfile(source, work)  # the exporter writes beside its input: never beside the user's file
         else:
             merge_files(base, adapters, work)
+        yolo = YOLO(str(work))
+        if nms and isinstance(yolo, RTDETR):  # Ultralytics would only warn and export without it
+            raise LoraYoloError("--nms is not available for RT-DETR: its decoder's output needs no NMS")
         try:
-            exported = YOLO(str(work)).export(
+            exported = yolo.export(
                 format=format, imgsz=imgsz, dynamic=dynamic, simplify=simplify, opset=opset, device="cpu", **precision
             )
         except Exception as e:

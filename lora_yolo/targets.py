@@ -2,7 +2,9 @@
 
 Presets come from the model's own YAML rather than hard-coded layer indices, so they fit every YOLO11 scale and
 YOLOv8 alike: layers listed under `backbone:` are the backbone, the last layer is the head (Detect), the rest of the
-`head:` section is the neck, and `attention` is every conv inside an Ultralytics `Attention` module (C2PSA).
+`head:` section is the neck, and `attention` is every conv or linear layer inside an attention module: Ultralytics'
+`Attention` (C2PSA), and RT-DETR's `nn.MultiheadAttention` (AIFI, the decoder's self-attention; only `out_proj` is a
+layer, and it is skipped) and deformable cross-attention (`MSDeformAttn`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 from ultralytics.nn.modules.block import DFL, Attention
 from ultralytics.nn.modules.head import Classify, RTDETRDecoder, SemanticSegment
+from ultralytics.nn.modules.transformer import MSDeformAttn
 
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
@@ -103,7 +106,7 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
     if not isinstance(yaml, dict) or "backbone" not in yaml:
         raise LoraYoloError("the model has no Ultralytics YAML (backbone/head), so LoRA presets cannot be derived")
     n_backbone, n_layers = len(yaml["backbone"]), len(model.model)
-    attention = [n for n, m in model.named_modules() if isinstance(m, Attention)]
+    attention = [n for n, m in model.named_modules() if isinstance(m, (Attention, nn.MultiheadAttention, MSDeformAttn))]
     fixed = [n for n, m in model.named_modules() if isinstance(m, DFL)]
     read_directly = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     rows = []

@@ -296,11 +296,15 @@ def _resumed_run(checkpoint: str | Path) -> tuple[str, str, str]:
     wrote)."""
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        task = ckpt["train_args"].get("task") or "detect"
-        kind = RTDETR if model_kind(ckpt.get("ema") or ckpt["model"]) == RTDETR else task
-        return task, kind, str(ckpt["train_args"].get("data") or "")
+        model, args = ckpt.get("ema") or ckpt["model"], ckpt["train_args"]
     except Exception as e:
         raise LoraYoloError(f"{checkpoint} is not an Ultralytics training checkpoint ({first_line(e)})") from None
+    if getattr(model, "lora_meta", None) is None or not args.get("data"):
+        raise LoraYoloError(f"{checkpoint} is not a lora-yolo run's checkpoint: resume from a run's weights/last.pt")
+    if not 0 < ckpt.get("epoch", -1) + 1 < args.get("epochs", 0):  # Ultralytics asserts this deep in its setup
+        raise LoraYoloError(f"{checkpoint}: the run finished its {args.get('epochs')} epochs, nothing to resume")
+    task = args.get("task") or "detect"
+    return task, RTDETR if model_kind(model) == RTDETR else task, str(args["data"])
 
 
 def _learning_rate(trainer: LoraTrainerMixin) -> float:
@@ -322,5 +326,9 @@ def _trainer(kind: str, **kwargs: Any) -> LoraTrainerMixin:
 def _validate(trainer: LoraTrainerMixin, model: str | Path, name: str) -> dict[str, float]:
     """Ultralytics validation of a checkpoint with the run's own settings, saved under the run folder."""
     args = {**vars(trainer.args), "mode": "val", "plots": False, "save_json": False}
-    validator = next(v for t, v in TRAINERS.values() if isinstance(trainer, t))
-    return validator(save_dir=trainer.save_dir / name, args=args)(model=str(model))
+    return validator_of(trainer)(save_dir=trainer.save_dir / name, args=args)(model=str(model))
+
+
+def validator_of(trainer: LoraTrainerMixin) -> type:
+    """The Ultralytics validator of the trainer's model kind (RT-DETR's is not its task's, detect)."""
+    return next(v for t, v in TRAINERS.values() if isinstance(trainer, t))

@@ -117,9 +117,9 @@ def test_layer_with_shapes_of_another_conv(good, base_pt, tmp_path):
 @pytest.mark.parametrize(
     "name, shape, match",
     [
-        ("model.99.cv3.weight", (3,), "only the class convs can be"),
-        ("model.0.bn.running_mean", (16,), "only the class convs can be"),  # a buffer, not trained
-        ("model.0.bn.weight", (16,), "only the class convs can be"),  # fits, but serving has no BN to put it in
+        ("model.99.cv3.weight", (3,), "only the class layers can be"),
+        ("model.0.bn.running_mean", (16,), "only the class layers can be"),  # a buffer, not trained
+        ("model.0.bn.weight", (16,), "only the class layers can be"),  # fits, but serving has no BN to put it in
         ("model.23.cv3.0.2.weight", (80, 80, 1, 1), "also has a LoRA adapter"),  # the default adapts class convs
     ],
 )

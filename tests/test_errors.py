@@ -71,6 +71,8 @@ def test_bad_dataset(monkeypatch, capsys, bad_data, base_pt, case):
     [
         ("no/such.pt", "model file not found"),
         ("README.md", "must be a .pt checkpoint or a model .yaml"),
+        ("yolov8s-worldv2.yaml", "is a YOLO-World / YOLOE (open-vocabulary) model; supported: detect,"),
+        ("yoloe-11s-seg.yaml", "is a YOLO-World / YOLOE (open-vocabulary) model; supported: detect,"),
     ],
 )
 def test_bad_model(monkeypatch, capsys, model, message):

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, all_outputs, peft_and_ours, plain_ultralytics, save_base
+from conftest import TINY, all_outputs, peft_and_ours, plain_ultralytics, random_adapter, save_base
 from ultralytics import YOLO
+from ultralytics.models.rtdetr.val import RTDETRDataset, RTDETRValidator
 from ultralytics.nn.modules.conv import RepConv
 from ultralytics.nn.tasks import RTDETRDetectionModel
 
@@ -29,11 +30,13 @@ from lora_yolo import (
     select_targets,
 )
 from lora_yolo.checkpoint import build_for_classes
+from lora_yolo.errors import TrainingInterrupted
 from lora_yolo.inject import lora_layers, merge_lora
 from lora_yolo.serve import AdapterModel, validate
 from lora_yolo.synth import DOMAINS, make_dataset
 from lora_yolo.targets import class_layers, describe_convs
-from lora_yolo.train import train
+from lora_yolo.train import train, validator_of
+from lora_yolo.trainer import LoraRTDETRTrainer
 
 pytestmark = pytest.mark.slow
 TINY_CFG = Path(__file__).parent / "models" / "rtdetr-tiny.yaml"
@@ -52,13 +55,31 @@ def rtdetr_base(path: Path, names: dict, cfg: str | Path = TINY_CFG) -> Path:
     return save_base(model, path)
 
 
+def record_pipeline(seen: dict):
+    """A callback recording which Ultralytics trainer, dataset and validator a run uses: with a random base every
+    mAP is 0, so scores alone would not tell RT-DETR's pipeline from the YOLO one."""
+
+    def record(trainer) -> None:
+        seen.update(trainer=type(trainer), dataset=type(trainer.train_loader.dataset),
+                    validator=type(trainer.validator), checkpoint_validator=validator_of(trainer))  # fmt: skip
+
+    return {"on_train_epoch_end": [record]}
+
+
+def check_pipeline(seen: dict) -> None:
+    assert seen["trainer"] is LoraRTDETRTrainer and seen["dataset"] is RTDETRDataset
+    assert seen["validator"] is RTDETRValidator and seen["checkpoint_validator"] is RTDETRValidator
+
+
 @pytest.fixture(scope="module", params=sorted(RUNS))
 def rt_run(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     data = make_dataset(folder / "data", "A", n_train=8, n_val=4, imgsz=64, seed=0)
     base = rtdetr_base(folder / "base.pt", RUNS[request.param])
+    seen = {}
     result = train(data, model=base, config=LoraConfig(r=2, lora_alpha=4), project=str(folder / "runs"), name="r",
-                   **TINY)  # fmt: skip
+                   callbacks=record_pipeline(seen), **TINY)  # fmt: skip
+    check_pipeline(seen)
     return request.param == "same-classes", base, data, result
 
 
@@ -111,6 +132,8 @@ def test_exports_to_onnx_matching_pytorch(rt_run, tmp_path):
     from lora_yolo.export import export_model
 
     _, _, _, result = rt_run
+    with pytest.raises(LoraYoloError, match="--nms is not available for RT-DETR"):  # Ultralytics would only warn
+        export_model(result.merged, "onnx", output=tmp_path / "n.onnx", imgsz=64, nms=True)
     onnx = export_model(result.merged, "onnx", output=tmp_path / "m.onnx", imgsz=64)
     session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: X[:1].numpy()})  # exported for batch 1
@@ -160,6 +183,45 @@ def test_cli_val_and_predict(rt_run, cli_here, tmp_path):
     assert out.returncode == 0 and "4 images, 120 detections" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
+def test_from_the_yaml_interrupted_and_resumed(tmp_path):
+    """A run from the RT-DETR YAML itself (its random init kept as weights/base.pt), stopped after epoch 1 and
+    resumed: the resumed run is RT-DETR's pipeline again and its merged model is base + adapter."""
+    data = make_dataset(tmp_path / "data", "A", n_train=8, n_val=4, imgsz=64, seed=0)
+
+    def crash_after_first_save(trainer):
+        if trainer.epoch == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        train(data, model=str(TINY_CFG), config=LoraConfig(r=2, lora_alpha=4), project=str(tmp_path), name="y",
+              callbacks={"on_model_save": [crash_after_first_save]}, **TINY)  # fmt: skip
+    seen = {}
+    result = train(None, resume=tmp_path / "y" / "weights" / "last.pt", callbacks=record_pipeline(seen))
+    check_pipeline(seen)
+    assert len((result.save_dir / "results.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
+    base = result.save_dir / "weights" / "base.pt"
+    unmerged = all_outputs(attach_adapter(load_model(base), load_adapter(result.adapter)), X)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(all_outputs(load_model(result.merged), X),
+                                                                       unmerged))  # fmt: skip
+    with pytest.raises(LoraYoloError, match="nothing to resume"):  # finished: one line, as any Ultralytics refusal
+        train(None, resume=result.save_dir / "weights" / "last.pt")
+    with pytest.raises(LoraYoloError, match="is not a lora-yolo run's checkpoint"):
+        train(None, resume=base)
+
+
+def test_crafted_full_tensor_the_layer_lacks_is_one_line(tmp_path):
+    """The class embedding has a weight and no bias: a file claiming one fails the check, not deep inside torch."""
+    base = rtdetr_base(tmp_path / "base.pt", NAMES)
+    _, adapter = random_adapter(base, LoraConfig(r=2, lora_alpha=4), names=RUNS["new-classes"])
+    owner = class_layers(load_model(base))[-1]
+    adapter.full = [*adapter.full, f"{owner}.bias"]
+    adapter.tensors[f"{owner}.bias"] = torch.zeros(3)
+    with pytest.raises(LoraYoloError, match=r"denoising_class_embed\.bias is trained in full, but only the class"):
+        attach_adapter(load_model(base), adapter)
+    with pytest.raises(LoraYoloError, match="but only the class layers can be"):
+        AdapterModel(base).load_adapter(adapter)
+
+
 def test_add_classes_is_refused_in_one_line(tmp_path):
     """RT-DETR picks its queries by their best class score: new classes would change the old classes' detections."""
     data = make_dataset(tmp_path / "data", "A", n_train=2, n_val=1, imgsz=64, seed=0)
@@ -171,7 +233,8 @@ def test_add_classes_is_refused_in_one_line(tmp_path):
 
 def test_dora_on_every_layer_served_equals_merged(tmp_path):
     """A DoRA adapter on every layer the default selects, RepConv branches included (fuse makes one conv of each
-    RepConv: the branches' adapted weights are summed into it), served unmerged and merged equals the merged model."""
+    RepConv: the branches' adapted weights are summed into it), served unmerged and merged equals the merged model;
+    swapped with an adapter of another class set and back, each equals its own merged model."""
     base = rtdetr_base(tmp_path / "base.pt", NAMES)
     model = load_model(base)
     add_lora(model, select_targets(model, LoraConfig(r=2, lora_alpha=4, use_dora=True)), use_dora=True)
@@ -186,11 +249,23 @@ def test_dora_on_every_layer_served_equals_merged(tmp_path):
             served.merge_adapter()
         got = all_outputs(served.model, X)
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(got, want))
-    served.unmerge_adapter()
+    # hot swapping: a second adapter with another class set (4 classes: score layers and embedding in full)
+    other = {0: "p", 1: "q", 2: "r", 3: "s"}
+    _, second = random_adapter(base, LoraConfig(r=2, lora_alpha=4), names=other)
+    want_second = all_outputs(merge_lora(attach_adapter(load_model(base), second)).fuse(verbose=False), X)
+    served.load_adapter(second, "other")
+    for name, outputs, names in (("other", want_second, other), ("dora", want, NAMES), ("other", want_second, other)):
+        served.set_adapter(name)
+        got = all_outputs(served.model, X)
+        assert served.model.names == names and got[0].shape == outputs[0].shape
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(got, outputs))
     served.disable_adapters()
     plain = all_outputs(load_model(base).fuse(verbose=False), X)
     assert all(torch.equal(a, b) for a, b in zip(all_outputs(served.model, X), plain))  # the base, bit for bit
-    assert (want[0] - plain[0]).abs().max() > 1e-3  # the adapter changes the output
+    assert (want[0] - plain[0]).abs().max() > 1e-3 and (want_second[0] - plain[0]).abs().max() > 1e-3
+    served.delete_adapter("other")
+    served.set_adapter("dora")
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(all_outputs(served.model, X), want))
 
 
 def randomise(model: torch.nn.Module, scale: float = 0.05) -> None:
@@ -224,3 +299,10 @@ def test_rtdetr_l_selection_and_exact_merge():
     unmerged = all_outputs(model, x)
     merged = all_outputs(merge_lora(model), x)
     assert not lora_layers(model) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(unmerged, merged))
+
+
+def test_attention_preset_selects_the_deformable_cross_attention():
+    rows = describe_convs(load_model(str(TINY_CFG)), LoraConfig(r=2, lora_alpha=4, targets=["attention"]))
+    chosen = {row.name.rsplit(".", 1)[-1] for row in rows if row.selected}
+    assert chosen == {"value_proj", "output_proj", "sampling_offsets", "attention_weights"}
+    assert all("MultiheadAttention" in row.reason for row in rows if row.name.endswith(".out_proj"))
