@@ -182,6 +182,9 @@ def plan_of(rows: list[ConvLayer], config: LoraConfig) -> dict[str, tuple]:
         hint = (
             f"; nearest layer names: {', '.join(hints)}" if hints else f"; layers look like: {names[len(names) // 2]}"
         )
+        skipped = [row for row in rows if row.reason not in ("", "not in targets")]  # matched, then left out
+        if skipped:
+            hint = f"; every layer it matches is left out, e.g. {skipped[0].name}: {skipped[0].reason}"
         too_big = [row for row in rows if row.reason.startswith("rank ")]
         if too_big:
             hint = f"; rank {config.r} is larger than every selected layer can use ({too_big[0].reason.split(': ')[0]})"

@@ -306,3 +306,9 @@ def test_attention_preset_selects_the_deformable_cross_attention():
     chosen = {row.name.rsplit(".", 1)[-1] for row in rows if row.selected}
     assert chosen == {"value_proj", "output_proj", "sampling_offsets", "attention_weights"}
     assert all("MultiheadAttention" in row.reason for row in rows if row.name.endswith(".out_proj"))
+
+
+def test_selecting_only_layers_that_take_no_adapter_says_why():
+    with pytest.raises(LoraYoloError, match=r"every layer it matches is left out, e.g. model\.9\.ma\.out_proj: "
+                                            r"nn\.MultiheadAttention reads this weight itself"):  # fmt: skip
+        select_targets(load_model(str(TINY_CFG)), LoraConfig(targets=[], include=[r"out_proj"]))
