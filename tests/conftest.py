@@ -174,6 +174,19 @@ def save_base(model: torch.nn.Module, path: Path) -> Path:
     return save_checkpoint(model, path, train_args={})
 
 
+RTDETR_TINY = ROOT / "tests" / "models" / "rtdetr-tiny.yaml"  # rtdetr-l's module types, small enough for CPU tests
+
+
+def rtdetr_base(path: Path, names: dict, cfg: str | Path = RTDETR_TINY) -> Path:
+    """A random RT-DETR base of `cfg` with the classes `names`."""
+    from ultralytics.nn.tasks import RTDETRDetectionModel
+
+    torch.manual_seed(0)
+    model = RTDETRDetectionModel(str(cfg), nc=len(names), verbose=False)
+    model.names, model.args, model.task = dict(names), {}, "detect"
+    return save_base(model, path)
+
+
 def plain_ultralytics(code: str, cwd: Path | None = None) -> dict:
     """Run `code` in a fresh interpreter where importing lora_yolo fails (so whatever it loads must be plain
     Ultralytics) and return the JSON object it prints last."""

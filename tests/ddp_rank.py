@@ -30,20 +30,23 @@ from lora_yolo import LoraConfig
 from lora_yolo.checkpoint import load_model
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.inject import LORA_SUFFIXES
-from lora_yolo.trainer import LoraDetectionTrainer
+from lora_yolo.trainer import TRAINERS
 
 RANK = int(os.environ["RANK"])
 
 
-class GlooRank(LoraDetectionTrainer):
-    """The LoRA detection trainer as a DDP worker on CPU."""
+def gloo_rank(trainer: type) -> type:
+    """A LoRA trainer (`TRAINERS`) as a DDP worker on CPU."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.world_size = 2  # Ultralytics counts CUDA devices only
+    class GlooRank(trainer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.world_size = 2  # Ultralytics counts CUDA devices only
 
-    def _setup_ddp(self) -> None:
-        dist.init_process_group("gloo", rank=RANK, world_size=self.world_size)
+        def _setup_ddp(self) -> None:
+            dist.init_process_group("gloo", rank=RANK, world_size=self.world_size)
+
+    return GlooRank
 
 
 def record_writes(folder: str) -> list[str]:
@@ -74,7 +77,8 @@ def main() -> None:
     backend = validator.AutoBackend  # a DDP rank's validator asks CUDA for its device: the CPU instead
     validator.get_torch_device_backend = lambda device_type: SimpleNamespace(current_device=lambda: 0)
     validator.AutoBackend = lambda *a, device=None, **kw: backend(*a, device=torch.device("cpu"), **kw)
-    trainer = GlooRank(overrides=spec["overrides"], lora=LoraConfig(**spec["lora"]))
+    trainer_class = gloo_rank(TRAINERS[spec.get("kind", "detect")][0])
+    trainer = trainer_class(overrides=spec["overrides"], lora=LoraConfig(**spec["lora"]))
     base = load_model(spec["overrides"]["model"])
     torch.manual_seed(RANK)  # different adapter inits: DDP must make them rank 0's
     trainer.model = trainer.get_model(cfg=base.yaml, weights=base)

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, rtdetr_base
+
+from lora_yolo import load_model
+from lora_yolo.targets import class_layers
 
 pytestmark = pytest.mark.slow
 B2 = ROOT / "datasets" / "shapes-b2" / "data.yaml"  # 4 classes: the demo base's 3 are replaced, class layers in full
@@ -60,6 +63,20 @@ def test_two_ranks_train_the_same_adapter_and_only_rank_0_writes(demo_base, tmp_
     run = tmp_path / "runs" / "ddp"  # one run folder, as Ultralytics' launcher gives every rank the same save_dir
     assert (run / "adapter.safetensors").is_file() and (run / "merged.pt").is_file()
     assert r0["writes"] == [] and r1["writes"] == []  # rank 1 wrote nothing there (rank 0 is not watched)
+
+
+def test_two_ranks_train_rtdetr_the_same_adapter(tmp_path):
+    """RT-DETR's trainer (its dataset, loss with denoising queries, validator) under the same two-rank loop."""
+    base = rtdetr_base(tmp_path / "base.pt", {0: "x", 1: "y", 2: "z"})  # the data's 4 classes: class layers in full
+    for p in run_ranks(tmp_path, base, kind="rtdetr"):
+        assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for part in ("adapter", "ema", "full"):
+        assert r0[part].keys() == r1[part].keys() and r0[part], part
+        assert all(torch.equal(r0[part][k], r1[part][k]) for k in r0[part]), part
+    assert {k.rpartition(".")[0] for k in r0["full"]} == set(class_layers(load_model(base)))  # scores and embedding
+    assert any(t.abs().max() > 0 for k, t in r0["adapter"].items() if k.endswith("lora_B.weight"))
+    assert (tmp_path / "runs" / "ddp" / "merged.pt").is_file()
 
 
 def test_nan_on_one_rank_stops_both_with_the_message(demo_base, tmp_path):

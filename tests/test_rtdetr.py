@@ -1,22 +1,20 @@
-"""RT-DETR end to end on generated data: its convs and its transformer's linear layers (AIFI, the decoder's attention
-and MLPs) adapted, the score layers and class embedding trained in full for a new class set; train, merge,
-plain-Ultralytics loading (`YOLO()` routes it to `RTDETR`), ONNX, serving with `--adapter`, PEFT and the CLI.
+"""RT-DETR end to end on generated data: its convs and its transformer's linear layers (AIFI's feed-forward, the
+decoder's cross-attention, feed-forward and MLPs) adapted, the score layers and class embedding trained in full for
+a new class set; train, merge, plain-Ultralytics loading (`YOLO()` routes it to `RTDETR`), ONNX, serving with
+`--adapter`, PEFT and the CLI.
 
-Training runs on `models/rtdetr-tiny.yaml` (rtdetr-l's module types at a fraction of its size, so a CPU run takes
-seconds); the selection and an exact merge are also checked on rtdetr-l itself."""
+Training runs on `models/rtdetr-tiny.yaml` (conftest's `RTDETR_TINY`: rtdetr-l's module types at a fraction of
+its size, so a CPU run takes seconds); the selection and an exact merge are also checked on rtdetr-l itself."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, all_outputs, peft_and_ours, plain_ultralytics, random_adapter, save_base
+from conftest import RTDETR_TINY, TINY, all_outputs, peft_and_ours, plain_ultralytics, random_adapter, rtdetr_base
 from ultralytics import YOLO
 from ultralytics.models.rtdetr.val import RTDETRDataset, RTDETRValidator
 from ultralytics.nn.modules.conv import RepConv
-from ultralytics.nn.tasks import RTDETRDetectionModel
 
 from lora_yolo import (
     LoraConfig,
@@ -39,20 +37,11 @@ from lora_yolo.train import train, validator_of
 from lora_yolo.trainer import LoraRTDETRTrainer
 
 pytestmark = pytest.mark.slow
-TINY_CFG = Path(__file__).parent / "models" / "rtdetr-tiny.yaml"
 NAMES = dict(enumerate(DOMAINS["A"].classes))
 # run -> the base's class names: the data's own (the score layers adapted like any linear layer: rank 2 fits their
 # 3 outputs; the class embedding frozen), or other names (score layers and class embedding trained in full)
 RUNS = {"same-classes": NAMES, "new-classes": {0: "x", 1: "y", 2: "z"}}
 X = torch.rand(2, 3, 64, 64)
-
-
-def rtdetr_base(path: Path, names: dict, cfg: str | Path = TINY_CFG) -> Path:
-    """A random RT-DETR base of `cfg` with the classes `names`."""
-    torch.manual_seed(0)
-    model = RTDETRDetectionModel(str(cfg), nc=len(names), verbose=False)
-    model.names, model.args, model.task = dict(names), {}, "detect"
-    return save_base(model, path)
 
 
 def record_pipeline(seen: dict):
@@ -193,7 +182,7 @@ def test_from_the_yaml_interrupted_and_resumed(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(TrainingInterrupted):
-        train(data, model=str(TINY_CFG), config=LoraConfig(r=2, lora_alpha=4), project=str(tmp_path), name="y",
+        train(data, model=str(RTDETR_TINY), config=LoraConfig(r=2, lora_alpha=4), project=str(tmp_path), name="y",
               callbacks={"on_model_save": [crash_after_first_save]}, **TINY)  # fmt: skip
     seen = {}
     result = train(None, resume=tmp_path / "y" / "weights" / "last.pt", callbacks=record_pipeline(seen))
@@ -302,7 +291,7 @@ def test_rtdetr_l_selection_and_exact_merge():
 
 
 def test_attention_preset_selects_the_deformable_cross_attention():
-    rows = describe_convs(load_model(str(TINY_CFG)), LoraConfig(r=2, lora_alpha=4, targets=["attention"]))
+    rows = describe_convs(load_model(str(RTDETR_TINY)), LoraConfig(r=2, lora_alpha=4, targets=["attention"]))
     chosen = {row.name.rsplit(".", 1)[-1] for row in rows if row.selected}
     assert chosen == {"value_proj", "output_proj", "sampling_offsets", "attention_weights"}
     assert all("MultiheadAttention" in row.reason for row in rows if row.name.endswith(".out_proj"))
@@ -311,4 +300,4 @@ def test_attention_preset_selects_the_deformable_cross_attention():
 def test_selecting_only_layers_that_take_no_adapter_says_why():
     with pytest.raises(LoraYoloError, match=r"every layer it matches is left out, e.g. model\.9\.ma\.out_proj: "
                                             r"nn\.MultiheadAttention reads this weight itself"):  # fmt: skip
-        select_targets(load_model(str(TINY_CFG)), LoraConfig(targets=[], include=[r"out_proj"]))
+        select_targets(load_model(str(RTDETR_TINY)), LoraConfig(targets=[], include=[r"out_proj"]))
