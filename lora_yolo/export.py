@@ -79,13 +79,15 @@ def export_model(
             shutil.copyfile(source, work)  # the exporter writes beside its input: never beside the user's file
         else:
             merge_files(base, adapters, work)
-        yolo = YOLO(str(work))
-        if nms and isinstance(yolo, RTDETR):  # Ultralytics would only warn and export without it
-            raise LoraYoloError("--nms is not available for RT-DETR: its decoder's output needs no NMS")
         try:
+            yolo = YOLO(str(work))
+            if nms and isinstance(yolo, RTDETR):  # Ultralytics would only warn and export without it
+                raise LoraYoloError("--nms is not available for RT-DETR: its decoder's output needs no NMS")
             exported = yolo.export(
                 format=format, imgsz=imgsz, dynamic=dynamic, simplify=simplify, opset=opset, device="cpu", **precision
             )
+        except LoraYoloError:
+            raise
         except Exception as e:
             hint = "; install the export extra: pip install 'lora-yolo[export]'" if isinstance(e, ImportError) else ""
             raise LoraYoloError(f"{format} export failed: {first_line(e)}{hint}") from None

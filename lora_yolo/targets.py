@@ -183,7 +183,8 @@ def plan_of(rows: list[ConvLayer], config: LoraConfig) -> dict[str, tuple]:
             f"; nearest layer names: {', '.join(hints)}" if hints else f"; layers look like: {names[len(names) // 2]}"
         )
         skipped = [row for row in rows if row.reason not in ("", "not in targets")]  # matched, then left out
-        if skipped:
+        unmatched = [p for p in config.include if not any(re.search(p, n) for n in names)]  # a typo: the names help
+        if skipped and not unmatched:
             hint = f"; every layer it matches is left out, e.g. {skipped[0].name}: {skipped[0].reason}"
         too_big = [row for row in rows if row.reason.startswith("rank ")]
         if too_big:

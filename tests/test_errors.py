@@ -92,6 +92,8 @@ def test_model_with_an_unknown_head(monkeypatch, capsys, tmp_path):
 def test_not_a_checkpoint(monkeypatch, capsys, tmp_path):
     code, err = invoke(monkeypatch, capsys, "inspect", str(write(tmp_path / "x.pt", "just text")))
     assert code == 1 and "is not an Ultralytics checkpoint" in err
+    code, err = invoke(monkeypatch, capsys, "export", str(tmp_path / "x.pt"), "--format", "onnx")
+    assert code == 1 and err.startswith("error: onnx export failed") and err.count("\n") == 1  # no traceback
 
 
 @pytest.mark.parametrize(

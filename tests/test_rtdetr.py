@@ -301,3 +301,5 @@ def test_selecting_only_layers_that_take_no_adapter_says_why():
     with pytest.raises(LoraYoloError, match=r"every layer it matches is left out, e.g. model\.9\.ma\.out_proj: "
                                             r"nn\.MultiheadAttention reads this weight itself"):  # fmt: skip
         select_targets(load_model(str(RTDETR_TINY)), LoraConfig(targets=[], include=[r"out_proj"]))
+    with pytest.raises(LoraYoloError, match=r"nearest layer names: .*out_proj"):  # a pattern matching nothing: a typo
+        select_targets(load_model(str(RTDETR_TINY)), LoraConfig(targets=[], include=[r"out_proj", r"outproj"]))
