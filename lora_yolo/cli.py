@@ -47,6 +47,13 @@ CheckpointingOpt = Annotated[
         help="Recompute activations in backward: less training memory, about a third more time per step.",
     ),
 ]
+ClampRankOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--clamp-rank/--no-clamp-rank",
+        help="A selected layer whose rank limit min(out, in*k*k) is below the rank: adapt it at that limit (not skip).",
+    ),
+]
 RankPatternOpt = Annotated[
     Optional[list[str]], typer.Option("--rank-pattern", help="REGEX=R per-layer rank (repeatable).")
 ]
@@ -83,7 +90,7 @@ def _pairs(items: list[str] | None, cast: Callable[[str], Any], option: str) -> 
 # The parameters of `lora_options`: the LoRA settings a command can set (train refuses them on --resume).
 LORA_OPTIONS = (
     "config", "rank", "alpha", "dropout", "rslora", "dora", "targets", "include", "exclude", "first_layer",
-    "rank_pattern", "alpha_pattern", "loraplus_ratio", "gradient_checkpointing", "add_classes",
+    "rank_pattern", "alpha_pattern", "loraplus_ratio", "gradient_checkpointing", "add_classes", "clamp_rank",
 )  # fmt: skip
 
 
@@ -108,6 +115,7 @@ def lora_options(options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
             include=options["include"] or None,
             exclude=options["exclude"] or None,
             first_layer=options["first_layer"],
+            clamp_rank=options["clamp_rank"],
             rank_pattern=_pairs(options["rank_pattern"], int, "--rank-pattern"),
             alpha_pattern=_pairs(options["alpha_pattern"], float, "--alpha-pattern"),
         )
@@ -134,6 +142,7 @@ def inspect(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     first_layer: FirstLayerOpt = None,
+    clamp_rank: ClampRankOpt = None,
     rank_pattern: RankPatternOpt = None,
     alpha_pattern: AlphaPatternOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -179,6 +188,7 @@ def train(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     first_layer: FirstLayerOpt = None,
+    clamp_rank: ClampRankOpt = None,
     rank_pattern: RankPatternOpt = None,
     alpha_pattern: AlphaPatternOpt = None,
     loraplus_ratio: LoraplusOpt = None,

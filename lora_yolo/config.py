@@ -41,6 +41,9 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> rank, first match wins
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha, first match wins
     add_classes: str | None = None  # "exact" | "adapted": keep the base's classes, add the data's (lora_yolo.classes)
+    # a selected layer whose rank limit min(out, in*k*k) is below its rank: adapted at that limit (alpha scaled to
+    # keep the scale) instead of left frozen
+    clamp_rank: bool = False
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -54,7 +57,7 @@ class LoraConfig:
         _check_alpha("loraplus_lr_ratio", self.loraplus_lr_ratio)
         if isinstance(self.first_layer, bool) or not isinstance(self.first_layer, int) or self.first_layer < 0:
             raise LoraYoloError(f"first_layer must be a layer index >= 0, got {self.first_layer!r}")
-        for name in ("use_rslora", "use_dora", "gradient_checkpointing"):
+        for name in ("use_rslora", "use_dora", "gradient_checkpointing", "clamp_rank"):
             if not isinstance(getattr(self, name), bool):
                 raise LoraYoloError(f"{name} must be true or false, got {getattr(self, name)!r}")
         # One canonical form, so a preset's `16` and a default's `16.0` give identical adapter metadata.
@@ -90,11 +93,13 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable form (stored in adapter metadata and run folders).
 
-        `first_layer`, `gradient_checkpointing` and `add_classes` are left out at their defaults: lora-yolo versions
-        before them refuse unknown keys, and an adapter that does not use them should stay readable by them.
+        `first_layer`, `gradient_checkpointing`, `add_classes` and `clamp_rank` are left out at their defaults:
+        lora-yolo versions before them refuse unknown keys, and an adapter that does not use them should stay readable
+        by them.
         """
         data = asdict(self)
-        for name, default in (("first_layer", 0), ("gradient_checkpointing", False), ("add_classes", None)):
+        defaults = (("first_layer", 0), ("gradient_checkpointing", False), ("add_classes", None), ("clamp_rank", False))
+        for name, default in defaults:
             if data[name] == default:
                 del data[name]
         return data

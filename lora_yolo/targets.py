@@ -10,6 +10,7 @@ layer, and it is skipped) and deformable cross-attention (`MSDeformAttn`).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -150,7 +151,7 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
                 f"{row.kind} (groups={conv.groups}) not supported: a per-group adapter would hold "
                 f"{lora_param_count(conv, config.rank_for(name))} params vs the layer's {row.params}"
             )
-        elif config.rank_for(name) > max_rank(conv):
+        elif config.rank_for(name) > max_rank(conv) and not config.clamp_rank:
             r = config.rank_for(name)
             if any(re.search(p, name) for p in [*config.rank_pattern, *config.include]):  # asked for by name
                 raise LoraYoloError(
@@ -162,7 +163,10 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
             row.reason = f"rank {r} > its limit {max_rank(conv)} = min(out, in*k*k): adapter no smaller than the layer"
         else:
             row.selected = True
-            row.r, row.lora_alpha = config.rank_for(name), config.alpha_for(name)
+            r = config.rank_for(name)
+            row.r = min(r, max_rank(conv))  # clamp_rank: at the limit, the adapter spans every weight the layer can
+            ratio = row.r / r  # 1 unless clamped; the scale stays alpha / r (alpha / sqrt(r) with rsLoRA)
+            row.lora_alpha = config.alpha_for(name) * (math.sqrt(ratio) if config.use_rslora else ratio)
             row.lora_params = lora_param_count(conv, row.r, config.use_dora)
         rows.append(row)
     return rows

@@ -92,6 +92,9 @@ METHODS = {
     "dora-r32-plus": ("lora", {"use_dora": True, "first_layer": 0, "r": 32, "lora_alpha": 64, "loraplus_lr_ratio": 16}),
     # run on the demo and YOLOv8s cells by mistake for dora-from6 (the default preset was rank 32 by then): kept
     "dora-r32-from6": ("lora", {"use_dora": True, "first_layer": 6, "r": 32, "lora_alpha": 64}),
+    # rank 32, and the convs whose limit min(out, in*k*k) is below 32 (YOLO11n's stem and four small C3k2 convs,
+    # which dora-r32 leaves frozen) adapted at their limit, alpha / r kept at 2
+    "dora-r32-clamped": ("lora", {"use_dora": True, "first_layer": 0, "r": 32, "lora_alpha": 64, "clamp_rank": True}),
     # exploratory, faces only: the base's BatchNorm statistics re-estimated on the training images first (AdaBN, Li
     # et al. 2016), which full fine-tuning does as it trains and adapters on a frozen base cannot
     "dora-r32-adabn": ("lora", {"use_dora": True, "first_layer": 0, "r": 32, "lora_alpha": 64, "refit_bn": True}),

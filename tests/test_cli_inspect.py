@@ -49,3 +49,14 @@ def test_first_layer_option(cli_here):
     assert any(r["reason"] == "before first_layer 6" for r in layers)
     bad = cli_here("inspect", "yolo11n.yaml", "--first-layer", "-1")
     assert bad.returncode == 2 and "first_layer must be a layer index" in bad.stderr
+
+
+def test_clamp_rank_option(cli_here):
+    rows = {}
+    for flag in ("--no-clamp-rank", "--clamp-rank"):
+        out = cli_here("inspect", "yolo11n.yaml", "--json", "--no-dora", flag)
+        assert out.returncode == 0, out.stderr
+        rows[flag] = {r["name"]: r for r in json.loads(out.stdout)["layers"]}
+    assert not rows["--no-clamp-rank"]["model.0.conv"]["selected"]  # 3 -> 16 channels: limit 16 < rank 32
+    stem = rows["--clamp-rank"]["model.0.conv"]
+    assert stem["selected"] and (stem["r"], stem["lora_alpha"], stem["lora_params"]) == (16, 32.0, 16 * (27 + 16))

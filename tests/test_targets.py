@@ -133,3 +133,38 @@ def test_first_layer_is_stored_only_when_used():
     """Left out at 0, so adapters that do not use it stay readable by lora-yolo versions that refuse unknown keys."""
     assert "first_layer" not in LoraConfig().to_dict()
     assert LoraConfig.from_dict(LoraConfig(first_layer=4).to_dict()).first_layer == 4
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_clamp_rank_adapts_small_layers_at_their_limit_with_the_same_scale(yolo11n, rslora):
+    """Rank 32 leaves YOLO11n's stem and small C3k2 convs frozen (limit min(out, in*k*k) below 32); clamp_rank adapts
+    them at that limit, with alpha scaled so alpha / r (alpha / sqrt(r) with rsLoRA) is the layer's usual scale."""
+    from lora_yolo.layer import lora_param_count, lora_scaling, max_rank
+
+    plain = describe_convs(yolo11n, LoraConfig(r=32, lora_alpha=64, use_rslora=rslora))
+    small = {r.name for r in plain if r.reason.startswith("rank 32 > its limit")}
+    assert "model.0.conv" in small and len(small) >= 5
+    clamped = {r.name: r for r in describe_convs(yolo11n, LoraConfig(r=32, lora_alpha=64, use_rslora=rslora,
+                                                                      clamp_rank=True))}  # fmt: skip
+    modules = dict(yolo11n.named_modules())
+    for name in small:
+        row, conv = clamped[name], modules[name]
+        assert row.selected and row.r == max_rank(conv) < 32
+        assert lora_scaling(row.r, row.lora_alpha, rslora) == pytest.approx(lora_scaling(32, 64, rslora))
+        assert row.lora_params == lora_param_count(conv, row.r)
+    assert all(clamped[r.name].r == 32 and clamped[r.name].lora_alpha == 64 for r in plain if r.selected)
+    assert "clamp_rank" not in LoraConfig().to_dict() and LoraConfig(clamp_rank=True).to_dict()["clamp_rank"]
+
+
+def test_clamped_adapters_merge_exactly(base_pt):
+    from conftest import head_output, random_adapter
+
+    from lora_yolo import attach_adapter, merge_lora
+
+    _, adapter = random_adapter(base_pt, LoraConfig(r=32, lora_alpha=64, use_dora=True, clamp_rank=True))
+    assert adapter.layers["model.0.conv"] == (16, 32.0)  # the stem: 3 -> 16 channels, limit 16
+    x = torch.rand(1, 3, 64, 64)
+    unmerged = head_output(attach_adapter(load_model(base_pt), adapter), x)
+    merged = head_output(merge_lora(attach_adapter(load_model(base_pt), adapter)), x)
+    assert torch.allclose(unmerged, merged, rtol=1e-4, atol=1e-4)
+    assert (unmerged - head_output(load_model(base_pt), x)).abs().max() > 1e-3
