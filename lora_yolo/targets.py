@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from torch import nn
-from ultralytics.nn.modules.block import DFL, Attention
+from ultralytics.nn.modules.block import DFL, Attention, RealNVP
 from ultralytics.nn.modules.head import Classify, RTDETRDecoder, SemanticSegment
 from ultralytics.nn.modules.transformer import MSDeformAttn
 
@@ -73,9 +73,10 @@ def _presets(layer: ConvLayer, in_attention: bool) -> set[str]:
 
 def class_layers(model: nn.Module) -> list[str]:
     """Names of the head's class-prediction layers: the last conv of each `cv3` / `one2one_cv3` branch of a Detect
-    head, the linear layer of a Classify head, the last conv of a SemanticSegment head's classifier and of its
-    auxiliary head (used in training only, trained like the rest), and RT-DETR's linear score layers (the encoder's
-    and each decoder layer's) plus its class embedding for denoising queries (one row per class, training only)."""
+    head and of YOLO26 segment's training-only semantic branch (`proto.semseg`, as Ultralytics remaps it), the linear
+    layer of a Classify head, the last conv of a SemanticSegment head's classifier and of its auxiliary head (used in
+    training only, trained like the rest), and RT-DETR's linear score layers (the encoder's and each decoder layer's)
+    plus its class embedding for denoising queries (one row per class, training only)."""
     index = len(model.model) - 1
     head = model.model[index]
     if isinstance(head, Classify):
@@ -85,12 +86,13 @@ def class_layers(model: nn.Module) -> list[str]:
         return [f"model.{index}.enc_score_head", *scores, f"model.{index}.denoising_class_embed"]
     if isinstance(head, SemanticSegment):
         return [f"model.{index}.{attr}.1" for attr in ("classifier", "aux_head") if getattr(head, attr) is not None]
+    semseg = getattr(getattr(head, "proto", None), "semseg", None)  # YOLO26 segment's training-only semantic branch
     return [
         f"model.{index}.{attr}.{i}.{len(branch) - 1}"
         for attr in ("cv3", "one2one_cv3")
         for i, branch in enumerate(getattr(head, attr, None) or [])
         if isinstance(branch[-1], nn.Conv2d)
-    ]
+    ] + ([f"model.{index}.proto.semseg.{len(semseg) - 1}"] if semseg is not None else [])
 
 
 def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = frozenset()) -> list[ConvLayer]:
@@ -109,6 +111,7 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
     n_backbone, n_layers = len(yaml["backbone"]), len(model.model)
     attention = [n for n, m in model.named_modules() if isinstance(m, (Attention, nn.MultiheadAttention, MSDeformAttn))]
     fixed = [n for n, m in model.named_modules() if isinstance(m, DFL)]
+    flows = [n for n, m in model.named_modules() if isinstance(m, RealNVP)]
     read_directly = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     rows = []
     for name, conv in model.named_modules():
@@ -138,6 +141,8 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
             row.reason = "excluded"
         elif any(name.startswith(f + ".") for f in fixed):
             row.reason = "fixed DFL projection, never trained"
+        elif any(name.startswith(f + ".") for f in flows):  # YOLO26 pose: its loss reads these layers' weights
+            row.reason = "RealNVP flow of the pose loss (training only), which reads its layers' weights itself"
         elif name in full:
             row.reason = "trained in full (new classes)"
         elif name.rpartition(".")[0] in read_directly:

@@ -52,7 +52,12 @@ RECIPES = {
     "head only": ("head", None, "plain"),
     "DoRA all, r 32, unfolded (before folding)": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), "plain"),
     "DoRA all, r 32, folded (before lean)": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), "folded"),
-    DEFAULT: ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), "lean"),
+    DEFAULT: ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64, clamp_rank=True), "lean"),
+    "DoRA all, r 32, small convs frozen (before clamp_rank)": (
+        "lora",
+        LoraConfig(use_dora=True, r=32, lora_alpha=64),
+        "lean",
+    ),
     "DoRA all, r 32, gradient checkpointing": (
         "lora",
         LoraConfig(use_dora=True, r=32, lora_alpha=64, gradient_checkpointing=True),

@@ -83,21 +83,28 @@ METHODS = {
     "full": ("ultralytics", {}),
     "freeze-backbone": ("ultralytics", {"freeze": "backbone"}),
     "head-only": ("ultralytics", {"freeze": "all-but-head"}),
-    # each LoRA recipe states every setting it differs in, so a change of the default preset changes no recipe
-    "dora": ("lora", {"use_dora": True, "first_layer": 0, "r": 8, "lora_alpha": 16}),
-    "lora": ("lora", {"use_dora": False, "first_layer": 0, "r": 8, "lora_alpha": 16}),
-    "dora-from6": ("lora", {"use_dora": True, "first_layer": 6, "r": 8, "lora_alpha": 16}),
-    "dora-r32": ("lora", {"use_dora": True, "first_layer": 0, "r": 32, "lora_alpha": 64}),
+    # each LoRA recipe states every setting it differs in, so a change of the default preset changes no recipe (the
+    # ones run before clamp_rank existed left small convs frozen: clamp_rank False)
+    "dora": ("lora", {"use_dora": True, "first_layer": 0, "r": 8, "lora_alpha": 16, "clamp_rank": False}),
+    "lora": ("lora", {"use_dora": False, "first_layer": 0, "r": 8, "lora_alpha": 16, "clamp_rank": False}),
+    "dora-from6": ("lora", {"use_dora": True, "first_layer": 6, "r": 8, "lora_alpha": 16, "clamp_rank": False}),
+    "dora-r32": ("lora", {"use_dora": True, "first_layer": 0, "r": 32, "lora_alpha": 64, "clamp_rank": False}),
     # LoRA+ (B learns 16x faster than A, Hayou et al. 2024's ratio): B starts at zero, so with few steps it is slow
-    "dora-r32-plus": ("lora", {"use_dora": True, "first_layer": 0, "r": 32, "lora_alpha": 64, "loraplus_lr_ratio": 16}),
+    "dora-r32-plus": (
+        "lora",
+        {"use_dora": True, "first_layer": 0, "r": 32, "lora_alpha": 64, "loraplus_lr_ratio": 16, "clamp_rank": False},
+    ),
     # run on the demo and YOLOv8s cells by mistake for dora-from6 (the default preset was rank 32 by then): kept
-    "dora-r32-from6": ("lora", {"use_dora": True, "first_layer": 6, "r": 32, "lora_alpha": 64}),
+    "dora-r32-from6": ("lora", {"use_dora": True, "first_layer": 6, "r": 32, "lora_alpha": 64, "clamp_rank": False}),
     # rank 32, and the convs whose limit min(out, in*k*k) is below 32 (YOLO11n's stem and four small C3k2 convs,
     # which dora-r32 leaves frozen) adapted at their limit, alpha / r kept at 2
     "dora-r32-clamped": ("lora", {"use_dora": True, "first_layer": 0, "r": 32, "lora_alpha": 64, "clamp_rank": True}),
     # exploratory, faces only: the base's BatchNorm statistics re-estimated on the training images first (AdaBN, Li
     # et al. 2016), which full fine-tuning does as it trains and adapters on a frozen base cannot
-    "dora-r32-adabn": ("lora", {"use_dora": True, "first_layer": 0, "r": 32, "lora_alpha": 64, "refit_bn": True}),
+    "dora-r32-adabn": (
+        "lora",
+        {"use_dora": True, "first_layer": 0, "r": 32, "lora_alpha": 64, "refit_bn": True, "clamp_rank": False},
+    ),
 }
 # 3e-4 was searched in part 1 (full and dora, 4 cells) and dropped after: it never beat 1e-3 by more than 0.001 val
 # mAP50-95, and every lr costs a run per method and cell. Runs at other lrs stay in runs.jsonl but are not chosen.
