@@ -78,7 +78,7 @@ def load_model(source: str | Path) -> nn.Module:
             raise
         except Exception as e:
             raise LoraYoloError(f"{text} is not an Ultralytics model YAML ({first_line(e)})") from None
-        model.args, model.task = {}, model_task(model)
+        model.args, model.task = {}, task_of(kind)
         return model
     text = resolve_checkpoint(text)
     try:
@@ -87,7 +87,7 @@ def load_model(source: str | Path) -> nn.Module:
         raise load_error(text, e) from None
     kind = model_kind(model)
     kind = check_task(kind if kind in (RTDETR, OPEN_VOCABULARY) else getattr(model, "task", None) or kind, text)
-    model.task = "detect" if kind == RTDETR else kind
+    model.task = task_of(kind)
     return model
 
 
@@ -143,11 +143,15 @@ def model_kind(model: nn.Module | dict) -> str | None:
     return guess_model_task(getattr(model, "yaml", None) or model)
 
 
+def task_of(kind: str | None) -> str | None:
+    """The Ultralytics task of a model kind: its own name, detect for RT-DETR."""
+    return "detect" if kind == RTDETR else kind
+
+
 def model_task(model: nn.Module) -> str:
     """The model's Ultralytics task from its own head (its YAML), not from `model.args`: a checkpoint written without
-    training arguments loads with Ultralytics' defaults there, whose task is always `detect`. RT-DETR's is detect."""
-    kind = model_kind(model)
-    return "detect" if kind == RTDETR else kind
+    training arguments loads with Ultralytics' defaults there, whose task is always `detect`."""
+    return task_of(model_kind(model))
 
 
 def class_count(model: nn.Module) -> int:

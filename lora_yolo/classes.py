@@ -40,15 +40,15 @@ def combined_names(base: dict[int, str], data: dict[int, str]) -> dict[int, str]
     return names
 
 
-def check_add_classes(resolved: dict, base_names: dict[int, str], task: str, adapted: bool) -> None:
-    """What `prepare_dataset` needs, checked before a run folder exists: a Detect head (`task`: the model's task or
-    kind), boxes for pseudo-labels, and at least one class the base lacks."""
+def check_add_classes(resolved: dict, base_names: dict[int, str], kind: str, adapted: bool) -> None:
+    """What `prepare_dataset` needs, checked before a run folder exists: a Detect head (`kind`: the model's task, or
+    rtdetr), boxes for pseudo-labels, and at least one class the base lacks."""
     # A softmax over more classes changes every old probability; RT-DETR picks its queries by their best class score,
     # so new classes change which objects the old classes see.
-    if task in ("classify", "semantic", "depth", "rtdetr"):
-        raise LoraYoloError(f"add_classes supports models with a Detect head, not {task} ones")
-    if adapted and task != "detect":
-        raise LoraYoloError(f"add_classes=adapted pseudo-labels boxes, so it supports detection only (this is {task})")
+    if kind in ("classify", "semantic", "depth", "rtdetr"):
+        raise LoraYoloError(f"add_classes supports models with a Detect head, not {kind} ones")
+    if adapted and kind != "detect":
+        raise LoraYoloError(f"add_classes=adapted pseudo-labels boxes, so it supports detection only (this is {kind})")
     if len(combined_names(base_names, resolved["names"])) == len(base_names):
         raise LoraYoloError(
             f"every class of {resolved['yaml_file']} is already one of the base's: there is no class to add"

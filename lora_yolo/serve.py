@@ -155,9 +155,11 @@ class RepConvLayer(MergeableLayer):
             super().merge()
 
 
-def repconv_branches(model: nn.Module, scales: dict[str, torch.Tensor]) -> dict[str, nn.Conv2d]:
-    """For every unfused `RepConv` of `model`, its branch convs by name (`<path>.conv1.conv`, `<path>.conv2.conv`),
-    each as the conv fusing makes of it: weight s · W for its BatchNorm's scale s (the bias does not matter here)."""
+def repconv_branches(model: nn.Module, scales: dict[str, torch.Tensor]) -> dict[str, tuple[str, str, SwitchableLayer]]:
+    """For every unfused `RepConv` of `model`, by the name of each branch conv (`<path>.conv1.conv`,
+    `<path>.conv2.conv`): the path of the conv fusing makes of the RepConv (`<path>.conv`), the branch, and a
+    `SwitchableLayer` over the conv fusing makes of that branch alone (weight s · W for its BatchNorm's scale s; the
+    bias does not matter here)."""
     branches = {}
     for path, m in model.named_modules():
         if isinstance(m, RepConv) and hasattr(m, "conv1"):
@@ -165,7 +167,7 @@ def repconv_branches(model: nn.Module, scales: dict[str, torch.Tensor]) -> dict[
                 name = f"{path}.{branch}.conv"
                 conv = deepcopy(getattr(m, branch).conv)
                 conv.weight = nn.Parameter(conv.weight.detach() * per_channel(scales[name], 4), requires_grad=False)
-                branches[name] = conv
+                branches[name] = (f"{path}.conv", branch, SwitchableLayer(conv, scales[name]))
     return branches
 
 
@@ -357,17 +359,13 @@ class AdapterModel:
         """The switchable layer at `layer`, made from the base's fused conv (or linear layer) there on first use; for
         a RepConv branch, that branch of the `RepConvLayer` put in place of the conv fuse made of the RepConv."""
         if layer in self._repconv:
-            path, _, _ = layer.rpartition(".")[0].rpartition(".")  # "<repconv>.conv1.conv" -> "<repconv>"
-            fused = f"{path}.conv"
+            fused, branch, _ = self._repconv[layer]
             if fused not in self._switchables:
                 conv = self.model.get_submodule(fused)
-                branches = {
-                    b: SwitchableLayer(self._repconv[f"{path}.{b}.conv"], self._scales[f"{path}.{b}.conv"])
-                    for b in ("conv1", "conv2")
-                }
+                branches = {b: switchable for f, b, switchable in self._repconv.values() if f == fused}
                 self._switchables[fused] = RepConvLayer(conv, branches).to(conv.weight.device)
                 self._replace(fused, conv, self._switchables[fused])
-            return self._switchables[fused].branches[layer.split(".")[-2]]
+            return self._switchables[fused].branches[branch]
         if layer in self._switchables:
             return self._switchables[layer]
         base_modules = self._base_classes[1]
