@@ -110,4 +110,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # gloo's threads torn down at interpreter exit can abort the process ("terminate called ...")
+        if dist.is_initialized():
+            dist.destroy_process_group()
