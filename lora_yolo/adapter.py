@@ -5,7 +5,8 @@ Tensors
   `<conv>.lora_B.weight`  (out, r, 1, 1)
   `<conv>.lora_magnitude_vector`  (out,)  DoRA only: the trained magnitude per output channel
   `<param>`               any tensor trained in full, under its model name (the class layers when the class count
-                          changed, e.g. `model.23.cv3.0.2.weight`)
+                          changed, e.g. `model.23.cv3.0.2.weight`; for add_classes=exact the parallel class branches'
+                          tensors, BatchNorm statistics included, e.g. `model.23.cv3.0.new.0.0.bn.running_mean`)
 Metadata (safetensors' string map, values JSON)
   format, format_version, task, lora_config (LoraConfig.to_dict), layers ({conv: [r, lora_alpha]}),
   full (names of tensors trained in full), nc, names, base (fingerprint of the base the adapter fits).
@@ -29,6 +30,7 @@ from safetensors.torch import save, save_file
 from torch import nn
 
 from lora_yolo.atomic import atomic_path
+from lora_yolo.branch import add_class_branches, branch_paths, new_tensor_shapes
 from lora_yolo.checkpoint import build_for_classes, class_count, model_task
 from lora_yolo.config import LoraConfig, positive_number
 from lora_yolo.errors import LoraYoloError
@@ -220,7 +222,7 @@ def parse_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str], path:
         raise bad(f"lora_config: {type(e).__name__}") from None
     if (
         not isinstance(layers, dict)
-        or not (layers or full)  # class layers alone: add_classes=exact
+        or not (layers or full)  # class branches alone: add_classes=exact
         or not all(
             isinstance(v, list) and len(v) == 2 and _positive_int(v[0]) and positive_number(v[1])
             for v in layers.values()
@@ -302,10 +304,14 @@ def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: li
     (`classes`) without a LoRA adapter, with one row per adapter class: that is all training stores in full, and all
     serving can swap (the class layers have no BatchNorm, so they are the same in the fused model). An adapter whose
     class set differs from the base's `names` must carry those class layers: the base's rows would otherwise be used
-    for other classes (or be random, for new ones).
+    for other classes (or be random, for new ones). An add_classes=exact adapter holds copies of the class branches
+    instead (`lora_yolo.branch`), checked against the unfused branches in `modules`.
     The same checks hold against the base or its fused form, so attach, merge and serving agree. A crafted file
     fails here with one line instead of deep inside torch.
     """
+    if adapter.config.add_classes == "exact":
+        _check_branches(adapter, modules, classes, names)
+        return
     for layer, (r, _) in adapter.layers.items():
         conv = modules.get(layer)
         if type(conv) not in (nn.Conv2d, nn.Linear):
@@ -334,19 +340,37 @@ def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: li
             raise LoraYoloError(
                 f"adapter tensor {key} {tuple(adapter.tensors[key].shape)} does not fit the base ({want})"
             )
-    if adapter.config.add_classes == "exact":  # the base's rows come from the base: its classes must lead
-        base_names = dict(names)
-        if adapter.nc <= len(base_names) or {i: adapter.names[i] for i in base_names} != base_names:
-            raise LoraYoloError(
-                f"adapter says add_classes=exact but its classes ({adapter.nc}) do not start with the base's "
-                f"{len(base_names)} classes in the base's order"
-            )
     missing = [c for c in classes if any(f"{c}.{n}" not in adapter.full for n, _ in modules[c].named_parameters())]
     if missing and adapter.names != dict(names):
         raise LoraYoloError(
             f"adapter predicts other classes than the base ({adapter.nc} vs {len(names)}) but does not carry the "
             f"class layer {missing[0]}"
         )
+
+
+def _check_branches(adapter: Adapter, modules: Mapping[str, nn.Module], classes: list[str], names: dict) -> None:
+    """add_classes=exact: the base's classes lead the adapter's, no LoRA layer touches the base, and the tensors are
+    exactly those of a copy of each class branch (unfused, in `modules`) ending in one row per new class."""
+    base_names = dict(names)
+    if adapter.nc <= len(base_names) or {i: adapter.names[i] for i in base_names} != base_names:
+        raise LoraYoloError(
+            f"adapter says add_classes=exact but its classes ({adapter.nc}) do not start with the base's "
+            f"{len(base_names)} classes in the base's order"
+        )
+    if adapter.layers:
+        raise LoraYoloError("adapter says add_classes=exact but has LoRA layers, which would change the base's outputs")
+    want = {}
+    for path in branch_paths(classes, modules):
+        want.update(new_tensor_shapes(modules[path], path, adapter.nc - len(base_names)))
+    if set(adapter.full) != set(want):
+        odd = sorted(set(adapter.full) ^ set(want))[:2]
+        raise LoraYoloError(f"adapter's class-branch tensors do not fit the base's class branches (e.g. {odd})")
+    for key, shape in want.items():
+        if key.endswith(".running_var") and bool((adapter.tensors[key] < 0).any()):
+            raise LoraYoloError(f"adapter tensor {key} holds negative variances")
+        if tuple(adapter.tensors[key].shape) != shape:
+            got = tuple(adapter.tensors[key].shape)
+            raise LoraYoloError(f"adapter tensor {key} {got} does not fit the base's class branch ({shape})")
 
 
 def attach_adapter(base: nn.Module, adapter: Adapter, allow_other_weights: bool = False) -> nn.Module:
@@ -360,9 +384,9 @@ def attach_adapter(base: nn.Module, adapter: Adapter, allow_other_weights: bool 
     model = build_for_classes(base, adapter.nc, adapter.names)
     config = adapter.config
     add_lora(model, adapter.layers, config.lora_dropout, config.use_rslora, config.use_dora)
+    if config.add_classes == "exact":  # the base's class branches, bit for bit, and the adapter's copies beside them
+        add_class_branches(model, base, adapter.nc - class_count(base))
     model.load_state_dict(adapter.tensors, strict=False)
-    if config.add_classes == "exact":  # the base's class rows are the base's by definition, bit for bit
-        copy_class_rows(base, model, class_count(base))
     return model
 
 

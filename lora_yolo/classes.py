@@ -7,12 +7,12 @@ the base's own objects in the training images are added as pseudo-labels, found 
 does not teach the model that they are background. Nothing is written into the user's dataset.
 
 Two modes (see `lora_yolo.trainer` for the training side):
-- `exact`: no adapter anywhere; each class conv gets rows for the new classes and only those rows train (no weight
-  decay, gradients of the base's rows zeroed), so every box and every old class score is the base's, bit for bit;
+- `exact`: no adapter anywhere; each class branch of the head runs beside a trained copy that scores the new classes
+  (`lora_yolo.branch`), so every box and every old class score is the base's, bit for bit;
 - `adapted`: LoRA across the network as usual and the class convs trained in full, on the pseudo-labelled data.
 
-Either way the adapter is an ordinary adapter with a new class set (its class convs in full, one row per combined
-class), so merge, export, serving and PEFT conversion treat it as any other.
+Either way the adapter is an ordinary adapter with a new class set (adapted: its class convs in full, one row per
+combined class; exact: the class-branch copies in full), so merge, export and serving treat it as any other.
 """
 
 from __future__ import annotations

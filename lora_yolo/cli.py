@@ -196,8 +196,9 @@ def train(
     add_classes: Annotated[
         Optional[str],
         typer.Option(
-            help="Keep the base's classes and add DATA's: exact (the base's outputs bit-identical, only new class "
-            "rows train) or adapted (adapters everywhere, the base's objects pseudo-labelled)."
+            help="Keep the base's classes and add DATA's: exact (the base's outputs bit-identical, a trained copy of "
+            "each class branch scores the new classes) or adapted (adapters everywhere, the base's objects "
+            "pseudo-labelled)."
         ),
     ] = None,
     pseudo_conf: Annotated[

@@ -63,15 +63,19 @@ def folded_output(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     return y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
 
-def fold_batchnorm(model: nn.Module) -> int:
+def fold_batchnorm(model: nn.Module, skip: list[nn.Module] = ()) -> int:
     """Fold every frozen BatchNorm of a `Conv`/`DWConv` block into its conv, in place; returns how many.
 
-    Call it on a model whose BatchNorms are all frozen (LoRA training: the base is frozen, and the class convs trained
-    in full have no BatchNorm). Adapted convs must already be in place: a conv module that can apply a folded
-    BatchNorm itself (`LoraConv2d`) declares the `_folded_bn` attribute.
+    Call it on a model whose BatchNorms are all frozen except those under the modules in `skip` (LoRA training: the
+    base is frozen, the class convs trained in full have no BatchNorm, and the class-branch copies of add_classes=exact
+    train their BatchNorms). Adapted convs must already be in place: a conv module that can apply a folded BatchNorm
+    itself (`LoraConv2d`) declares the `_folded_bn` attribute.
     """
     count = 0
+    trained = {id(m) for module in skip for m in module.modules()}
     for block in model.modules():
+        if id(block) in trained:
+            continue
         bn = getattr(block, "bn", None)
         if type(block) not in (Conv, DWConv) or type(bn) is not nn.BatchNorm2d:
             continue

@@ -57,7 +57,7 @@ def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
         raise LoraYoloError(f"output folder does not exist: {out.parent}")
     if not adapter.layers:
         raise LoraYoloError(
-            "this adapter has no LoRA layers (only class layers trained in full, as add_classes=exact writes): "
+            "this adapter has no LoRA layers (only class branches trained in full, as add_classes=exact writes): "
             "PEFT's LoRA format needs at least one; use the adapter file as it is"
         )
     ranks = Counter(r for r, _ in adapter.layers.values())

@@ -37,6 +37,7 @@ from ultralytics import YOLO
 from ultralytics.nn.modules import Conv, RepConv
 
 from lora_yolo.adapter import Adapter, check_fits, check_layers, fingerprint, load_adapter
+from lora_yolo.branch import NEW, ClassBranch, branch_paths, new_branch
 from lora_yolo.checkpoint import check_task, load_error, resolve_checkpoint
 from lora_yolo.datacheck import check_dataset
 from lora_yolo.errors import LoraYoloError, first_line
@@ -171,23 +172,6 @@ def repconv_branches(model: nn.Module, scales: dict[str, torch.Tensor]) -> dict[
     return branches
 
 
-class AddedRows(nn.Module):
-    """A class layer of an `add_classes=exact` adapter: the base's own layer for the base's classes, then the new
-    classes' rows. A plain layer holding all rows computes the same function, but its kernel (chosen for another
-    output count) may round the old scores differently in the last bit; this keeps them bit-identical to the base."""
-
-    def __init__(self, base: nn.Conv2d, full: nn.Conv2d, rows: int) -> None:
-        super().__init__()
-        self.base = base
-        self.new = deepcopy(full)
-        self.new.weight = nn.Parameter(full.weight[rows:].detach().clone(), requires_grad=False)
-        self.new.bias = nn.Parameter(full.bias[rows:].detach().clone(), requires_grad=False)
-        self.new.out_channels = self.new.weight.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.base(x), self.new(x)], 1)
-
-
 def bn_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """For every Conv+BN block, the per-channel scale gamma / sqrt(var + eps) that fusing folds into its conv."""
     return {
@@ -226,6 +210,8 @@ class AdapterModel:
             model.end2end = end2end
         self._kept = ("one-to-one (NMS-free)" if model.end2end else "one-to-many (NMS)") if two_branches else None
         unfused, self._class_convs = dict(model.named_modules()), class_layers(model)  # both YOLO26 branches
+        # the class branches as loaded (add_classes=exact adapters are copies of them), before fuse changes them
+        self._branches = {p: deepcopy(unfused[p]) for p in branch_paths(self._class_convs, unfused)}
         self._repconv = repconv_branches(model, self._scales)  # adapters there go to the conv fuse makes of both
         model.fuse(verbose=False)
         fused = dict(model.named_modules())  # the fused base's own modules, before any adapter replaces one
@@ -235,10 +221,11 @@ class AdapterModel:
             f"{p}.{k}." if p else f"{k}." for p, m in fused.items() for k, v in m._modules.items() if v is None
         )
         self._unused = {n for n in unfused if f"{n}.".startswith(dropped)}
-        self._checked_modules = {**{n: unfused[n] for n in [*self._unused, *self._repconv]}, **fused}
+        self._checked_modules = {**{n: unfused[n] for n in [*self._unused, *self._repconv]}, **fused, **self._branches}
         # names, and the base's class layers as loaded: a class set's rows start from these, never from a layer
-        # an adapter was merged into later
-        self._base_classes = (dict(model.names), {c: fused[c] for c in self._class_convs if c in fused})
+        # an adapter was merged into later; the class branches first, so the class layers go back into them
+        layers = [*self._branches, *self._class_convs]
+        self._base_classes = (dict(model.names), {c: fused[c] for c in layers if c in fused})
         self._adapters: dict[str, Adapter] = {}
         self._classes: dict[str, tuple[dict[int, str], dict[str, nn.Module]]] = {}
         # by layer path, whether or not in the model right now (a RepConv's: by the path of the conv fuse made)
@@ -351,8 +338,13 @@ class AdapterModel:
         self.active_adapter = name
 
     def _replace(self, path: str, old: nn.Module, new: nn.Module) -> None:
-        """Put `new` at `path` if `old` is there (a class set of the active adapter may hold that place instead)."""
-        if self.model.get_submodule(path) is old:
+        """Put `new` at `path` if `old` is there (a class set of the active adapter may hold that place instead, or
+        have replaced the class branch holding `path`)."""
+        try:
+            current = self.model.get_submodule(path)
+        except AttributeError:
+            return
+        if current is old:
             replace_module(self.model, path, new)
 
     def _switchable(self, layer: str) -> SwitchableLayer:
@@ -379,6 +371,12 @@ class AdapterModel:
 
     def _class_layers(self, adapter: Adapter) -> tuple[dict[int, str], dict[str, nn.Module]]:
         """The adapter's class names and, for tensors trained in full, replacement modules built from the base's."""
+        if adapter.config.add_classes == "exact":  # the base's branches run as they are, the copies beside them
+            return dict(adapter.names), {
+                path: ClassBranch(self._base_classes[1][path], self._branch_copy(adapter, path))
+                for path in self._branches
+                if path not in self._unused
+            }
         modules: dict[str, nn.Module] = {}
         for key in adapter.full:
             owner, _, param = key.rpartition(".")
@@ -395,10 +393,15 @@ class AdapterModel:
                 m.out_features = m.weight.shape[0]
             elif isinstance(m, nn.Embedding):  # RT-DETR's class embedding (denoising queries, training only)
                 m.num_embeddings = m.weight.shape[0]
-        if adapter.config.add_classes == "exact":  # the base's rows computed by the base's own layer
-            rows = len(self._base_classes[0])  # check_layers: the adapter's classes start with these
-            modules = {path: AddedRows(self._base_copy(path), m, rows) for path, m in modules.items()}
         return dict(adapter.names), modules
+
+    def _branch_copy(self, adapter: Adapter, path: str) -> nn.Module:
+        """The adapter's copy of the class branch at `path` (check_layers made sure its tensors fit), in eval mode."""
+        copy = new_branch(self._branches[path], adapter.nc - len(self._base_classes[0]))
+        prefix = f"{path}.{NEW}."
+        copy.load_state_dict({k.removeprefix(prefix): v for k, v in adapter.tensors.items() if k.startswith(prefix)})
+        device = next(self._branches[path].parameters()).device
+        return copy.to(device, torch.float32).eval().requires_grad_(False)
 
     def _base_copy(self, path: str) -> nn.Module:
         """A copy of the base's own module at `path` (remembered, before any adapter replaces it), unadapted."""
@@ -410,9 +413,18 @@ class AdapterModel:
         return copy
 
     def _set_classes(self, names: dict[int, str], modules: dict[str, nn.Module]) -> None:
-        """Install a class set: names, head class count, and the class layers (the base's where none is given)."""
-        for path, base_module in self._base_classes[1].items():
-            replace_module(self.model, path, modules.get(path, base_module))
+        """Install a class set: names, head class count, and the class layers (the base's where none is given): the
+        base's class branches back first, the class layers into them, then any branch the class set replaces."""
+        base = self._base_classes[1]
+        for path in self._branches:
+            if path in base:
+                replace_module(self.model, path, base[path])
+        for path, base_module in base.items():
+            if path not in self._branches:
+                replace_module(self.model, path, modules.get(path, base_module))
+        for path in self._branches:
+            if path in modules:
+                replace_module(self.model, path, modules[path])
         head = self.model.model[-1]
         if hasattr(head, "reg_max"):  # a Detect head counts its outputs; a Classify head's are its linear layer's
             head.nc, head.no = len(names), len(names) + head.reg_max * 4

@@ -16,6 +16,7 @@ import torch
 from ultralytics.utils import LOGGER
 
 from lora_yolo.adapter import load_adapter
+from lora_yolo.branch import check_widenable
 from lora_yolo.checkpoint import RTDETR, load_model, model_kind, resolve_checkpoint
 from lora_yolo.classes import FOLDER, PSEUDO_CONF, check_add_classes, prepare_dataset
 from lora_yolo.config import LoraConfig
@@ -202,6 +203,8 @@ def train(
         resolved = check_dataset(data, task)
         if config is not None and config.add_classes:
             check_add_classes(resolved, base.names, kind, adapted=config.add_classes == "adapted")
+            if config.add_classes == "exact":
+                check_widenable(base)
         trainer = _trainer(
             kind, overrides={**overrides, "model": str(model), "data": str(data), "task": task}, lora=config
         )

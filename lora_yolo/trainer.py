@@ -41,7 +41,6 @@ import math
 from copy import deepcopy
 from pathlib import Path
 
-import torch
 from torch import distributed as dist
 from torch import nn
 from ultralytics.models.rtdetr.train import RTDETRTrainer
@@ -66,6 +65,7 @@ from lora_yolo.adapter import (
     save_adapter,
 )
 from lora_yolo.atomic import atomic_path
+from lora_yolo.branch import ClassBranch, add_class_branches
 from lora_yolo.checkpoint import (
     MODEL_CLASSES,
     RTDETR,
@@ -169,22 +169,20 @@ class LoraTrainerMixin:
                 f"{base.yaml.get('kpt_shape')}: LoRA adapts a pose model to new data with the same keypoints"
             )
         model = build_for_classes(base, self.data["nc"], self.data["names"])
-        # By names, not by count: model.load() maps class rows by name, so any new name starts from a random row.
-        full = class_layers(model) if dict(base.names) != dict(self.data["names"]) else []
         config = self.lora_config
-        keep = class_count(base) if config.add_classes else 0  # the base's class rows, first (lora_yolo.classes)
-        if keep:
-            copy_class_rows(base, model, keep)
-        exact = config.add_classes == "exact"  # no adapter: only the new class rows train
-        plan = {} if exact else select_targets(model, config, full=frozenset(full))
+        if config.add_classes == "exact":  # no adapter: a trained copy of each class branch for the new classes
+            full = add_class_branches(model, base, self.data["nc"] - class_count(base))
+            plan = {}
+        else:
+            # By names, not by count: model.load() maps class rows by name, so any new name starts from a random row.
+            classes = class_layers(model) if dict(base.names) != dict(self.data["names"]) else []
+            full = [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in classes]
+            if config.add_classes:  # the base's class rows, first (lora_yolo.classes)
+                copy_class_rows(base, model, class_count(base))
+            plan = select_targets(model, config, full=frozenset(classes))
         add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
         _training_form(model, config)
-        model.lora_meta = {
-            "config": config.to_dict(),
-            "base": fingerprint(base),
-            "full": [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in full],
-            "frozen_rows": keep if exact else 0,
-        }
+        model.lora_meta = {"config": config.to_dict(), "base": fingerprint(base), "full": full}
         return model
 
     def _resume_model(self, weights: nn.Module) -> nn.Module:
@@ -206,7 +204,6 @@ class LoraTrainerMixin:
         if self.ema:  # the EMA never trains: plain layers, and checkpoints (its pickles) hold Ultralytics' own forward
             remove_training_forward(self.ema.ema)
         model = unwrap_model(self.model)
-        _freeze_rows(model)
         if RANK in {-1, 0}:
             self._write_run_files(model)
         n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
@@ -241,8 +238,6 @@ class LoraTrainerMixin:
         optimizer = super().build_optimizer(model, *args, **kwargs)
         meta = unwrap_model(model).lora_meta
         ratio = LoraConfig.from_dict(meta["config"]).loraplus_lr_ratio
-        # class layers whose base rows must not move (add_classes=exact): decay would shrink those rows too
-        no_decay = set(meta["full"]) if meta.get("frozen_rows") else set()
         names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
         groups = []
         for group in optimizer.param_groups:
@@ -251,7 +246,7 @@ class LoraTrainerMixin:
             rest, lora, lora_b, magnitudes = [], [], [], []
             for p in group["params"]:
                 name = names[id(p)]
-                if name.endswith(".lora_magnitude_vector") or name in no_decay:
+                if name.endswith(".lora_magnitude_vector"):
                     magnitudes.append(p)
                 elif ratio != 1 and name.endswith(".lora_B.weight"):
                     lora_b.append(p)
@@ -363,25 +358,10 @@ class LoraTrainerMixin:
         self.epoch -= 1
 
 
-def _freeze_rows(model: nn.Module) -> None:
-    """add_classes=exact: zero the gradient of the base's class rows (every other base tensor is frozen anyway).
-
-    Registered in the process that trains (a DDP worker unpickles the model without tensor hooks). With zero
-    gradients and no weight decay (`build_optimizer`) SGD, Adam and AdamW leave those rows bit-exact, and the EMA's
-    lerp towards an equal value is exact too.
-    """
-    rows = model.lora_meta.get("frozen_rows", 0)
-    if not rows:
-        return
-    params = dict(model.named_parameters())
-    for name in model.lora_meta["full"]:
-        params[name].register_hook(lambda g, n=rows: torch.cat([torch.zeros_like(g[:n]), g[n:]]))
-
-
 def _training_form(model: nn.Module, config: LoraConfig) -> None:
     """What training computes with, the same function and gradients as the plain model: frozen BatchNorms folded,
     SiLU outputs recomputed in backward, and with `gradient_checkpointing` each layer recomputed."""
-    fold_batchnorm(model)
+    fold_batchnorm(model, skip=[m.new for m in model.modules() if isinstance(m, ClassBranch)])  # they train
     add_training_forward(model, config.gradient_checkpointing)
 
 

@@ -6,7 +6,7 @@
 Same data and schedule as scripts/bench_finetune.py's new-classes task on the demo base (64 training images of the
 4 new shapes, its validation and test splits), at Ultralytics' `optimizer=auto`. Runs, each scored on A's test
 images (the base's 3 classes, 40 images the base never saw) and on the new classes' test images:
-  exact       lora-yolo --add-classes exact (only the new class rows train)
+  exact       lora-yolo --add-classes exact (a trained copy of each class branch scores the new classes)
   adapted     lora-yolo --add-classes adapted (the default adapters, the base's objects pseudo-labelled)
   lora-new    the default recipe on the new classes alone (a new class set: forgets A)
   full-new    Ultralytics full fine-tuning on the new classes alone (forgets A)
@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks"
 RUNS = OUT / "add_classes.jsonl"
 METHODS = ("exact", "adapted", "lora-new", "full-new", "full-pseudo", "branch-new")
+# runs of earlier versions, kept in the report: exact mode before it had a class branch (only the new class rows of
+# each class conv trained, on frozen features)
+EARLIER = ("exact-rows",)
 
 
 def with_names(data: str | Path, names: dict[int, str], out: Path) -> Path:
@@ -115,7 +118,7 @@ def report() -> None:
         a_test = make_dataset(Path(tmp) / "A-test", "A", 0, N_TEST, SCHEDULE["imgsz"], seed=8)
         base_a = score(fetch_base("demo-11n"), a_test, Path(tmp))
     rows = {}
-    for m in METHODS:
+    for m in (*METHODS, *EARLIER):
         mine = [r for r in runs if r["method"] == m]
         if mine:
             a_test, a_spread = mean_spread([r["a_test"] for r in mine])

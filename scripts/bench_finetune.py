@@ -536,7 +536,7 @@ def write_plot(results: dict) -> None:
     fig, axes = plt.subplots(1, len(cellz), figsize=(4.5 * len(cellz), 4), squeeze=False)
     numeric = [x for x in results["lrs"] if x != "auto"]
     methods = sorted({m for cell in cellz for m in cell["rows"]}, key=list(METHODS).index)
-    colour = dict(zip(methods, plt.get_cmap("tab10").colors))
+    colour = dict(zip(methods, plt.get_cmap("tab20").colors))  # tab10 has 10 colours, and there are more methods
     for ax, cell in zip(axes[0], cellz):
         for method, e in cell["rows"].items():
             ys = [e["val_by_lr_seed0"].get(str(x)) for x in numeric]
@@ -547,8 +547,8 @@ def write_plot(results: dict) -> None:
         ax.set(title=f"{cell['base']}: {cell['task']}", xlabel="AdamW lr0", ylabel="val mAP50-95 (seed 0)")
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colour[m], marker="o", label=m) for m in methods]
-    fig.legend(handles=handles, loc="lower center", ncol=len(methods), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(methods), 6), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(OUT / "results.png", dpi=110)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, make_base, sha256
+from conftest import ROOT, TINY, make_base, plain_ultralytics, sha256
 from ultralytics import YOLO
 
 from lora_yolo import LoraConfig, LoraYoloError, load_adapter, load_model
@@ -58,11 +58,14 @@ def test_exact_mode_keeps_every_base_output_bit_identical(runs, demo_base):
     result = runs["exact"]  # interrupted after epoch 1 and resumed
     assert len((result.save_dir / "results.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
     adapter = load_adapter(result.adapter)
-    assert adapter.names == COMBINED and not adapter.layers and adapter.full  # class rows only, no LoRA layer
-    base = dict(load_model(demo_base).named_parameters())
-    for key in adapter.full:  # the base's rows as stored, the new rows trained
-        assert torch.equal(adapter.tensors[key][:3].float(), base[key].float()), key
-    assert any(adapter.tensors[k][3:].abs().max() > 0 for k in adapter.full)
+    assert adapter.names == COMBINED and not adapter.layers  # no LoRA layer: a copy of each class branch
+    base = load_model(demo_base).state_dict()
+    copies = {k: k.replace(".new.", ".") for k in adapter.full}  # each copy tensor -> the base's tensor it started as
+    assert len(adapter.full) > 3 * 2 and all(".cv3." in k and ".new." in k for k in adapter.full)
+    assert {tuple(adapter.tensors[k].shape) for k in adapter.full if k.endswith(".2.weight")} == {(4, 64, 1, 1)}
+    trained = [k for k, b in copies.items() if not torch.equal(adapter.tensors[k].float(), base[b].float())]
+    assert any(k.endswith(".bn.running_mean") for k in trained)  # its BatchNorms trained, statistics included
+    assert any(k.endswith(".conv.weight") for k in trained)  # and its convs, not only the new class rows
     served = AdapterModel(demo_base)
     served.set_adapter(served.load_adapter(result.adapter))
     plain = YOLO(str(demo_base)).model.fuse(verbose=False).eval()  # what Ultralytics predicts the base with
@@ -73,9 +76,31 @@ def test_exact_mode_keeps_every_base_output_bit_identical(runs, demo_base):
     assert torch.equal(y[:, :4], y_base[:, :4])  # decoded boxes
     # Probabilities: the same sigmoid of the same logits, but torch's vectorised sigmoid may round the last bit of an
     # element differently once the tensor has other columns (by one float32 ulp, at most 6e-8 below 1); merged.pt's
-    # wider plain conv may round its logits too.
+    # wider plain convs may round its logits too.
     assert (y[:, 4:7] - y_base[:, 4:7]).abs().max() <= 2**-24 and y.shape[1] == 4 + 7
     assert torch.equal(merged[:, :4], unfused[:, :4]) and (merged[:, 4:7] - unfused[:, 4:7]).abs().max() < 1e-6
+    assert (merged[:, 7:] - y[:, 7:]).abs().max() < 1e-5  # merged.pt's new classes: the served branch's
+    served.disable_adapters()  # the base's own branches back, with no trace of the copies
+    assert not any(".new." in n for n, _ in served.model.named_modules())
+
+
+def test_exact_merged_model_is_plain_ultralytics(runs):
+    """merged.pt holds the class branches as plain wider convs: a process without lora_yolo loads and predicts with
+    it, and its new-class scores are those lora_yolo computes."""
+    merged = runs["exact"].merged
+    got = plain_ultralytics(f"""
+        import json, torch
+        from ultralytics import YOLO
+        model = YOLO({str(merged)!r}).model.float().eval()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            y = model(torch.rand(1, 3, 64, 64))[0]
+        print(json.dumps({{"shape": list(y.shape), "sum": y[:, 4:].sum().item()}}))
+    """)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        y = load_model(merged).eval()(torch.rand(1, 3, 64, 64))[0]
+    assert got["shape"] == [1, 4 + 7, y.shape[2]] and abs(got["sum"] - y[:, 4:].sum().item()) < 1e-3
 
 
 def test_adapted_mode_pseudo_labels_the_base_objects_in_the_run_folder(runs):
@@ -119,7 +144,7 @@ def test_exact_mode_on_yolo26_keeps_either_branch_bit_identical(run26, end2end):
     scores are the base's."""
     base, result = run26
     adapter = load_adapter(result.adapter)
-    assert any(".one2one_cv3." in k for k in adapter.full) and any(".cv3." in k for k in adapter.full)
+    assert any(".one2one_cv3.0.new." in k for k in adapter.full) and any(".cv3.0.new." in k for k in adapter.full)
     served = AdapterModel(base, end2end=end2end)
     served.set_adapter(served.load_adapter(result.adapter))
     plain = load_model(base)

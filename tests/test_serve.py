@@ -253,7 +253,7 @@ def test_yolo26_branch_mismatches_are_refused(base26):
 
 
 def test_class_set_after_a_merged_adapter_starts_from_the_base(base_pt):
-    """An add_classes=exact adapter (served with the base's own class convs) loaded while another adapter with LoRA
+    """An add_classes=exact adapter (served with the base's own class branches) loaded while another adapter with LoRA
     on the class convs is merged must take those convs from the base, not from the merged weights; switching back
     gives the first adapter exactly as before. Compared on the raw class logits (a random base's sigmoid scores are
     all near 0, where differences vanish)."""
