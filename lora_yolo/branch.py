@@ -10,9 +10,13 @@ rows on frozen features.
 
 A merged model must be plain Ultralytics, which has no module that runs two branches side by side, so `widen` turns
 a `ClassBranch` into one nn.Sequential of the same block types computing the same function: each conv holds both
-branches' filters (block-diagonal where a conv reads both, depthwise convs with twice the channels), each BatchNorm
-both branches' channels. Its old scores agree with the base's to float rounding (a wider conv may sum in another
-order), not bit for bit; serving an adapter (`lora_yolo.serve`) runs the `ClassBranch` itself and stays exact.
+branches' filters and each BatchNorm both branches' channels. A conv reading the shared input keeps its groups, each
+with both branches' filters (YOLO11's first depthwise conv: two filters per channel, interleaved); one reading the
+base's channels then the copy's, as many each, gets twice the groups (a dense one: two); a depthwise conv takes both
+branches' channels; any other dense conv is block-diagonal, and its zero blocks cost multiply-adds (YOLO11's first
+1x1 conv, after the interleaved depthwise one, and the last conv, whose base and copy output counts differ). Its old
+scores agree with the base's to float rounding (a wider conv may sum in another order), not bit for bit; serving an
+adapter (`lora_yolo.serve`) runs the `ClassBranch` itself and stays exact.
 """
 
 from __future__ import annotations
@@ -129,6 +133,8 @@ def _steps(module: nn.Module) -> list:
     steps = []
     for i, m in enumerate(module):
         if isinstance(m, Conv) and type(m.conv) is nn.Conv2d and isinstance(getattr(m, "bn", None), nn.BatchNorm2d):
+            if not (m.bn.affine and m.bn.track_running_stats):
+                raise LoraYoloError("a class branch's BatchNorm has no affine parameters or running statistics")
             steps.append(m)
         elif isinstance(m, nn.Sequential):
             steps += _steps(m)
@@ -157,6 +163,9 @@ def _widen_conv(b: nn.Conv2d, n: nn.Conv2d, layout: Layout | None) -> tuple[nn.C
     elif layout is not None and depthwise and b.groups > 1:
         weight = torch.stack([(b, n)[s].weight[j] for s, j in layout])
         out, groups = layout, len(layout)
+    elif layout is not None and b.groups == n.groups and _halves(layout, b, n):  # twice the groups, no zero blocks
+        weight, groups = torch.cat([b.weight, n.weight]), 2 * b.groups
+        out = [(0, j) for j in range(b.out_channels)] + [(1, j) for j in range(n.out_channels)]
     elif layout is not None and b.groups == n.groups == 1:
         weight = b.weight.new_zeros(b.out_channels + n.out_channels, len(layout), *b.kernel_size)
         for column, (s, j) in enumerate(layout):
@@ -164,7 +173,7 @@ def _widen_conv(b: nn.Conv2d, n: nn.Conv2d, layout: Layout | None) -> tuple[nn.C
             weight[rows, column] = (b, n)[s].weight[:, j]
         out, groups = [(0, j) for j in range(b.out_channels)] + [(1, j) for j in range(n.out_channels)], 1
     else:
-        raise LoraYoloError(f"a grouped conv ({b.groups} groups) after the first cannot hold both branches")
+        raise LoraYoloError(f"a grouped conv ({b.groups} groups) reading both branches' channels cannot hold both")
     conv = nn.Conv2d(
         weight.shape[1] * groups, weight.shape[0], b.kernel_size, b.stride, b.padding, b.dilation, groups,
         b.bias is not None, b.padding_mode,
@@ -175,6 +184,13 @@ def _widen_conv(b: nn.Conv2d, n: nn.Conv2d, layout: Layout | None) -> tuple[nn.C
         if b.bias is not None:
             conv.bias.copy_(torch.stack([(b, n)[s].bias[j] for s, j in out]))
     return conv.requires_grad_(False), out
+
+
+def _halves(layout: Layout, b: nn.Conv2d, n: nn.Conv2d) -> bool:
+    """Whether the input is the base's channels then the copy's, as many each, and so is the output: then one conv
+    with twice the groups computes both, at the cost of the two convs (a block-diagonal dense conv costs twice that)."""
+    contiguous = layout == [(0, j) for j in range(b.in_channels)] + [(1, j) for j in range(n.in_channels)]
+    return contiguous and b.in_channels == n.in_channels and b.out_channels == n.out_channels
 
 
 def _widen_bn(b: nn.BatchNorm2d, n: nn.BatchNorm2d, layout: Layout) -> nn.BatchNorm2d:

@@ -214,7 +214,9 @@ class AdapterModel:
         self._branches = {p: deepcopy(unfused[p]) for p in branch_paths(self._class_convs, unfused)}
         self._repconv = repconv_branches(model, self._scales)  # adapters there go to the conv fuse makes of both
         model.fuse(verbose=False)
-        fused = dict(model.named_modules())  # the fused base's own modules, before any adapter replaces one
+        # the fused base's own modules, before any adapter replaces one: layers are found and put back through these
+        # (their parents stay the same objects, also inside a class branch an adapter's copy runs beside)
+        fused = self._fused = dict(model.named_modules())
         # What fuse set to None (YOLO26's unused head branch), not what it rebuilt (BatchNorms, RepConv branches):
         # adapters there change no output, so they are checked against the base and then left out.
         dropped = tuple(
@@ -261,11 +263,11 @@ class AdapterModel:
                 f"the adapter only changes the head branch this model does not run (it keeps the {self._kept} "
                 f"branch); load the base with the other branch (AdapterModel(base, end2end=...), or nms= on the CLI)"
             )
-        self._classes[name] = self._class_layers(adapter)
+        classes = self._class_layers(adapter)
         for layer in adapter.layers:
             if layer not in self._unused:
                 self._switchable(layer).add(name, adapter, layer)
-        self._adapters[name] = adapter
+        self._classes[name], self._adapters[name] = classes, adapter
         return name
 
     def set_adapter(self, name: str) -> None:
@@ -338,14 +340,11 @@ class AdapterModel:
         self.active_adapter = name
 
     def _replace(self, path: str, old: nn.Module, new: nn.Module) -> None:
-        """Put `new` at `path` if `old` is there (a class set of the active adapter may hold that place instead, or
-        have replaced the class branch holding `path`)."""
-        try:
-            current = self.model.get_submodule(path)
-        except AttributeError:
-            return
-        if current is old:
-            replace_module(self.model, path, new)
+        """Put `new` at `path` if `old` is there (a class set of the active adapter may hold that place instead). The
+        parent is the base's own module, so this works inside a class branch that runs beside an adapter's copy."""
+        parent, _, attr = path.rpartition(".")
+        if getattr(self._fused[parent], attr) is old:
+            setattr(self._fused[parent], attr, new)
 
     def _switchable(self, layer: str) -> SwitchableLayer:
         """The switchable layer at `layer`, made from the base's fused conv (or linear layer) there on first use; for
@@ -353,7 +352,7 @@ class AdapterModel:
         if layer in self._repconv:
             fused, branch, _ = self._repconv[layer]
             if fused not in self._switchables:
-                conv = self.model.get_submodule(fused)
+                conv = self._fused[fused]
                 branches = {b: switchable for f, b, switchable in self._repconv.values() if f == fused}
                 self._switchables[fused] = RepConvLayer(conv, branches).to(conv.weight.device)
                 self._replace(fused, conv, self._switchables[fused])
@@ -361,7 +360,7 @@ class AdapterModel:
         if layer in self._switchables:
             return self._switchables[layer]
         base_modules = self._base_classes[1]
-        module = base_modules.get(layer) or self.model.get_submodule(layer)  # conv or linear: check_layers made sure
+        module = base_modules.get(layer) or self._fused[layer]  # conv or linear: check_layers made sure
         scale = self._scales.get(layer, torch.ones(module.weight.shape[0]))
         switchable = self._switchables[layer] = SwitchableLayer(module, scale.to(module.weight.device))
         if layer in base_modules:  # a class layer: other adapters' class sets may replace it
@@ -400,7 +399,7 @@ class AdapterModel:
         copy = new_branch(self._branches[path], adapter.nc - len(self._base_classes[0]))
         prefix = f"{path}.{NEW}."
         copy.load_state_dict({k.removeprefix(prefix): v for k, v in adapter.tensors.items() if k.startswith(prefix)})
-        device = next(self._branches[path].parameters()).device
+        device = next(self._base_classes[1][path].parameters()).device  # where the model is now
         return copy.to(device, torch.float32).eval().requires_grad_(False)
 
     def _base_copy(self, path: str) -> nn.Module:

@@ -2,6 +2,7 @@
 
     python scripts/bench_add_classes.py            # all runs, then benchmarks/add_classes.json / .md
     python scripts/bench_add_classes.py --seed 1   # another seed (appended; the report takes every seed run)
+    python scripts/bench_add_classes.py --methods exact --lr 0.003   # AdamW at lr0 0.003 instead of optimizer=auto
 
 Same data and schedule as scripts/bench_finetune.py's new-classes task on the demo base (64 training images of the
 4 new shapes, its validation and test splits), at Ultralytics' `optimizer=auto`. Runs, each scored on A's test
@@ -15,13 +16,15 @@ images (the base's 3 classes, 40 images the base never saw) and on the new class
               layer frozen: how far a trainable class branch can go with the base's boxes, as exact mode keeps them
               (a Detect head predicts one box per anchor for every class); forgets A
 Goals (the add-classes issue): on A, exact 100% of the base and adapted >= 95%; on the new classes, exact >= 90% and
-adapted >= 95% of lora-new. Each run appends to benchmarks/add_classes.jsonl as it ends.
+adapted >= 95% of lora-new. Each run appends to benchmarks/add_classes.jsonl as it ends. lora-yolo's runs also record
+the new classes' validation mAP50-95 of merged.pt, which is what an lr is chosen on (never the test splits).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -34,8 +37,9 @@ OUT = ROOT / "benchmarks"
 RUNS = OUT / "add_classes.jsonl"
 METHODS = ("exact", "adapted", "lora-new", "full-new", "full-pseudo", "branch-new")
 # runs of earlier versions, kept in the report: exact mode before it had a class branch (only the new class rows of
-# each class conv trained, on frozen features)
-EARLIER = ("exact-rows",)
+# each class conv trained, on frozen features), and adapted / lora-new with the previous default preset (DoRA r 32
+# with the convs whose rank limit is below 32 frozen, clamp_rank False)
+EARLIER = ("exact-rows", "adapted-r32", "lora-new-r32")
 
 
 def with_names(data: str | Path, names: dict[int, str], out: Path) -> Path:
@@ -56,7 +60,7 @@ def score(weights: Path, data: Path, project: Path) -> float:
     return float(r.box.map)
 
 
-def run(method: str, seed: int, root: Path) -> dict:
+def run(method: str, seed: int, root: Path, lr: str | float = "auto") -> dict:
     from ultralytics import YOLO
 
     from lora_yolo.checkpoint import load_model
@@ -71,15 +75,17 @@ def run(method: str, seed: int, root: Path) -> dict:
     a_test = make_dataset(root / "A-test", "A", 0, N_TEST, SCHEDULE["imgsz"], seed=8)
     base_names = load_model(base).names
     combined = combined_names(base_names, yaml.safe_load(Path(new["data"]).read_text())["names"])
-    project = root / f"{method}-{seed}"
-    common = dict(**SCHEDULE, optimizer="auto", nbs=SCHEDULE["batch"], seed=seed, device="cpu", workers=2,
+    project = root / f"{method}-{seed}-{lr}"
+    optimizer = {"optimizer": "auto"} if lr == "auto" else {"optimizer": "AdamW", "lr0": float(lr)}
+    common = dict(**SCHEDULE, **optimizer, nbs=SCHEDULE["batch"], seed=seed, device="cpu", workers=2,
                   plots=False, project=str(project), name="run", exist_ok=True)  # fmt: skip
-    pseudo = None
+    pseudo = val = None
     if method in ("exact", "adapted", "lora-new"):
         extra = {"add_classes": method} if method != "lora-new" else {}
         config, _ = resolve_config("default", **extra)
         result = train(new["data"], model=base, config=config, **common)
         weights, pseudo = result.merged, result.pseudo_labels
+        val = result.metrics["mAP50-95"]  # merged.pt on the new classes' validation split: what lr is chosen on
     else:
         data = new["data"]
         if method == "full-pseudo":  # the same relabelled, pseudo-labelled data as adapted
@@ -98,12 +104,13 @@ def run(method: str, seed: int, root: Path) -> dict:
         both = yaml.safe_load(Path(new["test"]).read_text())
         both.update(path=str(Path(new["test"]).parent.resolve()), train=both["val"])  # relabels both splits
         (project / "test-both.yaml").write_text(yaml.safe_dump(both, sort_keys=False))
-        new_test = prepare_dataset(project / "test-both.yaml", base, base_names, project / "new-test", None, "detect")[
-            0
-        ]
+        both = check_dataset(project / "test-both.yaml")
+        new_test = prepare_dataset(both, base, base_names, project / "new-test", None, "detect")[0]
     return {
         "method": method,
         "seed": seed,
+        "lr": lr,
+        "new_val": val,
         "a_test": score(weights, with_names(a_test, combined, project / "a-test.yaml"), project) if keeps_a else 0.0,
         "new_test": score(weights, Path(new_test), project),
         "pseudo_labels": pseudo,
@@ -118,19 +125,22 @@ def report() -> None:
         a_test = make_dataset(Path(tmp) / "A-test", "A", 0, N_TEST, SCHEDULE["imgsz"], seed=8)
         base_a = score(fetch_base("demo-11n"), a_test, Path(tmp))
     rows = {}
-    for m in (*METHODS, *EARLIER):
-        mine = [r for r in runs if r["method"] == m]
-        if mine:
-            a_test, a_spread = mean_spread([r["a_test"] for r in mine])
-            new_test, new_spread = mean_spread([r["new_test"] for r in mine])
-            rows[m] = {
-                "seeds": sorted(r["seed"] for r in mine),
-                "a_test": a_test,
-                "a_spread": a_spread,
-                "new_test": new_test,
-                "new_spread": new_spread,
-                "pseudo_labels": mine[0]["pseudo_labels"],
-            }
+    order = {m: i for i, m in enumerate((*METHODS, *EARLIER))}
+    for m, lr in sorted({(r["method"], str(r.get("lr", "auto"))) for r in runs}, key=lambda k: (order[k[0]], k[1])):
+        mine = [r for r in runs if (r["method"], str(r.get("lr", "auto"))) == (m, lr)]
+        a_test, a_spread = mean_spread([r["a_test"] for r in mine])
+        new_test, new_spread = mean_spread([r["new_test"] for r in mine])
+        vals = [r["new_val"] for r in mine if r.get("new_val") is not None]
+        rows[m if lr == "auto" else f"{m} @ {lr}"] = {
+            "lr": lr,
+            "seeds": sorted(r["seed"] for r in mine),
+            "a_test": a_test,
+            "a_spread": a_spread,
+            "new_test": new_test,
+            "new_spread": new_spread,
+            "new_val": statistics.mean(vals) if vals else None,
+            "pseudo_labels": mine[0]["pseudo_labels"],
+        }
     ref_new = rows.get("lora-new", {}).get("new_test")
     lines = [
         "# Adding classes to the demo base (benchmarks/add_classes.jsonl, scripts/bench_add_classes.py)",
@@ -140,14 +150,16 @@ def report() -> None:
         "",
         "Means over the seeds, ± half their range.",
         "",
-        "| method | seeds | A test mAP50-95 | vs base | new-class test mAP50-95 | vs lora-new | pseudo-labels |",
-        "|---|---|---|---|---|---|---|",
+        "| method | seeds | A test mAP50-95 | vs base | new-class test mAP50-95 | vs lora-new | new-class val | "
+        "pseudo-labels |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m, r in rows.items():
         vs_new = f"{100 * r['new_test'] / ref_new:.1f}%" if ref_new else "-"
         lines.append(
             f"| {m} | {','.join(map(str, r['seeds']))} | {r['a_test']:.3f}±{r['a_spread']:.3f} | "
             f"{100 * r['a_test'] / base_a:.1f}% | {r['new_test']:.3f}±{r['new_spread']:.3f} | {vs_new} | "
+            f"{'-' if r['new_val'] is None else format(r['new_val'], '.3f')} | "
             f"{r['pseudo_labels'] if r['pseudo_labels'] is not None else '-'} |"
         )
     (OUT / "add_classes.md").write_text("\n".join(lines) + "\n")
@@ -159,19 +171,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--lr", default="auto", help="auto (Ultralytics' optimizer=auto) or an AdamW lr0")
     parser.add_argument("--report", action="store_true", help="only write the report from what ran")
     args = parser.parse_args()
     if not args.report:
         done = (
-            {(r["method"], r["seed"]) for r in map(json.loads, RUNS.read_text().splitlines())}
+            {(r["method"], r["seed"], str(r.get("lr", "auto"))) for r in map(json.loads, RUNS.read_text().splitlines())}
             if RUNS.is_file()
             else set()
         )
         with tempfile.TemporaryDirectory() as tmp:
             for method in args.methods:
-                if (method, args.seed) in done:
+                if (method, args.seed, args.lr) in done:
                     continue
-                result = run(method, args.seed, Path(tmp))
+                result = run(method, args.seed, Path(tmp), args.lr)
                 print(json.dumps(result), flush=True)
                 with open(RUNS, "a", encoding="utf-8") as f:
                     f.write(json.dumps(result) + "\n")

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_adapter
+from conftest import ROOT, random_adapter, save_base
 from torch import nn
-from ultralytics.nn.modules import Conv
+from ultralytics.nn.modules import Conv, DWConv
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
 from lora_yolo import LoraConfig, LoraYoloError, attach_adapter, load_model
 from lora_yolo.adapter import Adapter
-from lora_yolo.branch import ClassBranch, branch_paths, new_branch, widen
+from lora_yolo.branch import ClassBranch, add_class_branches, branch_paths, new_branch, widen
+from lora_yolo.checkpoint import build_for_classes
+from lora_yolo.merge import merge_adapters
+from lora_yolo.serve import AdapterModel
 from lora_yolo.targets import class_layers
+from lora_yolo.train import train
 
 NEW = {0: "star", 1: "cross", 2: "ring", 3: "diamond"}
+SHAPES_B2 = ROOT / "datasets" / "shapes-b2" / "data.yaml"  # none of its classes is a COCO class
+X = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
 
 
 def randomised(branch: nn.Sequential, n_new: int, seed: int) -> nn.Sequential:
@@ -76,8 +82,8 @@ def test_a_widened_branch_widens_again():
 
 
 def test_a_grouped_conv_inside_a_branch_is_refused_in_one_line():
-    base = nn.Sequential(Conv(8, 8, 1), Conv(8, 8, 3, g=2), nn.Conv2d(8, 3, 1)).eval()
-    with pytest.raises(LoraYoloError, match=r"grouped conv \(2 groups\) after the first cannot hold both branches"):
+    base = nn.Sequential(DWConv(8, 8, 3), Conv(8, 8, 1, g=2), nn.Conv2d(8, 3, 1)).eval()  # reads interleaved channels
+    with pytest.raises(LoraYoloError, match=r"grouped conv \(2 groups\) reading both branches' channels cannot hold"):
         widen(ClassBranch(base, new_branch(base, 2)))
 
 
@@ -93,7 +99,7 @@ def crafted(adapter: Adapter, **changes) -> Adapter:
 
 def test_crafted_exact_adapters_fail_in_one_line(base_pt):
     names = {**load_model(base_pt).names, **{80 + i: n for i, n in NEW.items()}}
-    _, adapter = random_adapter(base_pt, LoraConfig(add_classes="exact"), names=names)
+    adapter = exact_adapter(base_pt)
     attach_adapter(load_model(base_pt), adapter)  # the adapter as made fits
     var = next(k for k in adapter.full if k.endswith(".running_var"))
     weight = next(k for k in adapter.full if k.endswith(".new.2.weight"))
@@ -110,3 +116,72 @@ def test_crafted_exact_adapters_fail_in_one_line(base_pt):
         with pytest.raises(LoraYoloError, match=message) as e:
             attach_adapter(load_model(base_pt), bad)
         assert "\n" not in str(e.value)
+
+
+def exact_adapter(base_pt, seed: int = 3) -> Adapter:
+    names = {**load_model(base_pt).names, **{80 + i: n for i, n in NEW.items()}}
+    return random_adapter(base_pt, LoraConfig(add_classes="exact"), seed=seed, names=names)[1]
+
+
+def test_new_branches_start_from_the_base_with_the_class_prior(base_pt):
+    base = load_model(base_pt)
+    names = {**base.names, **{80 + i: n for i, n in NEW.items()}}
+    model = build_for_classes(base, len(names), names)
+    prior = model.model[-1].cv3[0][-1].bias[-4:].clone()  # Ultralytics' class prior for 84 classes
+    full = add_class_branches(model, base, 4)
+    branch = model.model[-1].cv3[0]
+    assert isinstance(branch, ClassBranch) and branch.base is not base.model[-1].cv3[0]  # a copy: the base untouched
+    assert torch.equal(branch.new[-1].bias, prior) and branch.new[-1].out_channels == 4
+    assert torch.equal(branch.new[0][0].conv.weight, base.model[-1].cv3[0][0][0].conv.weight)  # from the base
+    assert all(".new." in n for n in full) and any(n.endswith(".bn.running_var") for n in full)
+
+
+def test_exact_adapter_merges_into_a_plain_model(base_pt):
+    """merge: every ClassBranch widened into plain modules, outputs those of the attached adapter (1e-4); a weighted
+    merge of exact adapters is refused in one line."""
+    adapter = exact_adapter(base_pt)
+    merged = merge_adapters(load_model(base_pt), [(adapter, 1.0)]).eval()
+    assert all(type(m).__module__.startswith(("torch.", "ultralytics.")) for m in merged.modules())
+    attached = attach_adapter(load_model(base_pt), adapter).eval()
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = merged(x)[1], attached(x)[1]
+    assert torch.allclose(got["scores"], want["scores"], atol=1e-4) and torch.equal(got["boxes"], want["boxes"])
+    with pytest.raises(LoraYoloError, match="exact adapter merges alone"):
+        merge_adapters(load_model(base_pt), [(adapter, 0.5), (exact_adapter(base_pt, seed=4), 0.5)])
+
+
+def test_lora_adapter_loads_and_switches_while_an_exact_one_is_active(base_pt):
+    """The default selection adapts the convs inside the class branches: loading such an adapter while an exact
+    adapter's copies run beside those branches must reach them, and either adapter then computes what it computes
+    alone in a fresh model."""
+
+    def scores(model: AdapterModel) -> torch.Tensor:
+        with torch.no_grad():
+            return model.model.eval()(X)[1]["scores"]
+
+    exact, lora = exact_adapter(base_pt), random_adapter(base_pt, seed=1, scale=0.5)[1]
+    assert any(".cv3.0.0." in layer for layer in lora.layers)
+    model = AdapterModel(base_pt)
+    model.set_adapter(model.load_adapter(exact, "e"))
+    model.load_adapter(lora, "l")
+    assert model.adapters == ["e", "l"]
+    for name, adapter in [("l", lora), ("e", exact), ("l", lora)]:
+        model.set_adapter(name)
+        model.merge_adapter()
+        alone = AdapterModel(base_pt)
+        alone.set_adapter(alone.load_adapter(adapter, name))
+        assert torch.allclose(scores(model), scores(alone), atol=1e-4), name
+        model.unmerge_adapter()
+    model.disable_adapters()
+    assert torch.equal(scores(model), scores(AdapterModel(base_pt)))
+
+
+def test_a_base_whose_class_branch_cannot_widen_is_refused_before_training(base_pt, tmp_path):
+    model = load_model(base_pt)
+    branch = model.model[-1].cv3[0]
+    branch[0][1] = Conv(branch[0][1].conv.in_channels, branch[0][1].conv.out_channels, 1, g=2)  # after a depthwise
+    odd = save_base(model, tmp_path / "odd.pt")
+    with pytest.raises(LoraYoloError, match=r"cannot add a class branch beside model.23.cv3.0: a grouped conv"):
+        train(SHAPES_B2, model=odd, config=LoraConfig(add_classes="exact"), project=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
