@@ -24,11 +24,27 @@ from pathlib import Path
 import yaml
 from ultralytics.data.utils import img2label_paths
 
+from lora_yolo.config import LoraConfig
 from lora_yolo.datacheck import split_images
 from lora_yolo.errors import LoraYoloError
 
 FOLDER = "add_classes"  # in the run folder: the relabelled dataset
 PSEUDO_CONF = 0.25  # Ultralytics' own predict default
+# Exact mode trains whole copies of the class branches, not adapters, so it has its own learning rate: AdamW 0.01 had
+# the best validation mAP50-95 on the demo base's new classes (0.395, against 0.380 at 0.003 and 0.317 at
+# Ultralytics' optimizer=auto; benchmarks/add_classes.md), and it is also the lr with the best worst case for training
+# the Detect head alone on the real bases of benchmarks/results.md. Used when neither optimizer nor lr0 is given.
+EXACT_TRAIN = {"optimizer": "AdamW", "lr0": 0.01}
+
+
+def exact_training(config: LoraConfig | None, args: dict, auto_is_unset: bool = False) -> dict:
+    """`args` with exact mode's optimizer and lr (`EXACT_TRAIN`) where the caller chose neither; `auto_is_unset`: an
+    `optimizer: auto` in `args` is a preset's default, not the caller's choice."""
+    if config is None or config.add_classes != "exact" or "lr0" in args:
+        return args
+    if "optimizer" in args and not (auto_is_unset and args["optimizer"] == "auto"):
+        return args
+    return {**args, **EXACT_TRAIN}
 
 
 def combined_names(base: dict[int, str], data: dict[int, str]) -> dict[int, str]:

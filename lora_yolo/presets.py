@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from lora_yolo.classes import exact_training
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
 
@@ -53,4 +54,5 @@ def resolve_config(source: str | Path | None, **overrides: Any) -> tuple[LoraCon
     if not isinstance(train_args, dict):
         raise LoraYoloError(f"'train' in {source} must be a mapping of Ultralytics arguments")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return LoraConfig.from_dict(data), train_args
+    config = LoraConfig.from_dict(data)
+    return config, exact_training(config, train_args, auto_is_unset=True)

@@ -18,7 +18,7 @@ from ultralytics.utils import LOGGER
 from lora_yolo.adapter import load_adapter
 from lora_yolo.branch import check_widenable
 from lora_yolo.checkpoint import RTDETR, load_model, model_kind, resolve_checkpoint
-from lora_yolo.classes import FOLDER, PSEUDO_CONF, check_add_classes, prepare_dataset
+from lora_yolo.classes import FOLDER, PSEUDO_CONF, check_add_classes, exact_training, prepare_dataset
 from lora_yolo.config import LoraConfig
 from lora_yolo.datacheck import check_dataset
 from lora_yolo.diagnose import diagnose, map_history, untouched
@@ -174,6 +174,7 @@ def train(
     if config is None and resume is None:  # the default preset, its training arguments under the caller's
         config, preset_args = resolve_config(None)
         overrides = {**preset_args, **overrides}
+    overrides = exact_training(config, overrides)
     check_args(overrides, RESERVED, "training")
     pseudo_labels = None
     if resume is not None:

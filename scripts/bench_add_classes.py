@@ -27,10 +27,11 @@ import json
 import statistics
 import sys
 import tempfile
+from copy import deepcopy
 from pathlib import Path
 
 import yaml
-from bench_finetune import N_TEST, SCHEDULE, datasets, fetch_base, mean_spread
+from bench_finetune import N_TEST, N_VAL, SCHEDULE, datasets, fetch_base, mean_spread
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks"
@@ -40,6 +41,7 @@ METHODS = ("exact", "adapted", "lora-new", "full-new", "full-pseudo", "branch-ne
 # each class conv trained, on frozen features), and adapted / lora-new with the previous default preset (DoRA r 32
 # with the convs whose rank limit is below 32 frozen, clamp_rank False)
 EARLIER = ("exact-rows", "adapted-r32", "lora-new-r32")
+A_VAL_SEED = 9  # A's validation images (A's test images are seed 8): how much of A an lr keeps, for choosing it
 
 
 def with_names(data: str | Path, names: dict[int, str], out: Path) -> Path:
@@ -73,6 +75,7 @@ def run(method: str, seed: int, root: Path, lr: str | float = "auto") -> dict:
     base = fetch_base("demo-11n")
     new = datasets(root, "new-classes", 64)
     a_test = make_dataset(root / "A-test", "A", 0, N_TEST, SCHEDULE["imgsz"], seed=8)
+    a_val = make_dataset(root / "A-val", "A", 0, N_VAL, SCHEDULE["imgsz"], seed=A_VAL_SEED)
     base_names = load_model(base).names
     combined = combined_names(base_names, yaml.safe_load(Path(new["data"]).read_text())["names"])
     project = root / f"{method}-{seed}-{lr}"
@@ -111,10 +114,54 @@ def run(method: str, seed: int, root: Path, lr: str | float = "auto") -> dict:
         "seed": seed,
         "lr": lr,
         "new_val": val,
+        "a_val": score(weights, with_names(a_val, combined, project / "a-val.yaml"), project) if keeps_a else 0.0,
         "a_test": score(weights, with_names(a_test, combined, project / "a-test.yaml"), project) if keeps_a else 0.0,
         "new_test": score(weights, Path(new_test), project),
         "pseudo_labels": pseudo,
     }
+
+
+def macs(model, imgsz: int = 640) -> float:
+    """Multiply-adds (G) of one fused forward pass at `imgsz`, counted on every conv: deterministic, unlike a timing."""
+    import torch
+    from torch import nn
+
+    total = []
+    hooks = [
+        m.register_forward_hook(
+            lambda m, i, o: total.append(o[0].numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1])
+        )
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    with torch.no_grad():
+        model.fuse(verbose=False).eval()(torch.zeros(1, 3, imgsz, imgsz))
+    for h in hooks:
+        h.remove()
+    return sum(total) / 1e9
+
+
+def inference_cost() -> list[str]:
+    """Markdown rows: what exact mode's class branches cost at inference, served (base branch + copy) and merged
+    (one widened plain branch), for the demo base with its 4 new classes and for 80-class YOLO11n / YOLOv8n / YOLO26n
+    models (random weights: the cost does not depend on them) with 4 more."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from lora_yolo.branch import add_class_branches, widen_branches
+    from lora_yolo.checkpoint import build_for_classes, load_model
+
+    bases = {"demo base (yolo11n, 3 classes)": load_model(fetch_base("demo-11n"))}
+    for cfg in ("yolo11n", "yolov8n", "yolo26n"):
+        bases[f"{cfg}, 80 classes"] = DetectionModel(f"{cfg}.yaml", nc=80, verbose=False)
+    rows = []
+    for label, base in bases.items():
+        names = {**base.names, **{len(base.names) + i: f"new{i}" for i in range(4)}}
+        served = build_for_classes(base, len(names), names)
+        add_class_branches(served, base, 4)
+        merged = widen_branches(deepcopy(served))
+        b, s, m = macs(deepcopy(base)), macs(served), macs(merged)
+        rows.append(f"| {label} | {b:.2f} | {s:.2f} (+{s / b - 1:.0%}) | {m:.2f} (+{m / b - 1:.0%}) |")
+    return rows
 
 
 def report() -> None:
@@ -124,13 +171,17 @@ def report() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         a_test = make_dataset(Path(tmp) / "A-test", "A", 0, N_TEST, SCHEDULE["imgsz"], seed=8)
         base_a = score(fetch_base("demo-11n"), a_test, Path(tmp))
+        a_val = make_dataset(Path(tmp) / "A-val", "A", 0, N_VAL, SCHEDULE["imgsz"], seed=A_VAL_SEED)
+        base_a_val = score(fetch_base("demo-11n"), a_val, Path(tmp))
     rows = {}
     order = {m: i for i, m in enumerate((*METHODS, *EARLIER))}
-    for m, lr in sorted({(r["method"], str(r.get("lr", "auto"))) for r in runs}, key=lambda k: (order[k[0]], k[1])):
+    combos = {(r["method"], str(r.get("lr", "auto"))) for r in runs}
+    for m, lr in sorted(combos, key=lambda k: (order[k[0]], k[1] != "auto", k[1])):
         mine = [r for r in runs if (r["method"], str(r.get("lr", "auto"))) == (m, lr)]
         a_test, a_spread = mean_spread([r["a_test"] for r in mine])
         new_test, new_spread = mean_spread([r["new_test"] for r in mine])
         vals = [r["new_val"] for r in mine if r.get("new_val") is not None]
+        a_vals = [r["a_val"] for r in mine if r.get("a_val") is not None]
         rows[m if lr == "auto" else f"{m} @ {lr}"] = {
             "lr": lr,
             "seeds": sorted(r["seed"] for r in mine),
@@ -139,6 +190,7 @@ def report() -> None:
             "new_test": new_test,
             "new_spread": new_spread,
             "new_val": statistics.mean(vals) if vals else None,
+            "a_val": statistics.mean(a_vals) if a_vals else None,
             "pseudo_labels": mine[0]["pseudo_labels"],
         }
     ref_new = rows.get("lora-new", {}).get("new_test")
@@ -146,13 +198,15 @@ def report() -> None:
         "# Adding classes to the demo base (benchmarks/add_classes.jsonl, scripts/bench_add_classes.py)",
         "",
         f"Base zero-shot mAP50-95 on A's test images (its own 3 classes): {base_a:.3f}. Schedule: {SCHEDULE}, "
-        "optimizer=auto, 64 training images of the 4 new shapes.",
+        "optimizer=auto (a row `@ lr`: AdamW at that lr0), 64 training images of the 4 new shapes.",
         "",
-        "Means over the seeds, ± half their range.",
+        f"Base on A's validation images: {base_a_val:.3f}. "
+        "Means over the seeds, ± half their range. Exact mode's own lr (`lora_yolo.classes.EXACT_TRAIN`, used when "
+        "neither optimizer nor lr0 is given): the one with the best new-class validation mAP50-95 of seed 0.",
         "",
         "| method | seeds | A test mAP50-95 | vs base | new-class test mAP50-95 | vs lora-new | new-class val | "
-        "pseudo-labels |",
-        "|---|---|---|---|---|---|---|---|",
+        "A val | pseudo-labels |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in rows.items():
         vs_new = f"{100 * r['new_test'] / ref_new:.1f}%" if ref_new else "-"
@@ -160,10 +214,21 @@ def report() -> None:
             f"| {m} | {','.join(map(str, r['seeds']))} | {r['a_test']:.3f}±{r['a_spread']:.3f} | "
             f"{100 * r['a_test'] / base_a:.1f}% | {r['new_test']:.3f}±{r['new_spread']:.3f} | {vs_new} | "
             f"{'-' if r['new_val'] is None else format(r['new_val'], '.3f')} | "
+            f"{'-' if not r['a_val'] else format(r['a_val'], '.3f')} | "
             f"{r['pseudo_labels'] if r['pseudo_labels'] is not None else '-'} |"
         )
+    lines += [
+        "",
+        "Inference cost of exact mode's class branches, GMACs of one 640x640 image (fused, convs counted):",
+        "",
+        "| model + 4 new classes | base | served with --adapter | merged.pt |",
+        "|---|---|---|---|",
+        *inference_cost(),
+    ]
     (OUT / "add_classes.md").write_text("\n".join(lines) + "\n")
-    (OUT / "add_classes.json").write_text(json.dumps({"base_a_test": base_a, "rows": rows}, indent=2) + "\n")
+    (OUT / "add_classes.json").write_text(
+        json.dumps({"base_a_test": base_a, "base_a_val": base_a_val, "rows": rows}, indent=2) + "\n"
+    )
     print("\n".join(lines))
 
 

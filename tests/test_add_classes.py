@@ -6,14 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import ROOT, TINY, make_base, plain_ultralytics, sha256
 from ultralytics import YOLO
 
 from lora_yolo import LoraConfig, LoraYoloError, load_adapter, load_model
-from lora_yolo.classes import FOLDER, combined_names
+from lora_yolo.classes import EXACT_TRAIN, FOLDER, combined_names, exact_training
 from lora_yolo.errors import TrainingInterrupted
 from lora_yolo.export import export_model
-from lora_yolo.serve import AdapterModel
+from lora_yolo.presets import resolve_config
+from lora_yolo.serve import AdapterModel, predict, validate
 from lora_yolo.train import train
 
 pytestmark = pytest.mark.slow
@@ -101,6 +103,32 @@ def test_exact_merged_model_is_plain_ultralytics(runs):
     with torch.no_grad():
         y = load_model(merged).eval()(torch.rand(1, 3, 64, 64))[0]
     assert got["shape"] == [1, 4 + 7, y.shape[2]] and abs(got["sum"] - y[:, 4:].sum().item()) < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["exact", "adapted"])
+def test_val_and_predict_with_the_adapter_match_merged(runs, demo_base, mode, tmp_path):
+    """`val`/`predict --adapter` serve the combined class set (exact: the base's branches beside the copies) and
+    score what merged.pt scores, on the run's relabelled validation split with the combined names."""
+    result = runs[mode]
+    data = result.save_dir / FOLDER / "data.yaml"
+    args = dict(imgsz=64, batch=4, device="cpu", plots=False, project=str(tmp_path), verbose=False)
+    served = validate(data, demo_base, result.adapter, name="served", **args)
+    merged = YOLO(str(result.merged)).val(data=str(data), name="merged", **args)
+    assert abs(served.box.map - merged.box.map) < 1e-3 and len(served.names) == len(COMBINED)
+    folder = data.parent / "images" / "val"
+    _, images, boxes = predict(folder, demo_base, result.adapter, imgsz=64, save=False, conf=0.01)
+    assert images == len(list(folder.iterdir())) and boxes > 0
+
+
+def test_exact_mode_has_its_own_learning_rate_unless_one_is_given(runs):
+    """Exact mode trains class-branch copies in full: AdamW 0.01 (EXACT_TRAIN) where the caller chose no optimizer or
+    lr0, from the library (the run above) and from a preset (whose optimizer=auto is the default, not a choice)."""
+    args = yaml.safe_load((runs["exact"].save_dir / "args.yaml").read_text())
+    assert (args["optimizer"], args["lr0"]) == ("AdamW", 0.01) == tuple(EXACT_TRAIN.values())
+    assert resolve_config("default", add_classes="exact")[1] == {"optimizer": "AdamW", "lr0": 0.01}
+    assert resolve_config("default", add_classes="adapted")[1] == {"optimizer": "auto"}  # adapters: the default's
+    given = {"optimizer": "SGD", "lr0": 0.02}
+    assert all(exact_training(LoraConfig(add_classes="exact"), {k: v}) == {k: v} for k, v in given.items())
 
 
 def test_adapted_mode_pseudo_labels_the_base_objects_in_the_run_folder(runs):
