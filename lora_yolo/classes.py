@@ -31,9 +31,10 @@ from lora_yolo.errors import LoraYoloError
 FOLDER = "add_classes"  # in the run folder: the relabelled dataset
 PSEUDO_CONF = 0.25  # Ultralytics' own predict default
 # Exact mode trains whole copies of the class branches, not adapters, so it has its own learning rate: AdamW 0.01 had
-# the best validation mAP50-95 on the demo base's new classes (0.395, against 0.380 at 0.003 and 0.317 at
-# Ultralytics' optimizer=auto; benchmarks/add_classes.md), and it is also the lr with the best worst case for training
-# the Detect head alone on the real bases of benchmarks/results.md. Used when neither optimizer nor lr0 is given.
+# the best validation mAP50-95 on the demo base's new classes (benchmarks/v1/add_classes.md: 0.395, against 0.380 at
+# 0.003 and 0.317 at Ultralytics' optimizer=auto; on scenes mixing old and new objects, benchmarks/add_classes.md,
+# 0.331 tied with 0.003, 0.272 at auto), and it is also the lr with the best worst case for training the Detect head
+# alone on the real bases of benchmarks/results.md. Used when neither optimizer nor lr0 is given.
 EXACT_TRAIN = {"optimizer": "AdamW", "lr0": 0.01}
 
 

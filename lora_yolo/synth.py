@@ -44,6 +44,11 @@ DOMAINS = {
     "A": Domain(("circle", "square", "triangle"), "light", (0.10, 0.30), 0.0, (1, 5), 2),
     "B1": Domain(("circle", "square", "triangle"), "dark", (0.06, 0.18), 1.5, (3, 8), 6),
     "B2": Domain(("star", "cross", "ring", "diamond"), "light", (0.08, 0.22), 0.5, (2, 6), 4),
+    # A's shapes and B2's in the same scenes: what a user adding B2's classes to an A model photographs, where the
+    # old classes appear unlabelled beside the new ones (scripts/bench_add_classes.py)
+    "AB2": Domain(
+        ("circle", "square", "triangle", "star", "cross", "ring", "diamond"), "light", (0.08, 0.26), 0.5, (2, 7), 4
+    ),  # fmt: skip
 }
 
 
