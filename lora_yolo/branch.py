@@ -127,7 +127,10 @@ def widen(branch: ClassBranch) -> nn.Sequential:
     return out
 
 
-def _steps(module: nn.Module) -> list:
+Step = Conv | tuple[nn.Sequential, int]  # a Conv block, or a plain conv as (its Sequential, its index)
+
+
+def _steps(module: nn.Module) -> list[Step]:
     """The branch's Conv blocks and plain convs in the order they run (the last conv as (its Sequential, index),
     so it can be replaced)."""
     steps = []
@@ -145,7 +148,7 @@ def _steps(module: nn.Module) -> list:
     return steps
 
 
-def _conv(step) -> nn.Conv2d:
+def _conv(step: Step) -> nn.Conv2d:
     return step.conv if isinstance(step, Conv) else step[0][step[1]]
 
 

@@ -12,7 +12,8 @@ Two modes (see `lora_yolo.trainer` for the training side):
 - `adapted`: LoRA across the network as usual and the class convs trained in full, on the pseudo-labelled data.
 
 Either way the adapter is an ordinary adapter with a new class set (adapted: its class convs in full, one row per
-combined class; exact: the class-branch copies in full), so merge, export and serving treat it as any other.
+combined class; exact: the class-branch copies in full), so merge, export and serving treat it as any other, except
+that an exact adapter merges alone (class branches do not add up with weights).
 """
 
 from __future__ import annotations
@@ -30,22 +31,21 @@ from lora_yolo.errors import LoraYoloError
 
 FOLDER = "add_classes"  # in the run folder: the relabelled dataset
 PSEUDO_CONF = 0.25  # Ultralytics' own predict default
-# Exact mode trains whole copies of the class branches, not adapters, so it has its own learning rate: AdamW 0.01 had
-# the best validation mAP50-95 on the demo base's new classes (benchmarks/v1/add_classes.md: 0.395, against 0.380 at
-# 0.003 and 0.317 at Ultralytics' optimizer=auto; on scenes mixing old and new objects, benchmarks/add_classes.md,
-# 0.331 tied with 0.003, 0.272 at auto), and it is also the lr with the best worst case for training the Detect head
-# alone on the real bases of benchmarks/results.md. Used when neither optimizer nor lr0 is given.
+# Exact mode trains whole copies of the class branches, not adapters, so it has its own optimizer and learning rate:
+# AdamW 0.01 had the best seed-0 validation mAP50-95 on the demo base's new classes in the first version of
+# scripts/bench_add_classes.py (benchmarks/v1/add_classes.jsonl: 0.395, against 0.380 at 0.003 and 0.317 at
+# Ultralytics' optimizer=auto); on scenes mixing old and new objects (benchmarks/add_classes.jsonl) 0.331 at 0.01 and
+# at 0.003, 0.272 at auto. It is also the lr with the best worst case for training the Detect head alone on the real
+# bases of benchmarks/results.md.
 EXACT_TRAIN = {"optimizer": "AdamW", "lr0": 0.01}
+PRESET_LR = ("optimizer", "lr0")  # what a preset tunes for its adapters, which exact mode does not train
 
 
-def exact_training(config: LoraConfig | None, args: dict, auto_is_unset: bool = False) -> dict:
-    """`args` with exact mode's optimizer and lr (`EXACT_TRAIN`) where the caller chose neither; `auto_is_unset`: an
-    `optimizer: auto` in `args` is a preset's default, not the caller's choice."""
-    if config is None or config.add_classes != "exact" or "lr0" in args:
+def exact_training(config: LoraConfig | None, args: dict) -> dict:
+    """`args` with exact mode's optimizer where the caller chose none: AdamW, at the caller's lr0 or 0.01."""
+    if config is None or config.add_classes != "exact" or "optimizer" in args:
         return args
-    if "optimizer" in args and not (auto_is_unset and args["optimizer"] == "auto"):
-        return args
-    return {**args, **EXACT_TRAIN}
+    return {**EXACT_TRAIN, **args}
 
 
 def combined_names(base: dict[int, str], data: dict[int, str]) -> dict[int, str]:

@@ -20,6 +20,8 @@ branch before its BatchNorm and is left as it is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from ultralytics.nn.modules.conv import Conv, DWConv
@@ -63,7 +65,7 @@ def folded_output(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     return y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
 
-def fold_batchnorm(model: nn.Module, skip: list[nn.Module] = ()) -> int:
+def fold_batchnorm(model: nn.Module, skip: Sequence[nn.Module] = ()) -> int:
     """Fold every frozen BatchNorm of a `Conv`/`DWConv` block into its conv, in place; returns how many.
 
     Call it on a model whose BatchNorms are all frozen except those under the modules in `skip` (LoRA training: the

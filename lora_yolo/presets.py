@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from lora_yolo.classes import exact_training
+from lora_yolo.classes import PRESET_LR
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
 
@@ -55,4 +55,6 @@ def resolve_config(source: str | Path | None, **overrides: Any) -> tuple[LoraCon
         raise LoraYoloError(f"'train' in {source} must be a mapping of Ultralytics arguments")
     data.update({k: v for k, v in overrides.items() if v is not None})
     config = LoraConfig.from_dict(data)
-    return config, exact_training(config, train_args, auto_is_unset=True)
+    if config.add_classes == "exact":  # no adapter to train: the preset's optimizer and lr0 do not apply (train()
+        train_args = {k: v for k, v in train_args.items() if k not in PRESET_LR}  # sets exact mode's own)
+    return config, train_args

@@ -10,7 +10,8 @@ callbacks, DDP) stays its own; this class changes only what it must, each where 
 - `get_model` builds the fine-tuning model exactly as DetectionTrainer does, adds the adapters, and turns the
   frozen set into Ultralytics' own `freeze` list. That matters: `_setup_train` sets `requires_grad=True` on every
   parameter not named in `freeze`, and builds the optimizer, DDP wrapper and EMA right after, before any callback.
-  The class convs are trained in full whenever the dataset's class names differ from the base's.
+  The class convs are trained in full whenever the dataset's class names differ from the base's; with
+  add_classes=exact nothing of the base trains, only a copy of each class branch (`lora_yolo.branch`).
 - `build_optimizer` takes Ultralytics' optimizer and splits out two kinds of adapter tensor: LoRA's B, at
   `loraplus_lr_ratio` times the learning rate (LoRA+), and DoRA's magnitudes, without weight decay (decay would
   shrink every channel's norm, which the magnitude is); under MuSGD the adapters take its SGD part.
@@ -123,8 +124,8 @@ class _DropFreezeLines(logging.Filter):
 
 
 class LoraTrainerMixin:
-    """Trains LoRA adapters (and, for a new class set, the class layers) on a frozen base, in front of an
-    Ultralytics task trainer.
+    """Trains LoRA adapters (and, for a new class set, the class layers; for add_classes=exact, copies of the class
+    branches instead) on a frozen base, in front of an Ultralytics task trainer.
 
     Example:
         >>> trainer = LoraDetectionTrainer(overrides={"data": "coco8.yaml", "model": "base.pt"}, lora=LoraConfig())

@@ -15,9 +15,6 @@ never saw) and on the new classes' test images:
   lora-new    the default recipe on the new classes alone (a new class set: forgets A)
   full-new    Ultralytics full fine-tuning on the new classes alone (forgets A)
   full-pseudo Ultralytics full fine-tuning on adapted's pseudo-labelled data (the combined class set)
-  branch-new  Ultralytics fine-tuning of the Detect head's class branches (cv3) alone on the new classes, every other
-              layer frozen: how far a trainable class branch can go with the base's boxes, as exact mode keeps them
-              (a Detect head predicts one box per anchor for every class); forgets A
 Goals (the add-classes issue): on A, exact 100% of the base and adapted >= 95%; on the new classes, exact >= 90% and
 adapted >= 95% of lora-new. Each run appends to benchmarks/add_classes.jsonl as it ends. lora-yolo's runs also record
 the new classes' validation mAP50-95 of merged.pt, which is what an lr is chosen on (never the test splits). The
@@ -29,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from copy import deepcopy
@@ -41,11 +37,7 @@ from bench_finetune import N_TEST, N_VAL, SCHEDULE, fetch_base, mean_spread
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks"
 RUNS = OUT / "add_classes.jsonl"
-METHODS = ("exact", "adapted", "lora-new", "full-new", "full-pseudo", "branch-new")
-# runs of earlier versions, kept in the report: exact mode before it had a class branch (only the new class rows of
-# each class conv trained, on frozen features), and adapted / lora-new with the previous default preset (DoRA r 32
-# with the convs whose rank limit is below 32 frozen, clamp_rank False)
-EARLIER = ("exact-rows", "adapted-r32", "lora-new-r32")
+METHODS = ("exact", "adapted", "lora-new", "full-new", "full-pseudo")
 A_VAL_SEED = 9  # A's validation images (A's test images are seed 8): how much of A an lr keeps, for choosing it
 
 
@@ -120,10 +112,6 @@ def run(method: str, seed: int, root: Path, lr: str | float = "auto") -> dict:
         if method == "full-pseudo":  # the same relabelled, pseudo-labelled data as adapted
             data = prepare_dataset(check_dataset(new["data"]), base, base_names, project / FOLDER, 0.25, "detect")[0]
         model = YOLO(str(base))
-        if method == "branch-new":  # Ultralytics' freeze matches "model.{entry}." prefixes
-            head = len(model.model.model) - 1
-            others = [name for name, _ in model.model.model[head].named_children() if name != "cv3"]
-            common["freeze"] = [*range(head), *(f"{head}.{name}" for name in others)]
         model.train(data=str(data), **common)
         weights = Path(model.trainer.best)
     names = load_model(weights).names
@@ -209,7 +197,7 @@ def lr_choices(runs: list[dict], base_a_val: float) -> list[str]:
         scored = {lr: v for lr, v in scored.items() if v is not None}
         if scored:
             best = max(scored, key=scored.get)
-            each = ", ".join(f"{lr} {v:.3f}" for lr, v in sorted(scored.items()))
+            each = ", ".join(f"{lr} {v:.4f}" for lr, v in sorted(scored.items()))
             lines.append(f"- {method}: validation picks lr {best} ({each})")
     return ["Learning rates as seed 0's validation scores rank them:", "", *lines] if lines else []
 
@@ -224,14 +212,13 @@ def report() -> None:
         a_val = make_dataset(Path(tmp) / "A-val", "A", 0, N_VAL, SCHEDULE["imgsz"], seed=A_VAL_SEED)
         base_a_val = score(fetch_base("demo-11n"), a_val, Path(tmp))
     rows = {}
-    order = {m: i for i, m in enumerate((*METHODS, *EARLIER))}
+    order = {m: i for i, m in enumerate(METHODS)}
     combos = {(r["method"], str(r.get("lr", "auto"))) for r in runs}
     for m, lr in sorted(combos, key=lambda k: (order[k[0]], k[1] != "auto", k[1])):
         mine = [r for r in runs if (r["method"], str(r.get("lr", "auto"))) == (m, lr)]
         a_test, a_spread = mean_spread([r["a_test"] for r in mine])
         new_test, new_spread = mean_spread([r["new_test"] for r in mine])
-        vals = [r["new_val"] for r in mine if r.get("new_val") is not None]
-        a_vals = [r["a_val"] for r in mine if r.get("a_val") is not None]
+        seed0 = next((r for r in mine if r["seed"] == 0), {})  # validation: what lrs are compared on
         rows[m if lr == "auto" else f"{m} @ {lr}"] = {
             "lr": lr,
             "seeds": sorted(r["seed"] for r in mine),
@@ -239,8 +226,8 @@ def report() -> None:
             "a_spread": a_spread,
             "new_test": new_test,
             "new_spread": new_spread,
-            "new_val": statistics.mean(vals) if vals else None,
-            "a_val": statistics.mean(a_vals) if a_vals else None,
+            "new_val": seed0.get("new_val"),
+            "a_val": seed0.get("a_val"),
             "pseudo_labels": mine[0]["pseudo_labels"],
         }
     ref_new = rows.get("lora-new", {}).get("new_test")
@@ -252,11 +239,12 @@ def report() -> None:
         "new ones, the new ones labelled.",
         "",
         f"Base on A's validation images: {base_a_val:.3f}. "
-        "Means over the seeds, ± half their range. Exact mode's own lr (`lora_yolo.classes.EXACT_TRAIN`, used when "
-        "neither optimizer nor lr0 is given): the one with the best new-class validation mAP50-95 of seed 0.",
+        "Test: means over the seeds, ± half their range; validation: seed 0. Exact mode's own lr "
+        "(`lora_yolo.classes.EXACT_TRAIN`, used unless an optimizer is given) was chosen on seed 0's validation in "
+        "the first version of this benchmark (benchmarks/v1).",
         "",
-        "| method | seeds | A test mAP50-95 | vs base | new-class test mAP50-95 | vs lora-new | new-class val | "
-        "A val | pseudo-labels |",
+        "| method | seeds | A test mAP50-95 | vs base | new-class test mAP50-95 | vs lora-new | new-class val (seed 0) "
+        "| A val (seed 0) | pseudo-labels |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in rows.items():

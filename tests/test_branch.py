@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT, random_adapter, save_base
+from conftest import ROOT, TINY, random_adapter, save_base
 from torch import nn
 from ultralytics.nn.modules import Conv, DWConv
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel
@@ -15,6 +15,7 @@ from lora_yolo.adapter import Adapter
 from lora_yolo.branch import ClassBranch, add_class_branches, branch_paths, new_branch, widen
 from lora_yolo.checkpoint import build_for_classes
 from lora_yolo.merge import merge_adapters
+from lora_yolo.presets import resolve_config
 from lora_yolo.serve import AdapterModel
 from lora_yolo.targets import class_layers
 from lora_yolo.train import train
@@ -67,6 +68,9 @@ def test_widened_branch_computes_the_served_branch(model):
         assert torch.equal(served[:, : own.shape[1]], own), path
         assert served.shape == plain.shape and torch.allclose(served, plain, rtol=1e-5, atol=1e-5), path
         assert (served[:, own.shape[1] :] - own.mean()).abs().max() > 1e-2  # the copy's scores are its own
+        if any(isinstance(m, Conv) and m.conv.kernel_size == (3, 3) and m.conv.groups == 1 for m in base.modules()):
+            # a dense conv reading the base's channels then the copy's runs as two groups, not block-diagonal
+            assert any(m.groups == 2 for m in wide.modules() if isinstance(m, nn.Conv2d)), path
 
 
 def test_a_widened_branch_widens_again():
@@ -143,6 +147,9 @@ def test_exact_adapter_merges_into_a_plain_model(base_pt):
     merged = merge_adapters(load_model(base_pt), [(adapter, 1.0)]).eval()
     assert all(type(m).__module__.startswith(("torch.", "ultralytics.")) for m in merged.modules())
     attached = attach_adapter(load_model(base_pt), adapter).eval()
+    copies = {k: v for k, v in attached.state_dict().items() if ".new." in k and v.is_floating_point()}
+    assert copies.keys() == set(adapter.full)  # the adapter's copies, loaded as stored
+    assert all(torch.equal(v, adapter.tensors[k].float()) for k, v in copies.items())
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want = merged(x)[1], attached(x)[1]
@@ -164,6 +171,9 @@ def test_lora_adapter_loads_and_switches_while_an_exact_one_is_active(base_pt):
     assert any(".cv3.0.0." in layer for layer in lora.layers)
     model = AdapterModel(base_pt)
     model.set_adapter(model.load_adapter(exact, "e"))
+    served = {f"{p}.new.{k}": v for p, m in model.model.named_modules() if isinstance(m, ClassBranch)
+              for k, v in m.new.state_dict().items() if v.is_floating_point()}  # fmt: skip
+    assert served.keys() == set(exact.full) and all(torch.equal(v, exact.tensors[k].float()) for k, v in served.items())
     model.load_adapter(lora, "l")
     assert model.adapters == ["e", "l"]
     for name, adapter in [("l", lora), ("e", exact), ("l", lora)]:
@@ -183,5 +193,35 @@ def test_a_base_whose_class_branch_cannot_widen_is_refused_before_training(base_
     branch[0][1] = Conv(branch[0][1].conv.in_channels, branch[0][1].conv.out_channels, 1, g=2)  # after a depthwise
     odd = save_base(model, tmp_path / "odd.pt")
     with pytest.raises(LoraYoloError, match=r"cannot add a class branch beside model.23.cv3.0: a grouped conv"):
-        train(SHAPES_B2, model=odd, config=LoraConfig(add_classes="exact"), project=str(tmp_path / "runs"))
+        train(SHAPES_B2, model=odd, config=LoraConfig(add_classes="exact"), project=str(tmp_path / "runs"), **TINY)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "library", "want"),
+    [
+        ((), {}, {"optimizer": "AdamW", "lr0": 0.01}),  # the default preset's optimizer=auto is for adapters
+        (("--lr0", "0.003"), {"lr0": 0.003}, {"optimizer": "AdamW", "lr0": 0.003}),  # lr0 alone: AdamW at that lr
+        (("optimizer=auto",), {"optimizer": "auto"}, {"optimizer": "auto"}),  # kept, with no lr0 it would ignore
+        (("optimizer=SGD", "--lr0", "0.02"), {"optimizer": "SGD", "lr0": 0.02}, {"optimizer": "SGD", "lr0": 0.02}),
+        (("--config", "head_only"), None, {"optimizer": "AdamW", "lr0": 0.01}),  # not the preset's AdamW 0.02
+    ],
+)
+def test_exact_mode_optimizer_from_the_cli_and_the_library(cli_here, monkeypatch, demo_base, args, library, want):
+    """What reaches Ultralytics' trainer in exact mode: AdamW 0.01 unless an optimizer is given, from the CLI (through
+    a preset) and from `train()` alike; adapted mode keeps the preset's optimizer=auto."""
+    import lora_yolo.train
+
+    seen = []
+
+    def no_trainer(kind, overrides, lora=None):  # the run stops where the trainer would be built
+        seen.append({k: overrides[k] for k in ("optimizer", "lr0") if k in overrides})
+        raise LoraYoloError("stop")
+
+    monkeypatch.setattr(lora_yolo.train, "_trainer", no_trainer)
+    assert cli_here("train", SHAPES_B2, "--model", demo_base, "--add-classes", "exact", *args).returncode == 1
+    if library is not None:  # the same call from Python, without a preset
+        with pytest.raises(LoraYoloError, match="stop"):
+            train(SHAPES_B2, model=demo_base, config=LoraConfig(add_classes="exact"), **library)
+    assert seen == [want] * (1 if library is None else 2)
+    assert resolve_config("default", add_classes="adapted")[1] == {"optimizer": "auto"}
