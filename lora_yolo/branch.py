@@ -61,7 +61,7 @@ def new_branch(base: nn.Sequential, n_new: int, bias: torch.Tensor | None = None
     last = copy[-1]
     conv = nn.Conv2d(last.in_channels, n_new, last.kernel_size, last.stride, last.padding, bias=last.bias is not None)
     if bias is not None and conv.bias is not None:
-        conv.bias.data.copy_(bias.detach()[:n_new])
+        conv.bias.data.copy_(bias.detach())
     copy[-1] = conv.to(last.weight.device, last.weight.dtype)
     return copy
 

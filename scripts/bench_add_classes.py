@@ -135,31 +135,12 @@ def run(method: str, seed: int, root: Path, lr: str | float = "auto") -> dict:
     }
 
 
-def macs(model, imgsz: int = 640) -> float:
-    """Multiply-adds (G) of one fused forward pass at `imgsz`, counted on every conv: deterministic, unlike a timing."""
-    import torch
-    from torch import nn
-
-    total = []
-    hooks = [
-        m.register_forward_hook(
-            lambda m, i, o: total.append(o[0].numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1])
-        )
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d)
-    ]
-    with torch.no_grad():
-        model.fuse(verbose=False).eval()(torch.zeros(1, 3, imgsz, imgsz))
-    for h in hooks:
-        h.remove()
-    return sum(total) / 1e9
-
-
 def inference_cost() -> list[str]:
     """Markdown rows: what exact mode's class branches cost at inference, served (base branch + copy) and merged
     (one widened plain branch), for the demo base with its 4 new classes and for 80-class YOLO11n / YOLOv8n / YOLO26n
     models (random weights: the cost does not depend on them) with 4 more."""
     from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils.torch_utils import get_flops
 
     from lora_yolo.branch import add_class_branches, widen_branches
     from lora_yolo.checkpoint import build_for_classes, load_model
@@ -173,7 +154,7 @@ def inference_cost() -> list[str]:
         served = build_for_classes(base, len(names), names)
         add_class_branches(served, base, 4)
         merged = widen_branches(deepcopy(served))
-        b, s, m = macs(deepcopy(base)), macs(served), macs(merged)
+        b, s, m = (get_flops(deepcopy(x).fuse(verbose=False), 640) for x in (base, served, merged))
         rows.append(f"| {label} | {b:.2f} | {s:.2f} (+{s / b - 1:.0%}) | {m:.2f} (+{m / b - 1:.0%}) |")
     return rows
 
@@ -259,7 +240,7 @@ def report() -> None:
     lines += ["", *lr_choices(runs, base_a_val)]
     lines += [
         "",
-        "Inference cost of exact mode's class branches, GMACs of one 640x640 image (fused, convs counted):",
+        "Inference cost of exact mode's class branches, GFLOPs of one 640x640 image (fused; Ultralytics' get_flops):",
         "",
         "| model + 4 new classes | base | served with --adapter | merged.pt |",
         "|---|---|---|---|",
