@@ -5,7 +5,7 @@ Tensors
   `<conv>.lora_B.weight`  (out, r, 1, 1)
   `<conv>.lora_magnitude_vector`  (out,)  DoRA only: the trained magnitude per output channel
   `<param>`               any tensor trained in full, under its model name (the class layers when the class count
-                          changed, e.g. `model.23.cv3.0.2.weight`; for add_classes=exact the parallel class branches'
+                          changed, e.g. `model.23.cv3.0.2.weight`; with add_classes the parallel class branches'
                           tensors, BatchNorm statistics included, e.g. `model.23.cv3.0.new.0.0.bn.running_mean`)
 Metadata (safetensors' string map, values JSON)
   format, format_version, task, lora_config (LoraConfig.to_dict), layers ({conv: [r, lora_alpha]}),
@@ -30,12 +30,12 @@ from safetensors.torch import save, save_file
 from torch import nn
 
 from lora_yolo.atomic import atomic_path
-from lora_yolo.branch import add_class_branches, branch_paths, new_tensor_shapes
+from lora_yolo.branch import add_class_branches, new_tensor_shapes
 from lora_yolo.checkpoint import build_for_classes, class_count, model_task
 from lora_yolo.config import LoraConfig, positive_number
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_plan, lora_tensor_names
-from lora_yolo.targets import class_layers
+from lora_yolo.targets import branch_paths, class_layers
 
 FORMAT = "lora-yolo-adapter"
 FORMAT_VERSION = 1
@@ -222,7 +222,7 @@ def parse_metadata(tensors: dict[str, torch.Tensor], meta: dict[str, str], path:
         raise bad(f"lora_config: {type(e).__name__}") from None
     if (
         not isinstance(layers, dict)
-        or not (layers or full)  # class branches alone: add_classes=exact
+        or not (layers or full)  # class-branch copies alone: add_classes=exact
         or not all(
             isinstance(v, list) and len(v) == 2 and _positive_int(v[0]) and positive_number(v[1])
             for v in layers.values()
@@ -304,14 +304,14 @@ def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: li
     (`classes`) without a LoRA adapter, with one row per adapter class: that is all training stores in full, and all
     serving can swap (the class layers have no BatchNorm, so they are the same in the fused model). An adapter whose
     class set differs from the base's `names` must carry those class layers: the base's rows would otherwise be used
-    for other classes (or be random, for new ones). An add_classes=exact adapter holds copies of the class branches
-    instead (`lora_yolo.branch`), checked against the unfused branches in `modules`.
+    for other classes (or be random, for new ones). An add_classes adapter holds copies of the class branches instead
+    (`lora_yolo.branch`), checked against the unfused branches in `modules`, and LoRA layers (adapted mode) only
+    outside those branches.
     The same checks hold against the base or its fused form, so attach, merge and serving agree. A crafted file
     fails here with one line instead of deep inside torch.
     """
-    if adapter.config.add_classes == "exact":
+    if adapter.config.add_classes:
         _check_branches(adapter, modules, classes, names)
-        return
     for layer, (r, _) in adapter.layers.items():
         conv = modules.get(layer)
         if type(conv) not in (nn.Conv2d, nn.Linear):
@@ -329,6 +329,8 @@ def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: li
                 f"adapter layer {layer}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the base layer "
                 f"(expected {want_a}, {want_b})"
             )
+    if adapter.config.add_classes:  # its class tensors are the copies _check_branches checked
+        return
     for key in adapter.full:  # what training stores in full: the class convs, when the class set changes
         owner, _, param = key.rpartition(".")
         if owner not in classes or param not in dict(modules[owner].named_parameters(recurse=False)):
@@ -349,18 +351,24 @@ def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: li
 
 
 def _check_branches(adapter: Adapter, modules: Mapping[str, nn.Module], classes: list[str], names: dict) -> None:
-    """add_classes=exact: the base's classes lead the adapter's, no LoRA layer touches the base, and the tensors are
-    exactly those of a copy of each class branch (unfused, in `modules`) ending in one row per new class."""
+    """An add_classes adapter: the base's classes lead the adapter's, its tensors trained in full are exactly those
+    of a copy of each class branch (unfused, in `modules`) ending in one row per new class, and no LoRA layer is in
+    a class branch (which runs as the base's) or, for exact mode, anywhere (it would change the base's outputs)."""
+    mode = adapter.config.add_classes
     base_names = dict(names)
     if adapter.nc <= len(base_names) or {i: adapter.names[i] for i in base_names} != base_names:
         raise LoraYoloError(
-            f"adapter says add_classes=exact but its classes ({adapter.nc}) do not start with the base's "
+            f"adapter says add_classes={mode} but its classes ({adapter.nc}) do not start with the base's "
             f"{len(base_names)} classes in the base's order"
         )
-    if adapter.layers:
+    if mode == "exact" and adapter.layers:
         raise LoraYoloError("adapter says add_classes=exact but has LoRA layers, which would change the base's outputs")
+    paths = branch_paths(classes, modules)
+    inside = [layer for layer in adapter.layers if layer.startswith(tuple(f"{p}." for p in paths))]
+    if inside:
+        raise LoraYoloError(f"adapter layer {inside[0]} is in a class branch, which add_classes keeps as the base's")
     want = {}
-    for path in branch_paths(classes, modules):
+    for path in paths:
         want.update(new_tensor_shapes(modules[path], path, adapter.nc - len(base_names)))
     if set(adapter.full) != set(want):
         odd = sorted(set(adapter.full) ^ set(want))[:2]
@@ -384,21 +392,10 @@ def attach_adapter(base: nn.Module, adapter: Adapter, allow_other_weights: bool 
     model = build_for_classes(base, adapter.nc, adapter.names)
     config = adapter.config
     add_lora(model, adapter.layers, config.lora_dropout, config.use_rslora, config.use_dora)
-    if config.add_classes == "exact":  # the base's class branches, bit for bit, and the adapter's copies beside them
+    if config.add_classes:  # the base's class branches, bit for bit, and the adapter's copies beside them
         add_class_branches(model, base, adapter.nc - class_count(base))
     model.load_state_dict(adapter.tensors, strict=False)
     return model
-
-
-def copy_class_rows(base: nn.Module, model: nn.Module, rows: int) -> None:
-    """The base's class rows into the first `rows` rows of each class layer of `model`, exactly: an adapter file
-    stores them in fp16, which would round a base that is not on the fp16 grid (and Ultralytics' load maps rows by
-    name only when both models have real names)."""
-    ours, theirs = dict(model.named_modules()), dict(base.named_modules())
-    with torch.no_grad():
-        for name in class_layers(model):
-            for param in ("weight", "bias"):
-                getattr(ours[name], param)[:rows] = getattr(theirs[name], param)
 
 
 def extract_adapter(model: nn.Module, config: LoraConfig, base: dict, full: list[str]) -> Adapter:

@@ -1,12 +1,12 @@
-"""Parallel class branches for `add_classes=exact`: the base's class branch untouched, a trained copy for new classes.
+"""Parallel class branches for `add_classes`: the base's class branch untouched, a trained copy for new classes.
 
 A Detect head scores classes with one small branch per scale (`cv3.i`, and YOLO26's `one2one_cv3.i`; YOLO26
 segment's training-only `proto.semseg` is one too): a few Conv blocks ending in a 1x1 conv with one output per
-class. Exact mode keeps the base's branch as it is and runs a copy beside it (`ClassBranch`): the copy starts from the
-base's weights, ends in a fresh conv for the new classes only, and trains in full, BatchNorm statistics included.
-The head's output is the base's class scores followed by the copy's, so every old score (and every box: the box
-branch is not touched) is the base's, bit for bit, while the new classes get a whole trainable branch rather than
-rows on frozen features.
+class. Both add_classes modes keep the base's branch as it is and run a copy beside it (`ClassBranch`): the copy
+starts from the base's weights, ends in a fresh conv for the new classes only, and trains in full, BatchNorm
+statistics included. The head's output is the base's class scores followed by the copy's, so in exact mode (nothing
+else trains) every old score (and every box: the box branch is not touched) is the base's, bit for bit, while the
+new classes get a whole trainable branch rather than rows on frozen features.
 
 A merged model must be plain Ultralytics, which has no module that runs two branches side by side, so `widen` turns
 a `ClassBranch` into one nn.Sequential of the same block types computing the same function: each conv holds both
@@ -21,16 +21,17 @@ adapter (`lora_yolo.serve`) runs the `ClassBranch` itself and stays exact.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from copy import deepcopy
 
 import torch
 from torch import nn
 from ultralytics.nn.modules.conv import Conv
 
+from lora_yolo.checkpoint import class_count
+from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.inject import replace_module
-from lora_yolo.targets import class_layers
+from lora_yolo.targets import branch_paths, class_layers, select_targets
 
 NEW = "new"  # the copy's attribute: its tensors are stored as `<branch>.new.<name>`
 
@@ -45,13 +46,6 @@ class ClassBranch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.base(x), self.new(x)], 1)
-
-
-def branch_paths(classes: list[str], modules: Mapping[str, nn.Module]) -> list[str]:
-    """Paths of the Sequentials (in `modules`, by name) that end in one of the class convs `classes`: in a
-    Detect-family head both YOLO26 branches and YOLO26 segment's semantic branch; what exact mode runs a copy of."""
-    paths = [layer.rpartition(".")[0] for layer in classes]
-    return [p for p in paths if isinstance(modules.get(p), nn.Sequential) and isinstance(modules[p][-1], nn.Conv2d)]
 
 
 def new_branch(base: nn.Sequential, n_new: int, bias: torch.Tensor | None = None) -> nn.Sequential:
@@ -89,6 +83,14 @@ def add_class_branches(model: nn.Module, base: nn.Module, n_new: int) -> list[st
     return names
 
 
+def add_classes_layers(model: nn.Module, base: nn.Module, config: LoraConfig) -> tuple[dict[str, tuple], list[str]]:
+    """What add_classes trains in `model` (built from `base` for the combined classes), set up in place: a copy beside
+    each class branch (`add_class_branches`, whose tensor names come second) and the plan of LoRA layers to add,
+    first: adapted mode's, chosen as usual but outside the class branches (the base's run as they are); exact none."""
+    plan = select_targets(model, config) if config.add_classes == "adapted" else {}  # before the copies are in
+    return plan, add_class_branches(model, base, class_count(model) - class_count(base))
+
+
 def check_widenable(model: nn.Module) -> None:
     """Refuse, before training, a base whose class branches `widen` could not turn into a plain merged model."""
     modules = dict(model.named_modules())
@@ -96,7 +98,7 @@ def check_widenable(model: nn.Module) -> None:
         try:
             widen(ClassBranch(modules[path], new_branch(modules[path], 1)))
         except LoraYoloError as e:
-            raise LoraYoloError(f"add_classes=exact cannot add a class branch beside {path}: {e}") from None
+            raise LoraYoloError(f"add_classes cannot add a class branch beside {path}: {e}") from None
 
 
 def widen_branches(model: nn.Module) -> nn.Module:
@@ -144,7 +146,7 @@ def _steps(module: nn.Module) -> list[Step]:
         elif type(m) is nn.Conv2d:
             steps.append((module, i))
         else:
-            raise LoraYoloError(f"a class branch holds a {type(m).__name__}, which exact mode cannot widen")
+            raise LoraYoloError(f"a class branch holds a {type(m).__name__}, which add_classes cannot widen")
     return steps
 
 

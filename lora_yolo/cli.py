@@ -196,8 +196,8 @@ def train(
     add_classes: Annotated[
         Optional[str],
         typer.Option(
-            help="Keep the base's classes and add DATA's: exact (the base's outputs bit-identical, a trained copy of "
-            "each class branch scores the new classes) or adapted (adapters everywhere, the base's objects "
+            help="Keep the base's classes and add DATA's; a trained copy of each class branch scores the new classes: "
+            "exact (the base's outputs bit-identical) or adapted (adapters everywhere else too, the base's objects "
             "pseudo-labelled)."
         ),
     ] = None,

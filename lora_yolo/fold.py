@@ -69,7 +69,7 @@ def fold_batchnorm(model: nn.Module, skip: Sequence[nn.Module] = ()) -> int:
     """Fold every frozen BatchNorm of a `Conv`/`DWConv` block into its conv, in place; returns how many.
 
     Call it on a model whose BatchNorms are all frozen except those under the modules in `skip` (LoRA training: the
-    base is frozen, the class convs trained in full have no BatchNorm, and the class-branch copies of add_classes=exact
+    base is frozen, the class convs trained in full have no BatchNorm, and the class-branch copies of add_classes
     train their BatchNorms). Adapted convs must already be in place: a conv module that can apply a folded BatchNorm
     itself (`LoraConv2d`) declares the `_folded_bn` attribute.
     """

@@ -41,10 +41,10 @@ def merge_adapters(
             raise LoraYoloError(
                 f"adapters disagree on the class set ({len(first.names)} vs {len(adapter.names)} classes)"
             )
-    if len(adapters) == 1 and adapters[0][1] == 1.0:  # class branches of add_classes=exact: their plain form
+    if len(adapters) == 1 and adapters[0][1] == 1.0:  # class branches of add_classes: their plain form
         return widen_branches(merge_lora(attach_adapter(base, first, allow_other_weights)))
-    if any(adapter.config.add_classes == "exact" for adapter, _ in adapters):
-        raise LoraYoloError("an add_classes=exact adapter merges alone, with weight 1: class branches do not add up")
+    if any(adapter.config.add_classes for adapter, _ in adapters):
+        raise LoraYoloError("an add_classes adapter merges alone, with weight 1: class branches do not add up")
     model = build_for_classes(base, first.nc, first.names)
     state = model.state_dict()
     change = {}  # name -> sum of w_i * (what adapter i does to that tensor), fp32

@@ -55,11 +55,13 @@ def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
         raise LoraYoloError(f"{out} is not empty; write the PEFT adapter to a new or empty folder")
     if not out.parent.is_dir():
         raise LoraYoloError(f"output folder does not exist: {out.parent}")
-    if not adapter.layers:
+    if adapter.config.add_classes:  # PEFT wraps the plain base, which has no module running two branches
         raise LoraYoloError(
-            "this adapter has no LoRA layers (only class branches trained in full, as add_classes=exact writes): "
-            "PEFT's LoRA format needs at least one; use the adapter file as it is"
+            "this adapter adds classes with copies of the class branches running beside the base's (add_classes), "
+            "which PEFT's LoRA format cannot hold; use the adapter file as it is, or its merged model"
         )
+    if not adapter.layers:
+        raise LoraYoloError("this adapter has no LoRA layers: PEFT's LoRA format needs at least one")
     ranks = Counter(r for r, _ in adapter.layers.values())
     alphas = Counter(a for _, a in adapter.layers.values())
     r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]

@@ -37,14 +37,14 @@ from ultralytics import YOLO
 from ultralytics.nn.modules import Conv, RepConv
 
 from lora_yolo.adapter import Adapter, check_fits, check_layers, fingerprint, load_adapter
-from lora_yolo.branch import NEW, ClassBranch, branch_paths, new_branch
+from lora_yolo.branch import NEW, ClassBranch, new_branch
 from lora_yolo.checkpoint import check_task, load_error, resolve_checkpoint
 from lora_yolo.datacheck import check_dataset
 from lora_yolo.errors import LoraYoloError, first_line
 from lora_yolo.inject import replace_module
 from lora_yolo.layer import MergeableLayer, dora_scale, layer_forward, lora_delta, lora_scaling, per_channel
 from lora_yolo.passthrough import check_args
-from lora_yolo.targets import class_layers
+from lora_yolo.targets import branch_paths, class_layers
 
 
 class _LayerAdapter(nn.Module):
@@ -210,7 +210,7 @@ class AdapterModel:
             model.end2end = end2end
         self._kept = ("one-to-one (NMS-free)" if model.end2end else "one-to-many (NMS)") if two_branches else None
         unfused, self._class_convs = dict(model.named_modules()), class_layers(model)  # both YOLO26 branches
-        # the class branches as loaded (add_classes=exact adapters are copies of them), before fuse changes them
+        # the class branches as loaded (add_classes adapters hold copies of them), before fuse changes them
         self._branches = {p: deepcopy(unfused[p]) for p in branch_paths(self._class_convs, unfused)}
         self._repconv = repconv_branches(model, self._scales)  # adapters there go to the conv fuse makes of both
         model.fuse(verbose=False)
@@ -370,7 +370,7 @@ class AdapterModel:
 
     def _class_layers(self, adapter: Adapter) -> tuple[dict[int, str], dict[str, nn.Module]]:
         """The adapter's class names and, for tensors trained in full, replacement modules built from the base's."""
-        if adapter.config.add_classes == "exact":  # the base's branches run as they are, the copies beside them
+        if adapter.config.add_classes:  # the base's branches run as they are, the copies beside them
             return dict(adapter.names), {
                 path: ClassBranch(self._base_classes[1][path], self._branch_copy(adapter, path))
                 for path in self._branches

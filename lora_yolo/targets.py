@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from torch import nn
@@ -95,6 +96,14 @@ def class_layers(model: nn.Module) -> list[str]:
     ] + ([f"model.{index}.proto.semseg.{len(semseg) - 1}"] if semseg is not None else [])
 
 
+def branch_paths(classes: list[str], modules: Mapping[str, nn.Module]) -> list[str]:
+    """Paths of the Sequentials (in `modules`, by name) that end in one of the class convs `classes`: in a
+    Detect-family head both YOLO26 branches and YOLO26 segment's semantic branch; what add_classes runs a trained
+    copy of (`lora_yolo.branch`), and what its adapters leave alone."""
+    paths = [layer.rpartition(".")[0] for layer in classes]
+    return [p for p in paths if isinstance(modules.get(p), nn.Sequential) and isinstance(modules[p][-1], nn.Conv2d)]
+
+
 def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = frozenset()) -> list[ConvLayer]:
     """Every conv (transposed too) and linear layer of an Ultralytics model with what `config` does to it; `full`
     names the layers trained in full instead.
@@ -113,6 +122,9 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
     fixed = [n for n, m in model.named_modules() if isinstance(m, DFL)]
     flows = [n for n, m in model.named_modules() if isinstance(m, RealNVP)]
     read_directly = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    # add_classes: the base's class branches stay as they are (a trained copy beside each scores the new classes)
+    paths = branch_paths(class_layers(model), dict(model.named_modules())) if config.add_classes else []
+    branches = tuple(f"{p}." for p in paths)
     rows = []
     for name, conv in model.named_modules():
         if not isinstance(conv, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
@@ -143,6 +155,8 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
             row.reason = "fixed DFL projection, never trained"
         elif any(name.startswith(f + ".") for f in flows):  # YOLO26 pose: its loss reads these layers' weights
             row.reason = "RealNVP flow of the pose loss (training only), which reads its layers' weights itself"
+        elif name.startswith(branches):
+            row.reason = "class branch kept as the base's (add_classes: a trained copy beside it scores the new ones)"
         elif name in full:
             row.reason = "trained in full (new classes)"
         elif name.rpartition(".")[0] in read_directly:

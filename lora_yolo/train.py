@@ -204,8 +204,7 @@ def train(
         resolved = check_dataset(data, task)
         if config is not None and config.add_classes:
             check_add_classes(resolved, base.names, kind, adapted=config.add_classes == "adapted")
-            if config.add_classes == "exact":
-                check_widenable(base)
+            check_widenable(base)
         trainer = _trainer(
             kind, overrides={**overrides, "model": str(model), "data": str(data), "task": task}, lora=config
         )

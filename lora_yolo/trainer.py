@@ -11,10 +11,12 @@ callbacks, DDP) stays its own; this class changes only what it must, each where 
   frozen set into Ultralytics' own `freeze` list. That matters: `_setup_train` sets `requires_grad=True` on every
   parameter not named in `freeze`, and builds the optimizer, DDP wrapper and EMA right after, before any callback.
   The class convs are trained in full whenever the dataset's class names differ from the base's; with
-  add_classes=exact nothing of the base trains, only a copy of each class branch (`lora_yolo.branch`).
+  add_classes a copy of each class branch trains instead (`lora_yolo.branch`), and nothing of the base (exact) or
+  adapters outside the class branches (adapted).
 - `build_optimizer` takes Ultralytics' optimizer and splits out two kinds of adapter tensor: LoRA's B, at
   `loraplus_lr_ratio` times the learning rate (LoRA+), and DoRA's magnitudes, without weight decay (decay would
-  shrink every channel's norm, which the magnitude is); under MuSGD the adapters take its SGD part.
+  shrink every channel's norm, which the magnitude is); under MuSGD the adapters take its SGD part. With
+  add_classes=adapted the class-branch copies train at their own learning rate.
 - `_load_checkpoint_state` (resume) puts the exact base back into the EMA after Ultralytics loads its fp16 copy.
 - `_handle_nan_recovery` stops every rank on a NaN seen by any rank, with one message.
 - the model's frozen BatchNorms are folded into their convs (`lora_yolo.fold`): the same function, and autograd
@@ -59,23 +61,22 @@ from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zer
 from lora_yolo.adapter import (
     Adapter,
     attach_adapter,
-    copy_class_rows,
     extract_adapter,
     fingerprint,
     load_adapter,
     save_adapter,
 )
 from lora_yolo.atomic import atomic_path
-from lora_yolo.branch import ClassBranch, add_class_branches
+from lora_yolo.branch import ClassBranch, add_classes_layers
 from lora_yolo.checkpoint import (
     MODEL_CLASSES,
     RTDETR,
     build_for_classes,
-    class_count,
     load_model,
     model_kind,
     save_checkpoint,
 )
+from lora_yolo.classes import BRANCH_LR
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.fold import fold_batchnorm, unfold_batchnorm
@@ -124,7 +125,7 @@ class _DropFreezeLines(logging.Filter):
 
 
 class LoraTrainerMixin:
-    """Trains LoRA adapters (and, for a new class set, the class layers; for add_classes=exact, copies of the class
+    """Trains LoRA adapters (and, for a new class set, the class layers; with add_classes, copies of the class
     branches instead) on a frozen base, in front of an Ultralytics task trainer.
 
     Example:
@@ -171,15 +172,12 @@ class LoraTrainerMixin:
             )
         model = build_for_classes(base, self.data["nc"], self.data["names"])
         config = self.lora_config
-        if config.add_classes == "exact":  # no adapter: a trained copy of each class branch for the new classes
-            full = add_class_branches(model, base, self.data["nc"] - class_count(base))
-            plan = {}
+        if config.add_classes:  # a trained copy of each class branch for the new classes; adapted: adapters elsewhere
+            plan, full = add_classes_layers(model, base, config)
         else:
             # By names, not by count: model.load() maps class rows by name, so any new name starts from a random row.
             classes = class_layers(model) if dict(base.names) != dict(self.data["names"]) else []
             full = [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in classes]
-            if config.add_classes:  # the base's class rows, first (lora_yolo.classes)
-                copy_class_rows(base, model, class_count(base))
             plan = select_targets(model, config, full=frozenset(classes))
         add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
         _training_form(model, config)
@@ -227,7 +225,8 @@ class LoraTrainerMixin:
             save_checkpoint(unload_lora(deepcopy(model)), base, train_args={})
 
     def build_optimizer(self, model, *args, **kwargs):
-        """Ultralytics' optimizer, with LoRA's B at `loraplus_lr_ratio` x lr and DoRA magnitudes without decay.
+        """Ultralytics' optimizer, with LoRA's B at `loraplus_lr_ratio` x lr, DoRA magnitudes without decay, and
+        with add_classes=adapted the class-branch copies at their own lr (`lora_yolo.classes.BRANCH_LR`).
 
         The ratio is read from the model's own `lora_meta`, so a DDP worker (whose trainer is rebuilt without `lora=`)
         uses the same one. Each new group copies its source group's settings (`param_group` included, which
@@ -238,16 +237,20 @@ class LoraTrainerMixin:
         """
         optimizer = super().build_optimizer(model, *args, **kwargs)
         meta = unwrap_model(model).lora_meta
-        ratio = LoraConfig.from_dict(meta["config"]).loraplus_lr_ratio
+        config = LoraConfig.from_dict(meta["config"])
+        ratio = config.loraplus_lr_ratio
+        copies = set(meta["full"]) if config.add_classes == "adapted" else set()  # exact: lr0 is theirs
         names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
         groups = []
         for group in optimizer.param_groups:
             settings = {k: v for k, v in group.items() if k != "params"}
             adapter = {**settings, "use_muon": False, "param_group": "weight"} if settings.get("use_muon") else settings
-            rest, lora, lora_b, magnitudes = [], [], [], []
+            rest, lora, lora_b, magnitudes, branches = [], [], [], [], []
             for p in group["params"]:
                 name = names[id(p)]
-                if name.endswith(".lora_magnitude_vector"):
+                if name in copies:
+                    branches.append(p)
+                elif name.endswith(".lora_magnitude_vector"):
                     magnitudes.append(p)
                 elif ratio != 1 and name.endswith(".lora_B.weight"):
                     lora_b.append(p)
@@ -259,6 +262,7 @@ class LoraTrainerMixin:
             groups.append({**adapter, "params": lora})
             groups.append({**adapter, "params": lora_b, "lr": settings["lr"] * ratio})
             groups.append({**adapter, "params": magnitudes, "weight_decay": 0.0, "param_group": "bn"})  # no decay
+            groups.append({**settings, "params": branches, "lr": BRANCH_LR})
         optimizer.param_groups.clear()
         for group in groups:
             if group["params"]:

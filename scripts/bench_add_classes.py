@@ -11,7 +11,8 @@ mode pseudo-labels and what a plain fine-tune learns to ignore); 64 training ima
 an lr is given. Runs, each scored on A's test images (the base's 3 classes, 40 images of A alone, which the base
 never saw) and on the new classes' test images:
   exact       lora-yolo --add-classes exact (a trained copy of each class branch scores the new classes)
-  adapted     lora-yolo --add-classes adapted (the default adapters, the base's objects pseudo-labelled)
+  adapted     lora-yolo --add-classes adapted (the same copies, the default adapters everywhere else, the base's
+              objects pseudo-labelled)
   lora-new    the default recipe on the new classes alone (a new class set: forgets A)
   full-new    Ultralytics full fine-tuning on the new classes alone (forgets A)
   full-pseudo Ultralytics full fine-tuning on adapted's pseudo-labelled data (the combined class set)
@@ -19,7 +20,8 @@ Goals (the add-classes issue): on A, exact 100% of the base and adapted >= 95%; 
 adapted >= 95% of lora-new. Each run appends to benchmarks/add_classes.jsonl as it ends. lora-yolo's runs also record
 the new classes' validation mAP50-95 of merged.pt, which is what an lr is chosen on (never the test splits). The
 earlier version of this benchmark trained on scenes of the new shapes alone, where adapted mode's pseudo-labels could
-only be the base's mistakes: benchmarks/v1/add_classes.md.
+only be the base's mistakes: benchmarks/v1/add_classes.md; adapted mode before it had class-branch copies (its class
+convs trained in full, one row per combined class) is in benchmarks/v1/adapted_class_convs.jsonl.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def run(method: str, seed: int, root: Path, lr: str | float = "auto") -> dict:
 
 
 def inference_cost() -> list[str]:
-    """Markdown rows: what exact mode's class branches cost at inference, served (base branch + copy) and merged
+    """Markdown rows: what add_classes' class branches cost at inference, served (base branch + copy) and merged
     (one widened plain branch), for the demo base with its 4 new classes and for 80-class YOLO11n / YOLOv8n / YOLO26n
     models (random weights: the cost does not depend on them) with 4 more."""
     from ultralytics.nn.tasks import DetectionModel
@@ -221,8 +223,9 @@ def report() -> None:
         "",
         f"Base on A's validation images: {base_a_val:.3f}. "
         "Test: means over the seeds, ± half their range; validation: seed 0. Exact mode's own lr "
-        "(`lora_yolo.classes.EXACT_TRAIN`, used unless an optimizer is given) was chosen on seed 0's validation in "
-        "the first version of this benchmark (benchmarks/v1).",
+        "(`lora_yolo.classes.EXACT_TRAIN`, used unless an optimizer is given; adapted mode trains its copies at it "
+        "too, `BRANCH_LR`) was chosen on seed 0's validation in the first version of this benchmark (benchmarks/v1); "
+        "a row `adapted @ lr` sets its adapters' lr.",
         "",
         "| method | seeds | A test mAP50-95 | vs base | new-class test mAP50-95 | vs lora-new | new-class val (seed 0) "
         "| A val (seed 0) | pseudo-labels |",
@@ -240,7 +243,8 @@ def report() -> None:
     lines += ["", *lr_choices(runs, base_a_val)]
     lines += [
         "",
-        "Inference cost of exact mode's class branches, GFLOPs of one 640x640 image (fused; Ultralytics' get_flops):",
+        "Inference cost of the class branches (both modes), GFLOPs of one 640x640 image (fused; Ultralytics' "
+        "get_flops):",
         "",
         "| model + 4 new classes | base | served with --adapter | merged.pt |",
         "|---|---|---|---|",

@@ -3,8 +3,9 @@
 A case takes a good adapter (random, for a yolo11n base built from its YAML), applies 1-3 mutations that know the
 format (metadata keys, JSON shapes nested thousands deep, ranks 0 / negative / huge, alphas NaN / Inf, layer names
 pointing at BatchNorms, depthwise convs, containers or nothing, `full` entries naming missing modules or buffers,
-tensors dropped, emptied, reshaped or retyped, nc and names that disagree, PEFT configs of the wrong type, bad regex
-patterns, empty PEFT adapters, raw header bytes), writes it, and runs the loader and then the attach to the base:
+tensors dropped, emptied, reshaped or retyped, nc and names that disagree, add_classes adapters with LoRA where it
+may not be or class-branch copies that do not fit, PEFT configs of the wrong type, bad regex patterns, empty PEFT
+adapters, raw header bytes), writes it, and runs the loader and then the attach to the base:
   adapter  `load_adapter(file)` then `attach_adapter(base, adapter)`
   peft     `from_peft(folder, base)` then `attach_adapter(base, adapter)`
 The outcome must be success or `LoraYoloError`; anything else is a crash, a case over `--hang` seconds is a hang.
@@ -40,7 +41,8 @@ from ultralytics.utils import LOGGER
 
 from lora_yolo import LoraYoloError, attach_adapter, load_model, save_adapter
 from lora_yolo.adapter import Adapter, extract_adapter, fingerprint, load_adapter
-from lora_yolo.checkpoint import save_checkpoint
+from lora_yolo.branch import add_classes_layers
+from lora_yolo.checkpoint import build_for_classes, save_checkpoint
 from lora_yolo.config import LoraConfig
 from lora_yolo.inject import add_lora
 from lora_yolo.layer import LoraConv2d
@@ -62,10 +64,12 @@ class Case:
 
 @dataclass
 class Context:
-    """What mutations may aim at: every module name of the base, and its class convs (name -> in channels)."""
+    """What mutations may aim at: every module name of the base, its class convs (name -> in channels), and a good
+    add_classes adapter's tensors and metadata."""
 
     names: list[str]
     classes: dict[str, int]
+    added: tuple[dict[str, torch.Tensor], dict[str, str]]
 
 
 def make_base(path: Path) -> Path:
@@ -89,6 +93,30 @@ def good_adapter(base: Path, dora: bool = True) -> Adapter:
             if isinstance(m, LoraConv2d):
                 m.lora_B.weight.normal_(0, 0.02)
     return extract_adapter(model, config, fp, full=[])
+
+
+def good_classes_adapter(base: Path) -> Adapter:
+    """An add_classes=adapted adapter for the base's classes + 2 new ones: DoRA on the neck and head outside the class
+    branches, B random, and a copy of each class branch with every tensor moved, as if trained."""
+    torch.manual_seed(2)
+    plain = load_model(base)
+    config = LoraConfig(r=4, lora_alpha=8, use_dora=True, targets=["neck", "head"], add_classes="adapted")
+    model = build_for_classes(plain, 82, {**plain.names, 80: "new0", 81: "new1"})
+    plan, full = add_classes_layers(model, plain, config)
+    add_lora(model, plan, use_dora=True)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith(".lora_B.weight") or (name in full and "running_var" not in name):
+                t.add_(torch.randn_like(t) * 0.02)
+    return extract_adapter(model, config, fingerprint(plain), full=full)
+
+
+def file_parts(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata, as a case starts from."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
 # JSON values of the wrong shape: what a hostile or damaged metadata field may hold.
@@ -230,6 +258,38 @@ def m_class_set(case: Case, rng: random.Random, ctx: Context) -> None:
     case.meta["full"] = json.dumps(full)
 
 
+def m_add_classes(case: Case, rng: random.Random, ctx: Context) -> None:
+    """Turn the case into the good add_classes adapter, then maybe break it the way a file can: exact mode with LoRA
+    layers, a LoRA layer inside a class branch, a copy's tensor missing or of the wrong rows, a negative variance,
+    classes not led by the base's."""
+    tensors, meta = ctx.added
+    case.tensors, case.meta = dict(tensors), dict(meta)
+    copies = json.loads(meta["full"])
+    op = rng.randrange(10)
+    if op == 1:
+        config = json.loads(meta["lora_config"])
+        case.meta["lora_config"] = json.dumps({**config, "add_classes": "exact"})
+    elif op == 2:  # LoRA on a class conv: inside its branch
+        conv = rng.choice(list(ctx.classes))
+        layers = {**json.loads(meta["layers"]), conv: [4, 8.0]}
+        case.meta["layers"] = json.dumps(layers)
+        case.tensors[f"{conv}.lora_A.weight"] = torch.randn(4, ctx.classes[conv], 1, 1)
+        case.tensors[f"{conv}.lora_B.weight"] = torch.randn(80, 4, 1, 1)
+        case.tensors[f"{conv}.lora_magnitude_vector"] = torch.ones(80)
+    elif op == 3:
+        key = copies.pop(rng.randrange(len(copies)))
+        del case.tensors[key]
+        case.meta["full"] = json.dumps(copies)
+    elif op == 4:
+        key = rng.choice([k for k in copies if k.endswith(".running_var")])
+        case.tensors[key] = -case.tensors[key] - 1
+    elif op == 5:
+        case.meta["names"] = json.dumps({**json.loads(meta["names"]), "0": "other"})
+    elif op == 6:
+        key = rng.choice([k for k in copies if k.endswith(".new.2.weight")])
+        case.tensors[key] = case.tensors[key][:1]
+
+
 def m_base(case: Case, rng: random.Random, ctx: Context) -> None:
     base = json.loads(case.meta["base"])
     key = rng.choice(["arch", "weights", "nc", "yaml", "path"])
@@ -286,6 +346,7 @@ ADAPTER_MUTATIONS: list[Callable] = [
     m_tensor,
     m_classes,
     m_class_set,
+    m_add_classes,
     m_base,
     m_config,
     m_raw_header,
@@ -330,6 +391,7 @@ class Fuzzer:
         self.context = Context(
             names=[n for n, _ in self.base.named_modules() if n],  # every module, class convs included
             classes={n: self.base.get_submodule(n).in_channels for n in class_layers(self.base)},
+            added=file_parts(save_adapter(good_classes_adapter(self.base_path), workdir / "added.safetensors")),
         )
         good = good_adapter(self.base_path)
         self.adapter_file = save_adapter(good, workdir / "good.safetensors")
@@ -341,12 +403,7 @@ class Fuzzer:
         self.cases = 0
 
     def make(self, rng: random.Random, loader: str) -> Case:
-        from safetensors import safe_open
-
-        source = self.adapter_file if loader == "adapter" else self.peft_dir / WEIGHTS
-        with safe_open(str(source), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            meta = dict(f.metadata() or {})
+        tensors, meta = file_parts(self.adapter_file if loader == "adapter" else self.peft_dir / WEIGHTS)
         if loader == "peft":
             tensors = {k[len(PREFIX) :]: v for k, v in tensors.items()}
             inner = json.loads(meta["lora_yolo"])

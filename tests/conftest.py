@@ -258,10 +258,11 @@ def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.0
     """A model with adapters whose B (and DoRA magnitude) is random, as if trained, and its Adapter, for base_pt.
 
     With `names` (a class set other than the base's) the class layers are rebuilt, randomised and stored in full; with
-    add_classes=exact the copies of the class branches are (their parameters), and no LoRA layer is added.
+    add_classes the copies of the class branches are (their parameters), and LoRA layers are added outside the class
+    branches (adapted mode) or nowhere (exact mode).
     """
     from lora_yolo import LoraConfig, LoraConv2d, add_lora, extract_adapter, fingerprint, select_targets
-    from lora_yolo.branch import add_class_branches
+    from lora_yolo.branch import add_classes_layers
     from lora_yolo.checkpoint import build_for_classes
     from lora_yolo.targets import class_layers
 
@@ -269,25 +270,26 @@ def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.0
     torch.manual_seed(seed)  # A's Kaiming init: the same seed gives the same adapter
     model = load_model(base_pt)
     base = fingerprint(model)
-    if config.add_classes == "exact":
+    if config.add_classes:
         plain = model
         model = build_for_classes(plain, len(names), names)
-        full = add_class_branches(model, plain, len(names) - len(plain.names))
+        plan, full = add_classes_layers(model, plain, config)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for n in full:
                 if n in params:
                     params[n].add_(torch.randn(params[n].shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
-        return model, extract_adapter(model, config, base, full=full)
-    owners = frozenset()
-    if names is not None:
-        model = build_for_classes(model, len(names), names)
-        owners = frozenset(class_layers(model))
-    full = [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in owners]
-    with torch.no_grad():
-        for n in full:
-            model.get_parameter(n).normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
-    add_lora(model, select_targets(model, config, full=owners), use_dora=config.use_dora)
+    else:
+        owners = frozenset()
+        if names is not None:
+            model = build_for_classes(model, len(names), names)
+            owners = frozenset(class_layers(model))
+        full = [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in owners]
+        with torch.no_grad():
+            for n in full:
+                model.get_parameter(n).normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+        plan = select_targets(model, config, full=owners)
+    add_lora(model, plan, use_dora=config.use_dora)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():

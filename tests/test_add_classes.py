@@ -1,5 +1,6 @@
-"""Adding the dataset's classes to the base's (`add_classes`): exact mode keeps every base output, adapted mode
-pseudo-labels the base's objects; both write ordinary adapters with the combined class set."""
+"""Adding the dataset's classes to the base's (`add_classes`): both modes score the new classes with a trained copy of
+each class branch; exact mode keeps every base output, adapted mode also adapts the rest of the network on data
+where the base pseudo-labels its own objects; both write ordinary adapters with the combined class set."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from conftest import ROOT, TINY, make_base, plain_ultralytics, sha256
 from ultralytics import YOLO
 
 from lora_yolo import LoraConfig, LoraYoloError, load_adapter, load_model
-from lora_yolo.classes import EXACT_TRAIN, FOLDER, combined_names
+from lora_yolo.classes import BRANCH_LR, EXACT_TRAIN, FOLDER, combined_names
 from lora_yolo.errors import TrainingInterrupted
 from lora_yolo.export import export_model
 from lora_yolo.serve import AdapterModel, predict, validate
@@ -43,9 +44,21 @@ def runs(demo_base, tmp_path_factory):
     last = folder / "exact" / "weights" / "last.pt"
     with pytest.raises(LoraYoloError, match="relabelled copy of the dataset"):
         train(B2 / "data.yaml", resume=last)  # the user's data: its class ids are not the run's
+    groups = []  # the adapted run's optimizer: (initial lr, parameter names) of each group
+
+    def record_groups(trainer):
+        names = {id(p): n for n, p in trainer.model.named_parameters()}
+        groups.extend((g["initial_lr"], {names[id(p)] for p in g["params"]}) for g in trainer.optimizer.param_groups)
+
     out = {
         "exact": train(None, resume=last),
-        "adapted": train(**args, config=LoraConfig(add_classes="adapted"), name="adapted"),
+        "adapted": train(
+            **args,
+            config=LoraConfig(add_classes="adapted"),
+            name="adapted",
+            callbacks={"on_train_start": [record_groups]},
+        ),
+        "adapted_groups": groups,
     }
     assert labels_hash() == before  # the user's dataset is never written
     return out
@@ -124,6 +137,21 @@ def test_exact_mode_has_its_own_learning_rate_unless_one_is_given(runs):
     trained with AdamW 0.01 (EXACT_TRAIN); every way of asking is in test_branch.py."""
     args = yaml.safe_load((runs["exact"].save_dir / "args.yaml").read_text())
     assert (args["optimizer"], args["lr0"]) == ("AdamW", 0.01) == tuple(EXACT_TRAIN.values())
+
+
+def test_adapted_mode_adapts_outside_the_class_branches_and_trains_their_copies_at_their_own_lr(runs):
+    """Adapted mode: the same class-branch copies as exact mode, LoRA layers everywhere else, and the copies in their
+    own optimizer groups at BRANCH_LR while the adapters train at the run's lr (optimizer=auto here)."""
+    adapter, exact = load_adapter(runs["adapted"].adapter), load_adapter(runs["exact"].adapter)
+    copies = set(adapter.full)
+    assert copies == set(exact.full) and adapter.layers and not any(".23.cv3." in layer for layer in adapter.layers)
+    assert len(adapter.layers) > 50  # backbone, neck and box branches
+    groups = runs["adapted_groups"]
+    params = {n for n in copies if ".running_" not in n}  # the copies' BatchNorm statistics are buffers
+    assert params == set().union(*(names for _, names in groups if names & copies))
+    assert {lr for lr, names in groups if names & copies} == {BRANCH_LR}
+    assert all(names <= copies for _, names in groups if names & copies)
+    assert BRANCH_LR not in {lr for lr, names in groups if not names & copies}
 
 
 def test_adapted_mode_pseudo_labels_the_base_objects_in_the_run_folder(runs):

@@ -1,5 +1,6 @@
-"""Class branches of add_classes=exact (`lora_yolo.branch`): the served `ClassBranch` keeps the base's scores bit for
-bit, its plain widened form (what merged.pt holds) computes the same, and crafted exact adapters fail in one line."""
+"""Class branches of add_classes (`lora_yolo.branch`): the served `ClassBranch` keeps the base's scores bit for bit,
+its plain widened form (what merged.pt holds) computes the same, adapters of both modes merge and serve as attached,
+and crafted ones fail in one line."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
 from lora_yolo import LoraConfig, LoraYoloError, attach_adapter, load_model
 from lora_yolo.adapter import Adapter
-from lora_yolo.branch import ClassBranch, add_class_branches, branch_paths, new_branch, widen
+from lora_yolo.branch import ClassBranch, add_class_branches, new_branch, widen
 from lora_yolo.checkpoint import build_for_classes
 from lora_yolo.merge import merge_adapters
+from lora_yolo.peft_format import to_peft
 from lora_yolo.presets import resolve_config
 from lora_yolo.serve import AdapterModel
-from lora_yolo.targets import class_layers
+from lora_yolo.targets import branch_paths, class_layers
 from lora_yolo.train import train
 
 NEW = {0: "star", 1: "cross", 2: "ring", 3: "diamond"}
@@ -101,9 +103,9 @@ def crafted(adapter: Adapter, **changes) -> Adapter:
     return Adapter(**{**vars(adapter), "tensors": tensors, **changes})
 
 
-def test_crafted_exact_adapters_fail_in_one_line(base_pt):
+def test_crafted_add_classes_adapters_fail_in_one_line(base_pt):
     names = {**load_model(base_pt).names, **{80 + i: n for i, n in NEW.items()}}
-    adapter = exact_adapter(base_pt)
+    adapter = classes_adapter(base_pt)
     attach_adapter(load_model(base_pt), adapter)  # the adapter as made fits
     var = next(k for k in adapter.full if k.endswith(".running_var"))
     weight = next(k for k in adapter.full if k.endswith(".new.2.weight"))
@@ -116,15 +118,20 @@ def test_crafted_exact_adapters_fail_in_one_line(base_pt):
         "does not fit the base's class branch": crafted(adapter, tensors={weight: adapter.tensors[weight][:3]}),
         "do not start with the base's": crafted(adapter, names={**names, 0: "other"}),
     }
+    adapted = classes_adapter(base_pt, "adapted")
+    attach_adapter(load_model(base_pt), adapted)  # LoRA layers outside the class branches fit
+    inside = crafted(adapted, layers={**adapted.layers, "model.23.cv3.0.1.conv": (4, 8.0)})
+    cases["model.23.cv3.0.1.conv is in a class branch, which add_classes keeps as the base's"] = inside
     for message, bad in cases.items():
         with pytest.raises(LoraYoloError, match=message) as e:
             attach_adapter(load_model(base_pt), bad)
         assert "\n" not in str(e.value)
 
 
-def exact_adapter(base_pt, seed: int = 3) -> Adapter:
+def classes_adapter(base_pt, mode: str = "exact", seed: int = 3) -> Adapter:
+    """An add_classes adapter for base_pt's 80 classes + 4, as if trained."""
     names = {**load_model(base_pt).names, **{80 + i: n for i, n in NEW.items()}}
-    return random_adapter(base_pt, LoraConfig(add_classes="exact"), seed=seed, names=names)[1]
+    return random_adapter(base_pt, LoraConfig(add_classes=mode), seed=seed, scale=0.2, names=names)[1]
 
 
 def test_new_branches_start_from_the_base_with_the_class_prior(base_pt):
@@ -140,22 +147,39 @@ def test_new_branches_start_from_the_base_with_the_class_prior(base_pt):
     assert all(".new." in n for n in full) and any(n.endswith(".bn.running_var") for n in full)
 
 
-def test_exact_adapter_merges_into_a_plain_model(base_pt):
-    """merge: every ClassBranch widened into plain modules, outputs those of the attached adapter (1e-4); a weighted
-    merge of exact adapters is refused in one line."""
-    adapter = exact_adapter(base_pt)
+@pytest.mark.parametrize("mode", ["exact", "adapted"])
+def test_add_classes_adapter_merges_and_serves_as_attached(base_pt, mode):
+    """merge: every ClassBranch widened into plain modules (adapted: LoRA merged first), outputs those of the attached
+    adapter (1e-4 relative); served with AdapterModel, unmerged and merged, the same; a weighted merge is refused in
+    one line."""
+    adapter = classes_adapter(base_pt, mode)
+    assert bool(adapter.layers) == (mode == "adapted")
     merged = merge_adapters(load_model(base_pt), [(adapter, 1.0)]).eval()
     assert all(type(m).__module__.startswith(("torch.", "ultralytics.")) for m in merged.modules())
     attached = attach_adapter(load_model(base_pt), adapter).eval()
     copies = {k: v for k, v in attached.state_dict().items() if ".new." in k and v.is_floating_point()}
     assert copies.keys() == set(adapter.full)  # the adapter's copies, loaded as stored
     assert all(torch.equal(v, adapter.tensors[k].float()) for k, v in copies.items())
+    served = AdapterModel(base_pt)
+    served.set_adapter(served.load_adapter(adapter))
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        got, want = merged(x)[1], attached(x)[1]
-    assert torch.allclose(got["scores"], want["scores"], atol=1e-4) and torch.equal(got["boxes"], want["boxes"])
-    with pytest.raises(LoraYoloError, match="exact adapter merges alone"):
-        merge_adapters(load_model(base_pt), [(adapter, 0.5), (exact_adapter(base_pt, seed=4), 0.5)])
+        want, base = attached(x)[1], load_model(base_pt).eval()(x)[1]
+        moved = (want["boxes"] - base["boxes"]).abs().max()  # adapted's LoRA layers change the features, exact nothing
+        assert moved > 0.01 if mode == "adapted" else moved == 0
+        for got in (merged(x)[1], served.model.eval()(x)[1], (served.merge_adapter(), served.model.eval()(x))[1][1]):
+            assert torch.allclose(got["scores"], want["scores"], rtol=1e-4, atol=1e-4)
+            assert torch.allclose(got["boxes"], want["boxes"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(LoraYoloError, match="add_classes adapter merges alone"):
+        merge_adapters(load_model(base_pt), [(adapter, 0.5), (classes_adapter(base_pt, mode, seed=4), 0.5)])
+
+
+@pytest.mark.parametrize("mode", ["exact", "adapted"])
+def test_add_classes_adapters_are_refused_by_peft_conversion_in_one_line(base_pt, mode, tmp_path):
+    """PEFT wraps the plain base, which has no module running a copy beside a class branch: refused, nothing written."""
+    with pytest.raises(LoraYoloError, match=r"^this adapter adds classes with copies of the class branches [^\n]*$"):
+        to_peft(classes_adapter(base_pt, mode), tmp_path / "peft")
+    assert not any(tmp_path.iterdir())
 
 
 def test_lora_adapter_loads_and_switches_while_an_exact_one_is_active(base_pt):
@@ -167,7 +191,7 @@ def test_lora_adapter_loads_and_switches_while_an_exact_one_is_active(base_pt):
         with torch.no_grad():
             return model.model.eval()(X)[1]["scores"]
 
-    exact, lora = exact_adapter(base_pt), random_adapter(base_pt, seed=1, scale=0.5)[1]
+    exact, lora = classes_adapter(base_pt), random_adapter(base_pt, seed=1, scale=0.5)[1]
     assert any(".cv3.0.0." in layer for layer in lora.layers)
     model = AdapterModel(base_pt)
     model.set_adapter(model.load_adapter(exact, "e"))

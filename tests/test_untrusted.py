@@ -184,8 +184,9 @@ def fuzz_script():
 
 def test_structure_aware_fuzz_of_both_loaders(tmp_path):
     """Crafted adapters and PEFT folders (ranks 0, NaN alphas, layers naming BatchNorms, missing modules, nc and
-    names that disagree, configs of the wrong type, bad regexes, empty adapters, deep JSON...) through load and
-    attach: each case loads or is refused with a LoraYoloError, within 5 s."""
+    names that disagree, add_classes adapters broken where their checks are, configs of the wrong type, bad regexes,
+    empty adapters, deep JSON...) through load and attach: each case loads or is refused with a LoraYoloError, within
+    5 s."""
     script = fuzz_script()
     fuzzer = script.Fuzzer(tmp_path, hang=5.0)
     for seed in range(STRUCTURED_CASES):
@@ -195,5 +196,6 @@ def test_structure_aware_fuzz_of_both_loaders(tmp_path):
     assert fuzzer.hangs == 0
     for loader in ("adapter", "peft"):  # the generator reaches both outcomes, so it tests something
         assert fuzzer.outcomes[(loader, "ok")] > 0 and fuzzer.outcomes[(loader, "refused")] > STRUCTURED_CASES // 4
+    assert fuzzer.outcomes[("m_add_classes", "ok")] > 0 and fuzzer.outcomes[("m_add_classes", "refused")] > 0
     used = {name for name, _ in fuzzer.outcomes if name.startswith("m_")}
     assert used == {m.__name__ for m in script.ADAPTER_MUTATIONS + script.PEFT_MUTATIONS}
