@@ -355,6 +355,9 @@ def _check_branches(adapter: Adapter, modules: Mapping[str, nn.Module], classes:
     of a copy of each class branch (unfused, in `modules`) ending in one row per new class, and no LoRA layer is in
     a class branch (which runs as the base's) or, for exact mode, anywhere (it would change the base's outputs)."""
     mode = adapter.config.add_classes
+    paths = branch_paths(classes, modules)
+    if not paths:  # a Classify or RT-DETR head: nothing would score the new classes
+        raise LoraYoloError(f"adapter says add_classes={mode}, but the base has no Detect class branch to add beside")
     base_names = dict(names)
     if adapter.nc <= len(base_names) or {i: adapter.names[i] for i in base_names} != base_names:
         raise LoraYoloError(
@@ -363,7 +366,6 @@ def _check_branches(adapter: Adapter, modules: Mapping[str, nn.Module], classes:
         )
     if mode == "exact" and adapter.layers:
         raise LoraYoloError("adapter says add_classes=exact but has LoRA layers, which would change the base's outputs")
-    paths = branch_paths(classes, modules)
     inside = [layer for layer in adapter.layers if layer.startswith(tuple(f"{p}." for p in paths))]
     if inside:
         raise LoraYoloError(f"adapter layer {inside[0]} is in a class branch, which add_classes keeps as the base's")

@@ -32,6 +32,7 @@ from lora_yolo.errors import LoraYoloError
 
 FOLDER = "add_classes"  # in the run folder: the relabelled dataset
 PSEUDO_CONF = 0.25  # Ultralytics' own predict default
+PSEUDO_KEY = "lora_yolo_pseudo_labels"  # in the relabelled data.yaml: how many pseudo-labels it holds
 # Exact mode trains whole copies of the class branches, not adapters, so it has its own optimizer and learning rate:
 # AdamW 0.01 had the best seed-0 validation mAP50-95 on the demo base's new classes in the first version of
 # scripts/bench_add_classes.py (benchmarks/v1/add_classes.jsonl: 0.395, against 0.380 at 0.003 and 0.317 at
@@ -115,12 +116,23 @@ def prepare_dataset(
             added += len(boxes.get(image, []))
             (out / "labels" / split / f"{i:06d}_{Path(label).name}").write_text("\n".join(lines) + "\n")
     spec = {"path": str(out.resolve()), "train": "images/train", "val": "images/val", "names": names}
+    if pseudo_conf:  # read back when the run is resumed (`recorded_pseudo_labels`), for its summary
+        spec[PSEUDO_KEY] = added
     for key in ("kpt_shape", "flip_idx", "channels"):
         if key in resolved:
             spec[key] = resolved[key]
     path = out / "data.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return path, added
+
+
+def recorded_pseudo_labels(data: str | Path) -> int | None:
+    """How many pseudo-labels the relabelled dataset `data` of an adapted run holds (None: no such record)."""
+    try:
+        count = yaml.safe_load(Path(data).read_text(encoding="utf-8")).get(PSEUDO_KEY)
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return count if isinstance(count, int) else None
 
 
 def _pseudo_labels(base: str | Path, images: list[Path], conf: float, classes: list[int]) -> dict[Path, list[str]]:

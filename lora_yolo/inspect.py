@@ -21,6 +21,7 @@ class InspectReport:
     base_params: int = 0
     lora_params: int = 0
     adapter_bytes: int = 0
+    add_classes: str | None = None  # the adapter also holds class-branch copies, sized by the data's new classes
 
     @property
     def trainable_pct(self) -> float:
@@ -52,12 +53,14 @@ class InspectReport:
                 f"{row.name:<28} {row.kind:<10} {row.section:<8} {row.in_channels:>5} {row.out_channels:>5} "
                 f"{row.kernel:>2} {row.stride:>2} {row.r or '-':>3} {row.lora_params or '-':>7}  {note}"
             )
+        copies = ", plus a copy of each class branch (add_classes: its size depends on the data)"
+        copies = copies if self.add_classes else ""
         lines += [
             "",
             f"selected layers: {sum(row.selected for row in self.layers)} of {len(self.layers)} conv and linear layers",
             f"base params:     {self.base_params:,}",
             f"LoRA params:     {self.lora_params:,} ({self.trainable_pct:.2f}% of the adapted model)",
-            f"adapter file:    {self.adapter_bytes:,} bytes",
+            f"adapter file:    {self.adapter_bytes:,} bytes{copies}",
         ]
         return "\n".join(lines)
 
@@ -72,7 +75,8 @@ def inspect_model(source: str | Path, config: LoraConfig) -> InspectReport:
     rows = describe_convs(model, config)
     base = fingerprint(model)
     base_params = sum(p.numel() for p in model.parameters())
-    add_lora(model, plan_of(rows, config), config.lora_dropout, config.use_rslora, config.use_dora)
+    plan = {} if config.add_classes == "exact" else plan_of(rows, config)
+    add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
     adapter = extract_adapter(model, config, base, full=[])
     return InspectReport(
         model=str(source),
@@ -80,4 +84,5 @@ def inspect_model(source: str | Path, config: LoraConfig) -> InspectReport:
         base_params=base_params,
         lora_params=sum(row.lora_params for row in rows),
         adapter_bytes=adapter_bytes(adapter),
+        add_classes=config.add_classes,
     )

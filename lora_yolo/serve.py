@@ -8,7 +8,9 @@ W, before BatchNorm's per-channel scale s; the fused conv holds s * W, so the ad
 which `SwitchableLayer` computes on the fly (unmerged) or writes into the conv (`merge_adapter`, zero extra cost).
 
 Adapters that change the class set carry their class layers in full: switching to one swaps those layers, the head's
-class count and the model's names, so predictions and validation speak the adapter's classes.
+class count and the model's names, so predictions and validation speak the adapter's classes. An add_classes adapter
+carries copies of the class branches instead: switching to one puts a `ClassBranch` (the base's own fused branch and
+the copy) at each class branch, so the base's classes are scored by the base's branch.
 
 YOLO26's head has two branches, one-to-many (`cv2`/`cv3`, decoded with NMS) and one-to-one (`one2one_cv2`/`cv3`,
 NMS-free); training adapts both (the one-to-one branch sees detached features, so its adapters learn from its own

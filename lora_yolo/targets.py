@@ -157,6 +157,8 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
             row.reason = "RealNVP flow of the pose loss (training only), which reads its layers' weights itself"
         elif name.startswith(branches):
             row.reason = "class branch kept as the base's (add_classes: a trained copy beside it scores the new ones)"
+        elif config.add_classes == "exact":
+            row.reason = "add_classes=exact adapts nothing: only the class-branch copies train"
         elif name in full:
             row.reason = "trained in full (new classes)"
         elif name.rpartition(".")[0] in read_directly:

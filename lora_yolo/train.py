@@ -18,7 +18,14 @@ from ultralytics.utils import LOGGER
 from lora_yolo.adapter import load_adapter
 from lora_yolo.branch import check_widenable
 from lora_yolo.checkpoint import RTDETR, load_model, model_kind, resolve_checkpoint
-from lora_yolo.classes import FOLDER, PSEUDO_CONF, check_add_classes, exact_training, prepare_dataset
+from lora_yolo.classes import (
+    FOLDER,
+    PSEUDO_CONF,
+    check_add_classes,
+    exact_training,
+    prepare_dataset,
+    recorded_pseudo_labels,
+)
 from lora_yolo.config import LoraConfig
 from lora_yolo.datacheck import check_dataset
 from lora_yolo.diagnose import diagnose, map_history, untouched
@@ -183,10 +190,13 @@ def train(
         if not Path(resume).is_file():
             raise LoraYoloError(f"resume checkpoint not found: {resume}")
         task, kind, run_data = _resumed_run(resume)
-        if data is not None and Path(run_data).parent.name == FOLDER:
-            raise LoraYoloError(
-                f"this run trains on its relabelled copy of the dataset ({run_data}, add_classes): resume without DATA"
-            )
+        if Path(run_data).parent.name == FOLDER:
+            if data is not None:
+                raise LoraYoloError(
+                    f"this run trains on its relabelled copy of the dataset ({run_data}, add_classes): resume without "
+                    "DATA"
+                )
+            pseudo_labels = recorded_pseudo_labels(run_data)
         if data is not None:  # a new path for the run's dataset (moved): Ultralytics takes it on resume
             check_dataset(data, task)
             overrides = {**overrides, "data": str(data)}

@@ -258,14 +258,23 @@ def m_class_set(case: Case, rng: random.Random, ctx: Context) -> None:
     case.meta["full"] = json.dumps(full)
 
 
-def m_add_classes(case: Case, rng: random.Random, ctx: Context) -> None:
-    """Turn the case into the good add_classes adapter, then maybe break it the way a file can: exact mode with LoRA
-    layers, a LoRA layer inside a class branch, a copy's tensor missing or of the wrong rows, a negative variance,
-    classes not led by the base's."""
+# How `add_classes_case` breaks the good add_classes adapter (0: it does not); each must be refused.
+ADD_CLASSES_BREAKS = (
+    "none",
+    "exact mode with LoRA layers",
+    "a LoRA layer inside a class branch",
+    "a copy's tensor missing",
+    "a negative variance",
+    "classes not led by the base's",
+    "a copy's class conv with the wrong rows",
+)
+
+
+def add_classes_case(case: Case, ctx: Context, op: int, rng: random.Random) -> None:
+    """Make the case the good add_classes adapter, broken as `ADD_CLASSES_BREAKS[op]` says."""
     tensors, meta = ctx.added
     case.tensors, case.meta = dict(tensors), dict(meta)
     copies = json.loads(meta["full"])
-    op = rng.randrange(10)
     if op == 1:
         config = json.loads(meta["lora_config"])
         case.meta["lora_config"] = json.dumps({**config, "add_classes": "exact"})
@@ -288,6 +297,12 @@ def m_add_classes(case: Case, rng: random.Random, ctx: Context) -> None:
     elif op == 6:
         key = rng.choice([k for k in copies if k.endswith(".new.2.weight")])
         case.tensors[key] = case.tensors[key][:1]
+
+
+def m_add_classes(case: Case, rng: random.Random, ctx: Context) -> None:
+    """The good add_classes adapter, intact half the time, else broken one way (`ADD_CLASSES_BREAKS`)."""
+    op = rng.randrange(2 * len(ADD_CLASSES_BREAKS) - 2)
+    add_classes_case(case, ctx, op if op < len(ADD_CLASSES_BREAKS) else 0, rng)
 
 
 def m_base(case: Case, rng: random.Random, ctx: Context) -> None:
@@ -423,8 +438,10 @@ class Fuzzer:
 
     def run(self, seed: int, loader: str) -> str:
         """One case: 'ok', 'refused' or 'crash'; counted."""
-        rng = random.Random(seed)
-        case = self.make(rng, loader)
+        return self.check(self.make(random.Random(seed), loader), loader, f"seed {seed}")
+
+    def check(self, case: Case, loader: str, label: str) -> str:
+        """Write `case`, load it with `loader` and attach it: 'ok', 'refused', 'hang' or 'crash'; counted."""
         with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
             previous = signal.signal(signal.SIGALRM, _hang)
             signal.setitimer(signal.ITIMER_REAL, self.hang)  # a case that runs away is stopped and counted
@@ -440,10 +457,10 @@ class Fuzzer:
             except Hang:
                 outcome = "hang"
                 self.hangs += 1
-                self.crashes.append(f"seed {seed} {loader} {case.mutations}: over {self.hang:g} s")
+                self.crashes.append(f"{label} {loader} {case.mutations}: over {self.hang:g} s")
             except Exception:
                 outcome = "crash"
-                self.crashes.append(f"seed {seed} {loader} {case.mutations}\n{traceback.format_exc(limit=3)}")
+                self.crashes.append(f"{label} {loader} {case.mutations}\n{traceback.format_exc(limit=3)}")
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, previous)

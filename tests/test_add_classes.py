@@ -12,7 +12,7 @@ from conftest import ROOT, TINY, make_base, plain_ultralytics, sha256
 from ultralytics import YOLO
 
 from lora_yolo import LoraConfig, LoraYoloError, load_adapter, load_model
-from lora_yolo.classes import BRANCH_LR, EXACT_TRAIN, FOLDER, combined_names
+from lora_yolo.classes import BRANCH_LR, FOLDER, combined_names
 from lora_yolo.errors import TrainingInterrupted
 from lora_yolo.export import export_model
 from lora_yolo.serve import AdapterModel, predict, validate
@@ -35,31 +35,33 @@ def runs(demo_base, tmp_path_factory):
 
     def crash_after_first_save(trainer):
         if trainer.epoch == 0:
-            raise KeyboardInterrupt  # Ctrl-C after epoch 1 was saved: exact mode must resume as exact mode
+            raise KeyboardInterrupt  # Ctrl-C after epoch 1 was saved: each mode must resume as that mode
+
+    groups = {}  # mode -> its resumed run's optimizer: (initial lr, trainable parameter names) of each group
+
+    def record_groups(mode: str):
+        def record(trainer):  # Ultralytics puts the frozen parameters in the optimizer too
+            names = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
+            named = [
+                (g["initial_lr"], {names.get(id(p)) for p in g["params"]} - {None})
+                for g in trainer.optimizer.param_groups
+            ]
+            groups[mode] = [(lr, group) for lr, group in named if group]
+
+        return record
 
     args = dict(data=B2 / "data.yaml", model=demo_base, project=str(folder), **{**TINY, "fraction": 0.1})
-    with pytest.raises(TrainingInterrupted):
-        train(**args, config=LoraConfig(add_classes="exact"), name="exact",
-              callbacks={"on_model_save": [crash_after_first_save]})  # fmt: skip
-    last = folder / "exact" / "weights" / "last.pt"
-    with pytest.raises(LoraYoloError, match="relabelled copy of the dataset"):
-        train(B2 / "data.yaml", resume=last)  # the user's data: its class ids are not the run's
-    groups = []  # the adapted run's optimizer: (initial lr, parameter names) of each group
-
-    def record_groups(trainer):
-        names = {id(p): n for n, p in trainer.model.named_parameters()}
-        groups.extend((g["initial_lr"], {names[id(p)] for p in g["params"]}) for g in trainer.optimizer.param_groups)
-
-    out = {
-        "exact": train(None, resume=last),
-        "adapted": train(
-            **args,
-            config=LoraConfig(add_classes="adapted"),
-            name="adapted",
-            callbacks={"on_train_start": [record_groups]},
-        ),
-        "adapted_groups": groups,
-    }
+    out = {}
+    for mode, lr in (("exact", {"lr0": 0.003}), ("adapted", {})):  # exact: --lr0 alone, AdamW at it
+        with pytest.raises(TrainingInterrupted):
+            train(**args, **lr, config=LoraConfig(add_classes=mode), name=mode,
+                  callbacks={"on_model_save": [crash_after_first_save]})  # fmt: skip
+        last = folder / mode / "weights" / "last.pt"
+        if mode == "exact":
+            with pytest.raises(LoraYoloError, match="relabelled copy of the dataset"):
+                train(B2 / "data.yaml", resume=last)  # the user's data: its class ids are not the run's
+        out[mode] = train(None, resume=last, callbacks={"on_train_start": [record_groups(mode)]})
+    out["groups"] = groups
     assert labels_hash() == before  # the user's dataset is never written
     return out
 
@@ -132,11 +134,16 @@ def test_val_and_predict_with_the_adapter_match_merged(runs, demo_base, mode, tm
     assert images == len(list(folder.iterdir())) and boxes > 0
 
 
-def test_exact_mode_has_its_own_learning_rate_unless_one_is_given(runs):
-    """Exact mode trains class-branch copies in full: the run above (no optimizer given, interrupted and resumed)
-    trained with AdamW 0.01 (EXACT_TRAIN); every way of asking is in test_branch.py."""
+def test_exact_mode_trains_its_copies_at_the_lr0_given(runs):
+    """Exact mode trains class-branch copies in full: the run above, given lr0 alone (interrupted and resumed),
+    trained them with AdamW at that lr0, not at adapted mode's BRANCH_LR; the default (AdamW 0.01,
+    `lora_yolo.classes.EXACT_TRAIN`) and every other way of asking are in test_branch.py."""
     args = yaml.safe_load((runs["exact"].save_dir / "args.yaml").read_text())
-    assert (args["optimizer"], args["lr0"]) == ("AdamW", 0.01) == tuple(EXACT_TRAIN.values())
+    assert (args["optimizer"], args["lr0"]) == ("AdamW", 0.003)
+    groups = runs["groups"]["exact"]
+    copies = {n for n in load_adapter(runs["exact"].adapter).full if ".running_" not in n}
+    assert set().union(*(names for _, names in groups)) == copies  # nothing else trains
+    assert {lr for lr, _ in groups} == {0.003} != {BRANCH_LR}
 
 
 def test_adapted_mode_adapts_outside_the_class_branches_and_trains_their_copies_at_their_own_lr(runs):
@@ -146,7 +153,7 @@ def test_adapted_mode_adapts_outside_the_class_branches_and_trains_their_copies_
     copies = set(adapter.full)
     assert copies == set(exact.full) and adapter.layers and not any(".23.cv3." in layer for layer in adapter.layers)
     assert len(adapter.layers) > 50  # backbone, neck and box branches
-    groups = runs["adapted_groups"]
+    groups = runs["groups"]["adapted"]  # the resumed run's
     params = {n for n in copies if ".running_" not in n}  # the copies' BatchNorm statistics are buffers
     assert params == set().union(*(names for _, names in groups if names & copies))
     assert {lr for lr, names in groups if names & copies} == {BRANCH_LR}

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT, TINY, random_adapter, save_base
+from conftest import ROOT, TINY, make_base, random_adapter, save_base
 from torch import nn
 from ultralytics.nn.modules import Conv, DWConv
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
 from lora_yolo import LoraConfig, LoraYoloError, attach_adapter, load_model
-from lora_yolo.adapter import Adapter
+from lora_yolo.adapter import Adapter, check_layers
 from lora_yolo.branch import ClassBranch, add_class_branches, new_branch, widen
 from lora_yolo.checkpoint import build_for_classes
 from lora_yolo.merge import merge_adapters
@@ -128,6 +128,15 @@ def test_crafted_add_classes_adapters_fail_in_one_line(base_pt):
         assert "\n" not in str(e.value)
 
 
+def test_an_add_classes_adapter_needs_class_branches_in_the_base(base_pt):
+    """A base whose head has no Detect class branch (Classify here): an add_classes adapter has nothing to add beside,
+    and would otherwise widen the head with untrained rows; refused in one line."""
+    adapter = crafted(classes_adapter(base_pt, "adapted"), full=[], tensors={})
+    classify = load_model("yolo11n-cls.yaml")
+    with pytest.raises(LoraYoloError, match=r"^adapter says add_classes=adapted, but the base has no Detect class"):
+        check_layers(adapter, dict(classify.named_modules()), class_layers(classify), classify.names)
+
+
 def classes_adapter(base_pt, mode: str = "exact", seed: int = 3) -> Adapter:
     """An add_classes adapter for base_pt's 80 classes + 4, as if trained."""
     names = {**load_model(base_pt).names, **{80 + i: n for i, n in NEW.items()}}
@@ -174,6 +183,27 @@ def test_add_classes_adapter_merges_and_serves_as_attached(base_pt, mode):
         merge_adapters(load_model(base_pt), [(adapter, 0.5), (classes_adapter(base_pt, mode, seed=4), 0.5)])
 
 
+@pytest.mark.parametrize("end2end", [False, True], ids=["one-to-many", "one-to-one"])
+def test_adapted_adapter_on_yolo26_serves_either_branch_as_attached(tmp_path, end2end):
+    """YOLO26: an adapted adapter (LoRA outside both branches' class branches, a copy beside each) served for either
+    head branch computes what the attached adapter computes (1e-4 relative), and merged.pt does too."""
+    base = make_base(tmp_path / "yolo26n.pt", "yolo26n.yaml")
+    adapter = classes_adapter(base, "adapted")
+    assert any(".one2one_cv3.0.new." in k for k in adapter.full) and any(".cv3.0.new." in k for k in adapter.full)
+    plain = load_model(base)
+    paths = tuple(f"{p}." for p in branch_paths(class_layers(plain), dict(plain.named_modules())))
+    assert len(paths) == 6 and not any(layer.startswith(paths) for layer in adapter.layers)  # none in a branch
+    served = AdapterModel(base, end2end=end2end)
+    served.set_adapter(served.load_adapter(adapter))
+    models = [attach_adapter(load_model(base), adapter), merge_adapters(load_model(base), [(adapter, 1.0)])]
+    with torch.no_grad():
+        got = served.model.eval()(X)[0]
+        for model in models:
+            model.end2end = end2end
+            want = model.eval()(X)[0]
+            assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["exact", "adapted"])
 def test_add_classes_adapters_are_refused_by_peft_conversion_in_one_line(base_pt, mode, tmp_path):
     """PEFT wraps the plain base, which has no module running a copy beside a class branch: refused, nothing written."""
@@ -182,8 +212,9 @@ def test_add_classes_adapters_are_refused_by_peft_conversion_in_one_line(base_pt
     assert not any(tmp_path.iterdir())
 
 
-def test_lora_adapter_loads_and_switches_while_an_exact_one_is_active(base_pt):
-    """The default selection adapts the convs inside the class branches: loading such an adapter while an exact
+@pytest.mark.parametrize("mode", ["exact", "adapted"])
+def test_lora_adapter_loads_and_switches_while_an_add_classes_one_is_active(base_pt, mode):
+    """The default selection adapts the convs inside the class branches: loading such an adapter while an add_classes
     adapter's copies run beside those branches must reach them, and either adapter then computes what it computes
     alone in a fresh model."""
 
@@ -191,7 +222,7 @@ def test_lora_adapter_loads_and_switches_while_an_exact_one_is_active(base_pt):
         with torch.no_grad():
             return model.model.eval()(X)[1]["scores"]
 
-    exact, lora = classes_adapter(base_pt), random_adapter(base_pt, seed=1, scale=0.5)[1]
+    exact, lora = classes_adapter(base_pt, mode), random_adapter(base_pt, seed=1, scale=0.5)[1]
     assert any(".cv3.0.0." in layer for layer in lora.layers)
     model = AdapterModel(base_pt)
     model.set_adapter(model.load_adapter(exact, "e"))
@@ -211,13 +242,14 @@ def test_lora_adapter_loads_and_switches_while_an_exact_one_is_active(base_pt):
     assert torch.equal(scores(model), scores(AdapterModel(base_pt)))
 
 
-def test_a_base_whose_class_branch_cannot_widen_is_refused_before_training(base_pt, tmp_path):
+@pytest.mark.parametrize("mode", ["exact", "adapted"])
+def test_a_base_whose_class_branch_cannot_widen_is_refused_before_training(base_pt, tmp_path, mode):
     model = load_model(base_pt)
     branch = model.model[-1].cv3[0]
     branch[0][1] = Conv(branch[0][1].conv.in_channels, branch[0][1].conv.out_channels, 1, g=2)  # after a depthwise
     odd = save_base(model, tmp_path / "odd.pt")
     with pytest.raises(LoraYoloError, match=r"cannot add a class branch beside model.23.cv3.0: a grouped conv"):
-        train(SHAPES_B2, model=odd, config=LoraConfig(add_classes="exact"), project=str(tmp_path / "runs"), **TINY)
+        train(SHAPES_B2, model=odd, config=LoraConfig(add_classes=mode), project=str(tmp_path / "runs"), **TINY)
     assert not (tmp_path / "runs").exists()
 
 

@@ -60,3 +60,20 @@ def test_clamp_rank_option(cli_here):
     assert not rows["--no-clamp-rank"]["model.0.conv"]["selected"]  # 3 -> 16 channels: limit 16 < rank 32
     stem = rows["--clamp-rank"]["model.0.conv"]
     assert stem["selected"] and (stem["r"], stem["lora_alpha"], stem["lora_params"]) == (16, 32.0, 16 * (27 + 16))
+
+
+def test_inspect_with_add_classes_shows_what_training_adapts(base_pt):
+    """add_classes: the class branches are never adapted (a copy beside each trains), exact mode adapts nothing, and
+    the table says the adapter also holds the copies."""
+    from lora_yolo import LoraConfig
+    from lora_yolo.targets import branch_paths, class_layers
+
+    model = load_model(base_pt)
+    branches = tuple(f"{p}." for p in branch_paths(class_layers(model), dict(model.named_modules())))
+    adapted = inspect_model(base_pt, LoraConfig(add_classes="adapted"))
+    in_branches = [row for row in adapted.layers if row.name.startswith(branches)]
+    assert len(in_branches) == 3 * 5 and not any(row.selected for row in in_branches)  # yolo11n: 5 convs a branch
+    assert sum(row.selected for row in adapted.layers) > 50
+    exact = inspect_model(base_pt, LoraConfig(add_classes="exact"))
+    assert not any(row.selected for row in exact.layers) and exact.lora_params == 0
+    assert "plus a copy of each class branch" in exact.table()

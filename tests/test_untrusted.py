@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import struct
 import sys
 import time
@@ -196,6 +197,18 @@ def test_structure_aware_fuzz_of_both_loaders(tmp_path):
     assert fuzzer.hangs == 0
     for loader in ("adapter", "peft"):  # the generator reaches both outcomes, so it tests something
         assert fuzzer.outcomes[(loader, "ok")] > 0 and fuzzer.outcomes[(loader, "refused")] > STRUCTURED_CASES // 4
-    assert fuzzer.outcomes[("m_add_classes", "ok")] > 0 and fuzzer.outcomes[("m_add_classes", "refused")] > 0
     used = {name for name, _ in fuzzer.outcomes if name.startswith("m_")}
     assert used == {m.__name__ for m in script.ADAPTER_MUTATIONS + script.PEFT_MUTATIONS}
+
+
+def test_each_way_the_fuzzer_breaks_an_add_classes_adapter_is_refused(tmp_path):
+    """The fuzzer's add_classes adapter (adapted mode: LoRA outside the class branches, a copy of each) loads and
+    attaches intact, and each way `m_add_classes` breaks it alone is refused (a LoRA layer inside a class branch
+    would otherwise be dropped silently, exact mode's LoRA layers would change the base's outputs)."""
+    script = fuzz_script()
+    fuzzer = script.Fuzzer(tmp_path, hang=5.0)
+    for op, what in enumerate(script.ADD_CLASSES_BREAKS):
+        case = script.Case({}, {})
+        script.add_classes_case(case, fuzzer.context, op, random.Random(op))
+        assert fuzzer.check(case, "adapter", what) == ("ok" if op == 0 else "refused"), what
+    assert not fuzzer.crashes
