@@ -3,6 +3,7 @@
     python scripts/bench_add_classes.py            # all runs, then benchmarks/add_classes.json / .md
     python scripts/bench_add_classes.py --seed 1   # another seed (appended; the report takes every seed run)
     python scripts/bench_add_classes.py --methods exact --lr 0.003   # AdamW at lr0 0.003 instead of optimizer=auto
+    python scripts/bench_add_classes.py --base rail-v8n --methods exact adapted --lr 0.01 ...   # a real base
 
 The new-class data is what a user adding classes has: scenes of A's shapes and the 4 new ones together (synthetic
 domain AB2), only the new ones labelled, so the base's objects are in the training images unlabelled (what adapted
@@ -19,6 +20,10 @@ never saw) and on the new classes' test images:
 Goals (the add-classes issue): on A, exact 100% of the base and adapted >= 95%; on the new classes, exact >= 90% and
 adapted >= 95% of lora-new. Each run appends to benchmarks/add_classes.jsonl as it ends. lora-yolo's runs also record
 the new classes' validation mAP50-95 of merged.pt, which is what an lr is chosen on (never the test splits). The
+Real bases (`--base`, scripts/bench_finetune.py's): no images of their own classes can be rendered, so they learn
+the fine-tuning benchmark's new-classes task (the 4 shapes alone, 64 images, its seeds) and are scored on the new
+classes only, against the default recipe's run of that task in benchmarks/runs.jsonl (the new-class-only adapter on
+the same images); what they keep of their own classes is not measured. The
 earlier version of this benchmark trained on scenes of the new shapes alone, where adapted mode's pseudo-labels could
 only be the base's mistakes: benchmarks/v1/add_classes.md; adapted mode before it had class-branch copies (its class
 convs trained in full, one row per combined class) is in benchmarks/v1/adapted_class_convs.jsonl.
@@ -28,19 +33,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from copy import deepcopy
 from pathlib import Path
 
 import yaml
-from bench_finetune import N_TEST, N_VAL, SCHEDULE, fetch_base, mean_spread
+from bench_finetune import BASES, N_TEST, N_VAL, SCHEDULE, datasets, fetch_base, load_runs, mean_spread
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks"
 RUNS = OUT / "add_classes.jsonl"
 METHODS = ("exact", "adapted", "lora-new", "full-new", "full-pseudo")
 A_VAL_SEED = 9  # A's validation images (A's test images are seed 8): how much of A an lr keeps, for choosing it
+DEMO = "demo-11n"
+REAL_METHODS = ("exact", "adapted")  # on a real base: the new-class-only reference is bench_finetune's own run
+REFERENCE = ("dora-r32-clamped", "auto")  # bench_finetune's method and lr for the default preset
 
 
 def mixed_datasets(root: Path) -> dict[str, str]:
@@ -82,7 +91,7 @@ def score(weights: Path, data: Path, project: Path) -> float:
     return float(r.box.map)
 
 
-def run(method: str, seed: int, root: Path, lr: str | float = "auto") -> dict:
+def run(method: str, seed: int, root: Path, lr: str | float = "auto", base_name: str = DEMO) -> dict:
     from ultralytics import YOLO
 
     from lora_yolo.checkpoint import load_model
@@ -92,13 +101,12 @@ def run(method: str, seed: int, root: Path, lr: str | float = "auto") -> dict:
     from lora_yolo.synth import make_dataset
     from lora_yolo.train import train
 
-    base = fetch_base("demo-11n")
-    new = mixed_datasets(root)
-    a_test = make_dataset(root / "A-test", "A", 0, N_TEST, SCHEDULE["imgsz"], seed=8)
-    a_val = make_dataset(root / "A-val", "A", 0, N_VAL, SCHEDULE["imgsz"], seed=A_VAL_SEED)
+    base = fetch_base(base_name)
+    new = mixed_datasets(root) if base_name == DEMO else datasets(root, "new-classes", 64)
+    demo = base_name == DEMO  # only the demo base's own classes (domain A) can be rendered and scored
     base_names = load_model(base).names
     combined = combined_names(base_names, yaml.safe_load(Path(new["data"]).read_text())["names"])
-    project = root / f"{method}-{seed}-{lr}"
+    project = root / f"{base_name}-{method}-{seed}-{lr}"
     optimizer = {"optimizer": "auto"} if lr == "auto" else {"optimizer": "AdamW", "lr0": float(lr)}
     common = dict(**SCHEDULE, **optimizer, nbs=SCHEDULE["batch"], seed=seed, device="cpu", workers=2,
                   plots=False, project=str(project), name="run", exist_ok=True)  # fmt: skip
@@ -125,13 +133,20 @@ def run(method: str, seed: int, root: Path, lr: str | float = "auto") -> dict:
         (project / "test-both.yaml").write_text(yaml.safe_dump(both, sort_keys=False))
         both = check_dataset(project / "test-both.yaml")
         new_test = prepare_dataset(both, base, base_names, project / "new-test", None, "detect")[0]
+    a_scores = {"a_val": None, "a_test": None}
+    if demo:
+        for split, split_seed, n in (("a_val", A_VAL_SEED, N_VAL), ("a_test", 8, N_TEST)):
+            a = make_dataset(root / split, "A", 0, n, SCHEDULE["imgsz"], seed=split_seed)
+            a_scores[split] = (
+                score(weights, with_names(a, combined, project / f"{split}.yaml"), project) if keeps_a else 0.0
+            )
     return {
+        "base": base_name,
         "method": method,
         "seed": seed,
         "lr": lr,
         "new_val": val,
-        "a_val": score(weights, with_names(a_val, combined, project / "a-val.yaml"), project) if keeps_a else 0.0,
-        "a_test": score(weights, with_names(a_test, combined, project / "a-test.yaml"), project) if keeps_a else 0.0,
+        **a_scores,
         "new_test": score(weights, Path(new_test), project),
         "pseudo_labels": pseudo,
     }
@@ -185,8 +200,56 @@ def lr_choices(runs: list[dict], base_a_val: float) -> list[str]:
     return ["Learning rates as seed 0's validation scores rank them:", "", *lines] if lines else []
 
 
+def real_base_rows(runs: list[dict]) -> tuple[list[str], dict]:
+    """Markdown lines and JSON rows of the real bases' runs: the new classes' test mAP50-95 against bench_finetune's
+    run of the default recipe on the same images and seeds (the new-class-only adapter)."""
+    reference = {
+        (r["base"], r["seed"]): r["test"]
+        for r in load_runs()
+        if (r["task"], r["n_train"], r["method"], str(r["lr"])) == ("new-classes", 64, *REFERENCE)
+    }
+    lines, rows = [], {}
+    for base in [b for b in BASES if b != DEMO]:
+        mine = [r for r in runs if r.get("base") == base]
+        for m, lr in sorted({(r["method"], str(r["lr"])) for r in mine}):
+            these = [r for r in mine if (r["method"], str(r["lr"])) == (m, lr)]
+            seeds = sorted(r["seed"] for r in these)
+            ref = [reference.get((base, seed)) for seed in seeds]
+            test, spread = mean_spread([r["new_test"] for r in these])
+            ratio = test / statistics.mean(ref) if None not in ref else None
+            rows[f"{base} {m} @ {lr}"] = dict(
+                base=base,
+                method=m,
+                lr=lr,
+                seeds=seeds,
+                new_test=test,
+                new_spread=spread,
+                reference_test=ref,
+                vs_reference=ratio,
+            )
+            pseudo = these[0]["pseudo_labels"]
+            lines.append(
+                f"| {base} | {m} @ {lr} | {','.join(map(str, seeds))} | {test:.3f}±{spread:.3f} | "
+                f"{'-' if ratio is None else format(ratio, '.1%')} | "
+                f"{'-' if None in ref else format(statistics.mean(ref), '.3f')} | {'-' if pseudo is None else pseudo} |"
+            )
+    if not lines:
+        return [], rows
+    head = [
+        "Real bases (`--base`): the fine-tuning benchmark's new-classes task (the 4 shapes alone, 64 images), scored "
+        "on the new classes only; the reference is the default recipe's new-class-only run of the same images and "
+        "seeds in benchmarks/runs.jsonl. What they keep of their own classes is not measured (no images of them).",
+        "",
+        "| base | method | seeds | new-class test mAP50-95 | vs reference | reference | pseudo-labels |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    return head + lines, rows
+
+
 def report() -> None:
     runs = [json.loads(line) for line in RUNS.read_text().splitlines()] if RUNS.is_file() else []
+    real, real_rows = real_base_rows(runs)
+    runs = [r for r in runs if r.get("base", DEMO) == DEMO]
     from lora_yolo.synth import make_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,6 +304,7 @@ def report() -> None:
             f"{r['pseudo_labels'] if r['pseudo_labels'] is not None else '-'} |"
         )
     lines += ["", *lr_choices(runs, base_a_val)]
+    lines += ["", *real] if real else []
     lines += [
         "",
         "Inference cost of the class branches (both modes), GFLOPs of one 640x640 image (fused; Ultralytics' "
@@ -252,7 +316,8 @@ def report() -> None:
     ]
     (OUT / "add_classes.md").write_text("\n".join(lines) + "\n")
     (OUT / "add_classes.json").write_text(
-        json.dumps({"base_a_test": base_a, "base_a_val": base_a_val, "rows": rows}, indent=2) + "\n"
+        json.dumps({"base_a_test": base_a, "base_a_val": base_a_val, "rows": rows, "real_bases": real_rows}, indent=2)
+        + "\n"
     )
     print("\n".join(lines))
 
@@ -260,21 +325,21 @@ def report() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", default=DEMO, choices=list(BASES), help=f"real bases run {', '.join(REAL_METHODS)}")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--lr", default="auto", help="auto (Ultralytics' optimizer=auto) or an AdamW lr0")
     parser.add_argument("--report", action="store_true", help="only write the report from what ran")
     args = parser.parse_args()
+    if args.base != DEMO and not set(args.methods) <= set(REAL_METHODS):
+        parser.error(f"a real base runs {' and '.join(REAL_METHODS)} only (its reference is bench_finetune's run)")
     if not args.report:
-        done = (
-            {(r["method"], r["seed"], str(r.get("lr", "auto"))) for r in map(json.loads, RUNS.read_text().splitlines())}
-            if RUNS.is_file()
-            else set()
-        )
+        runs = map(json.loads, RUNS.read_text().splitlines()) if RUNS.is_file() else []
+        done = {(r.get("base", DEMO), r["method"], r["seed"], str(r.get("lr", "auto"))) for r in runs}
         with tempfile.TemporaryDirectory() as tmp:
             for method in args.methods:
-                if (method, args.seed, args.lr) in done:
+                if (args.base, method, args.seed, args.lr) in done:
                     continue
-                result = run(method, args.seed, Path(tmp), args.lr)
+                result = run(method, args.seed, Path(tmp), args.lr, args.base)
                 print(json.dumps(result), flush=True)
                 with open(RUNS, "a", encoding="utf-8") as f:
                     f.write(json.dumps(result) + "\n")
