@@ -13,6 +13,7 @@ and the step time under AMP.
     python scripts/bench_cost.py                                   # yolo11n, 320 px, batch 8
     python scripts/bench_cost.py --models yolo11n yolo11s yolo11m yolo26n --imgsz 320 640 --rounds 3
     python scripts/bench_cost.py --rss --json benchmarks/cost.json
+    python scripts/bench_cost.py --models yolo11n yolo26n yolo11s yolo11m --backward-macs   # counted, not timed
 
 Prints a Markdown table; `--json` also writes the raw numbers (every round's times).
 """
@@ -40,6 +41,7 @@ from lora_yolo import LoraConfig, load_model  # noqa: E402
 from lora_yolo.fold import fold_batchnorm  # noqa: E402
 from lora_yolo.inject import add_lora, set_trainable  # noqa: E402
 from lora_yolo.memory import Kept, add_training_forward, pack_saved, remove_training_forward, unpack_saved  # noqa: E402
+from lora_yolo.presets import resolve_config  # noqa: E402
 from lora_yolo.targets import select_targets  # noqa: E402
 
 # recipe -> (kind, LoraConfig or None, form): kind is full | freeze | head | lora; form is how a LoRA model trains:
@@ -220,6 +222,41 @@ def peak_rss(model_yaml: str, imgsz: int, size: int, recipe: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def backward_macs(model_yaml: str, imgsz: int) -> tuple[float, float]:
+    """Conv multiply-adds of one training step of the default recipe, today and with a low-rank adapter backward,
+    each as a ratio to full fine-tuning's, for one image (the ratios do not depend on the batch).
+
+    Every conv costs C in forward and C for its input gradient (none for the first conv: the image needs none).
+    Full fine-tuning also computes every weight gradient (C). The default computes the full weight gradient G of
+    each adapted conv and projects it onto A and B (C); grouped convs are frozen (no weight gradient). A low-rank
+    backward would skip G: with z = conv(x, A), grad B = c dy z^T (C r / fan_in) and grad A = c conv_weight(x,
+    B^T dy) (C r / out), plus z itself (C r / out); counted where that is cheaper than C.
+    """
+    model = load_model(model_yaml)
+    config, _ = resolve_config("default")
+    plan = select_targets(model, config)
+    macs: dict[str, int] = {}
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, name=name: macs.__setitem__(name, o.numel() * m.weight[0].numel()))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, imgsz, imgsz))
+    for hook in hooks:
+        hook.remove()
+    full = today = low = 0.0
+    for i, (name, c) in enumerate(macs.items()):
+        conv = model.get_submodule(name)
+        passes = c + (c if i else 0)  # forward and input gradient
+        full += passes + c
+        weight = c if name in plan else 0
+        r = plan[name][0] if name in plan else 0
+        today += passes + weight
+        low += passes + (min(c, c * r / conv.weight[0].numel() + 2 * c * r / conv.out_channels) if weight else 0)
+    return today / full, low / full
+
+
 def table(results: list[dict]) -> str:
     rows = [
         "| model | px | recipe | saved bytes vs full | held for backward vs full | step vs full (median, rounds' "
@@ -257,7 +294,16 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), help="a subset (full fine-tuning always)")
     parser.add_argument("--rss", action="store_true", help="also peak RSS, one fresh process per recipe")
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
+    parser.add_argument("--backward-macs", action="store_true", help="only count conv MACs of the default's step")
     args = parser.parse_args()
+    if args.backward_macs:
+        print("| model | px | default today / full FT | with a low-rank adapter backward / full FT |")
+        print("|---|---|---|---|")
+        for model in args.models:
+            for imgsz in args.imgsz:
+                today, low = backward_macs(f"{model}.yaml", imgsz)
+                print(f"| {model} | {imgsz} | {today:.3f}x | {low:.3f}x |")
+        return
     if args.recipes:  # the others leave the table; ratios stay to full fine-tuning
         for name in [r for r in RECIPES if r != "full fine-tuning" and r not in args.recipes]:
             del RECIPES[name]
