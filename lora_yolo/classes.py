@@ -130,9 +130,9 @@ def recorded_pseudo_labels(data: str | Path) -> int | None:
     """How many pseudo-labels the relabelled dataset `data` of an adapted run holds (None: no such record)."""
     try:
         count = yaml.safe_load(Path(data).read_text(encoding="utf-8")).get(PSEUDO_KEY)
-    except (OSError, yaml.YAMLError, AttributeError):
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):  # ValueError: bytes that are not UTF-8
         return None
-    return count if isinstance(count, int) else None
+    return count if type(count) is int and count >= 0 else None
 
 
 def _pseudo_labels(base: str | Path, images: list[Path], conf: float, classes: list[int]) -> dict[Path, list[str]]:

@@ -19,14 +19,16 @@ never saw) and on the new classes' test images:
   full-pseudo Ultralytics full fine-tuning on adapted's pseudo-labelled data (the combined class set)
 Goals (the add-classes issue): on A, exact 100% of the base and adapted >= 95%; on the new classes, exact >= 90% and
 adapted >= 95% of lora-new. Each run appends to benchmarks/add_classes.jsonl as it ends. lora-yolo's runs also record
-the new classes' validation mAP50-95 of merged.pt, which is what an lr is chosen on (never the test splits). The
+the new classes' validation mAP50-95 of merged.pt, which is what an lr is chosen on (never the test splits).
+
 Real bases (`--base`, scripts/bench_finetune.py's): no images of their own classes can be rendered, so they learn
 the fine-tuning benchmark's new-classes task (the 4 shapes alone, 64 images, its seeds) and are scored on the new
 classes only, against the default recipe's run of that task in benchmarks/runs.jsonl (the new-class-only adapter on
-the same images); what they keep of their own classes is not measured. The
-earlier version of this benchmark trained on scenes of the new shapes alone, where adapted mode's pseudo-labels could
-only be the base's mistakes: benchmarks/v1/add_classes.md; adapted mode before it had class-branch copies (its class
-convs trained in full, one row per combined class) is in benchmarks/v1/adapted_class_convs.jsonl.
+the same images); what they keep of their own classes is not measured.
+
+The earlier version of this benchmark trained on scenes of the new shapes alone, where adapted mode's pseudo-labels
+could only be the base's mistakes: benchmarks/v1/add_classes.md; adapted mode before it had class-branch copies (its
+class convs trained in full, one row per combined class) is in benchmarks/v1/adapted_class_convs.jsonl.
 """
 
 from __future__ import annotations
@@ -206,7 +208,7 @@ def real_base_rows(runs: list[dict]) -> tuple[list[str], dict]:
     reference = {
         (r["base"], r["seed"]): r["test"]
         for r in load_runs()
-        if (r["task"], r["n_train"], r["method"], str(r["lr"])) == ("new-classes", 64, *REFERENCE)
+        if (r["task"], r["n_train"], r["method"], str(r["lr"])) == ("new-classes", 64, *REFERENCE) and "test" in r
     }
     lines, rows = [], {}
     for base in [b for b in BASES if b != DEMO]:

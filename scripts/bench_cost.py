@@ -226,11 +226,12 @@ def backward_macs(model_yaml: str, imgsz: int) -> tuple[float, float]:
     """Conv multiply-adds of one training step of the default recipe, today and with a low-rank adapter backward,
     each as a ratio to full fine-tuning's, for one image (the ratios do not depend on the batch).
 
-    Every conv costs C in forward and C for its input gradient (none for the first conv: the image needs none).
-    Full fine-tuning also computes every weight gradient (C). The default computes the full weight gradient G of
-    each adapted conv and projects it onto A and B (C); grouped convs are frozen (no weight gradient). A low-rank
-    backward would skip G: with z = conv(x, A), grad B = c dy z^T (C r / fan_in) and grad A = c conv_weight(x,
-    B^T dy) (C r / out), plus z itself (C r / out); counted where that is cheaper than C.
+    Every conv costs C in forward and C for its input gradient (counted for every conv but the first: the image
+    needs none; YOLO26's one-to-one branch, whose input is detached, is counted too, a 0.1% overstatement). Full
+    fine-tuning also computes every weight gradient (C). The default computes the full weight gradient G of each
+    adapted conv and projects it onto A and B (C); grouped convs are frozen (no weight gradient). A low-rank backward
+    would skip G: with z = conv(x, A) (C r / out), grad B = c dy z^T (C r / fan_in, fan_in = in kh kw), B^T dy
+    (C r / fan_in) and grad A = c conv_weight(x, B^T dy) (C r / out); counted where that is cheaper than C.
     """
     model = load_model(model_yaml)
     config, _ = resolve_config("default")
@@ -253,7 +254,7 @@ def backward_macs(model_yaml: str, imgsz: int) -> tuple[float, float]:
         weight = c if name in plan else 0
         r = plan[name][0] if name in plan else 0
         today += passes + weight
-        low += passes + (min(c, c * r / conv.weight[0].numel() + 2 * c * r / conv.out_channels) if weight else 0)
+        low += passes + (min(c, 2 * c * r / conv.weight[0].numel() + 2 * c * r / conv.out_channels) if weight else 0)
     return today / full, low / full
 
 

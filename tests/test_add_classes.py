@@ -12,7 +12,7 @@ from conftest import ROOT, TINY, make_base, plain_ultralytics, sha256
 from ultralytics import YOLO
 
 from lora_yolo import LoraConfig, LoraYoloError, load_adapter, load_model
-from lora_yolo.classes import BRANCH_LR, FOLDER, combined_names
+from lora_yolo.classes import BRANCH_LR, FOLDER, combined_names, recorded_pseudo_labels
 from lora_yolo.errors import TrainingInterrupted
 from lora_yolo.export import export_model
 from lora_yolo.serve import AdapterModel, predict, validate
@@ -143,7 +143,8 @@ def test_exact_mode_trains_its_copies_at_the_lr0_given(runs):
     groups = runs["groups"]["exact"]
     copies = {n for n in load_adapter(runs["exact"].adapter).full if ".running_" not in n}
     assert set().union(*(names for _, names in groups)) == copies  # nothing else trains
-    assert {lr for lr, _ in groups} == {0.003} != {BRANCH_LR}
+    assert {lr for lr, _ in groups} == {0.003}
+    assert runs["exact"].pseudo_labels is None  # exact mode labels nothing
 
 
 def test_adapted_mode_adapts_outside_the_class_branches_and_trains_their_copies_at_their_own_lr(runs):
@@ -158,14 +159,16 @@ def test_adapted_mode_adapts_outside_the_class_branches_and_trains_their_copies_
     assert params == set().union(*(names for _, names in groups if names & copies))
     assert {lr for lr, names in groups if names & copies} == {BRANCH_LR}
     assert all(names <= copies for _, names in groups if names & copies)
-    assert BRANCH_LR not in {lr for lr, names in groups if not names & copies}
+    adapters = [(lr, names) for lr, names in groups if not names & copies]
+    assert set().union(*(names for _, names in adapters)) == {k for k in adapter.tensors if ".lora_" in k}
+    assert BRANCH_LR not in {lr for lr, _ in adapters}
 
 
 def test_adapted_mode_pseudo_labels_the_base_objects_in_the_run_folder(runs):
     result = runs["adapted"]
     adapter = load_adapter(result.adapter)
     assert adapter.names == COMBINED and adapter.layers and adapter.config.add_classes == "adapted"
-    assert result.pseudo_labels is not None and f"{result.pseudo_labels:,}" in result.table()
+    assert result.pseudo_labels > 0 and f"{result.pseudo_labels:,}" in result.table()  # resumed: read back
     lines = [
         line.split()
         for f in (result.save_dir / FOLDER / "labels" / "train").glob("*.txt")
@@ -229,3 +232,16 @@ def test_merged_combined_model_exports_to_onnx_matching_pytorch(runs, mode, tmp_
         want = model(X[:1])[0].numpy()
     assert got.shape == want.shape and want.shape[1] == 4 + len(COMBINED)  # every combined class is exported
     assert np.allclose(got, want, rtol=1e-4, atol=1e-4)  # boxes in pixels: relative; scores: absolute
+
+
+def test_the_pseudo_label_count_is_read_back_only_when_it_is_one(tmp_path):
+    """A resumed adapted run reads its pseudo-label count from its relabelled data.yaml; anything else there (a
+    missing key, a list, a bool, a negative number, bytes that are not UTF-8, no file) gives no count, not an error."""
+    data = tmp_path / "data.yaml"
+    cases = {"lora_yolo_pseudo_labels: 12\n": 12, "names: {0: a}\n": None, "lora_yolo_pseudo_labels: [1]\n": None,
+             "lora_yolo_pseudo_labels: true\n": None, "lora_yolo_pseudo_labels: -1\n": None, "- a\n": None}  # fmt: skip
+    for text, want in cases.items():
+        data.write_text(text)
+        assert recorded_pseudo_labels(data) == want, text
+    data.write_bytes(b"lora_yolo_pseudo_labels: 3\nnames: {0: \xe9}\n")
+    assert recorded_pseudo_labels(data) is None and recorded_pseudo_labels(tmp_path / "missing.yaml") is None

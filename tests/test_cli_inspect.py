@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lora_yolo import inspect_model, load_model
 from lora_yolo.presets import resolve_config
 
@@ -65,8 +67,8 @@ def test_clamp_rank_option(cli_here):
 def test_inspect_with_add_classes_shows_what_training_adapts(base_pt):
     """add_classes: the class branches are never adapted (a copy beside each trains), exact mode adapts nothing, and
     the table says the adapter also holds the copies."""
-    from lora_yolo import LoraConfig
-    from lora_yolo.targets import branch_paths, class_layers
+    from lora_yolo import LoraConfig, LoraYoloError
+    from lora_yolo.targets import branch_paths, class_layers, select_targets
 
     model = load_model(base_pt)
     branches = tuple(f"{p}." for p in branch_paths(class_layers(model), dict(model.named_modules())))
@@ -77,3 +79,8 @@ def test_inspect_with_add_classes_shows_what_training_adapts(base_pt):
     exact = inspect_model(base_pt, LoraConfig(add_classes="exact"))
     assert not any(row.selected for row in exact.layers) and exact.lora_params == 0
     assert "plus a copy of each class branch" in exact.table()
+    only_classes = LoraConfig(add_classes="adapted", targets=[], include=[r"model\.23\.cv3\."])
+    with pytest.raises(LoraYoloError, match=r"left out, e\.g\. model\.23\.cv3\.0\.0\.0\.conv: class branch kept"):
+        select_targets(model, only_classes)  # the branch is the reason, before the conv's own (depthwise here)
+    with pytest.raises(LoraYoloError, match=r"^add_classes needs a Detect head's class branches to add beside; "):
+        inspect_model("yolo11n-cls.yaml", LoraConfig(add_classes="adapted"))
