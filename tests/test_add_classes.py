@@ -21,7 +21,7 @@ from lora_yolo.train import train
 pytestmark = pytest.mark.slow
 B2 = ROOT / "datasets" / "shapes-b2"  # star, cross, ring, diamond: none is a demo base class
 COMBINED = {0: "circle", 1: "square", 2: "triangle", 3: "star", 4: "cross", 5: "ring", 6: "diamond"}
-X = torch.rand(2, 3, 64, 64)
+X = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
 def labels_hash() -> dict[str, str]:

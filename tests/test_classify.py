@@ -25,7 +25,7 @@ NAMES = dict(enumerate(DOMAINS["A"].classes))
 # family -> (model YAML, the base already has the data's classes). Same classes: the linear layer gets an adapter
 # (rank 2 fits its 3 outputs); other classes (the YAML's 1000 placeholders): it is trained in full.
 RUNS = {"11-same-classes": ("yolo11n-cls.yaml", True), "26-new-classes": ("yolo26n-cls.yaml", False)}
-X = torch.rand(2, 3, 64, 64)
+X = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
 def classify_base(path: Path, cfg: str, names: dict | None) -> Path:

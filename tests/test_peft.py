@@ -15,7 +15,7 @@ from lora_yolo.peft_format import CONFIG, WEIGHTS, from_peft, to_peft
 
 peft = pytest.importorskip("peft", reason="peft is a test-only dependency (pip install -e .[dev])")
 NEW = {0: "disc", 1: "ring", 2: "cross", 3: "star"}
-X = torch.rand(2, 3, 64, 64)
+X = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
 def peft_model(model, folder):
