@@ -60,13 +60,14 @@ def new_branch(base: nn.Sequential, n_new: int, bias: torch.Tensor | None = None
     return copy
 
 
+def _stored(copy: nn.Sequential, path: str) -> dict[str, torch.Tensor]:
+    """What an adapter stores of the copy beside the branch at `path`: its float state, under `<path>.new.`."""
+    return {f"{path}.{NEW}.{k}": v for k, v in copy.state_dict().items() if v.is_floating_point()}
+
+
 def new_tensor_shapes(base: nn.Sequential, path: str, n_new: int) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of what an adapter stores for the copy of the branch at `path`: its float state."""
-    return {
-        f"{path}.{NEW}.{k}": tuple(v.shape)
-        for k, v in new_branch(base, n_new).state_dict().items()
-        if v.is_floating_point()
-    }
+    """Names and shapes of what an adapter stores for the copy of the branch at `path`."""
+    return {k: tuple(v.shape) for k, v in _stored(new_branch(base, n_new), path).items()}
 
 
 def add_class_branches(model: nn.Module, base: nn.Module, n_new: int) -> list[str]:
@@ -79,7 +80,7 @@ def add_class_branches(model: nn.Module, base: nn.Module, n_new: int) -> list[st
     for path in branch_paths(class_layers(base), theirs):
         new = new_branch(theirs[path], n_new, bias=ours[path][-1].bias[-n_new:])
         replace_module(model, path, ClassBranch(deepcopy(theirs[path]), new))
-        names += [f"{path}.{NEW}.{k}" for k, v in new.state_dict().items() if v.is_floating_point()]
+        names += list(_stored(new, path))
     return names
 
 
@@ -92,9 +93,13 @@ def add_classes_layers(model: nn.Module, base: nn.Module, config: LoraConfig) ->
 
 
 def check_widenable(model: nn.Module) -> None:
-    """Refuse, before training, a base whose class branches `widen` could not turn into a plain merged model."""
+    """Refuse, before training (or in `inspect`), a base add_classes cannot add to: one without Detect class branches,
+    or whose class branches `widen` could not turn into a plain merged model."""
     modules = dict(model.named_modules())
-    for path in branch_paths(class_layers(model), modules):
+    paths = branch_paths(class_layers(model), modules)
+    if not paths:
+        raise LoraYoloError("add_classes needs a Detect head's class branches to add beside; this model has none")
+    for path in paths:
         try:
             widen(ClassBranch(modules[path], new_branch(modules[path], 1)))
         except LoraYoloError as e:

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_yolo.adapter import adapter_bytes, extract_adapter, fingerprint
+from lora_yolo.branch import check_widenable
 from lora_yolo.checkpoint import load_model
 from lora_yolo.config import LoraConfig
-from lora_yolo.errors import LoraYoloError
 from lora_yolo.inject import add_lora
-from lora_yolo.targets import ConvLayer, branch_paths, class_layers, describe_convs, plan_of
+from lora_yolo.targets import ConvLayer, describe_convs, plan_of
 
 
 @dataclass
@@ -73,8 +73,8 @@ def inspect_model(source: str | Path, config: LoraConfig) -> InspectReport:
         >>> print(inspect_model("yolo11n.yaml", LoraConfig(targets=["head"])).table())
     """
     model = load_model(source)
-    if config.add_classes and not branch_paths(class_layers(model), dict(model.named_modules())):
-        raise LoraYoloError(f"add_classes needs a Detect head's class branches to add beside; {source} has none")
+    if config.add_classes:
+        check_widenable(model)
     rows = describe_convs(model, config)
     base = fingerprint(model)
     base_params = sum(p.numel() for p in model.parameters())
