@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from ultralytics.utils import LOGGER
 
 from lora_yolo import LoraYoloError, attach_adapter, load_model, save_adapter
-from lora_yolo.adapter import Adapter, extract_adapter, fingerprint, load_adapter
+from lora_yolo.adapter import Adapter, extract_adapter, fingerprint, load_adapter, read_safetensors
 from lora_yolo.branch import add_classes_layers
 from lora_yolo.checkpoint import build_for_classes, save_checkpoint
 from lora_yolo.config import LoraConfig
@@ -109,14 +109,6 @@ def good_classes_adapter(base: Path) -> Adapter:
             if name.endswith(".lora_B.weight") or (name in full and "running_var" not in name):
                 t.add_(torch.randn_like(t) * 0.02)
     return extract_adapter(model, config, fingerprint(plain), full=full)
-
-
-def file_parts(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A safetensors file's tensors and metadata, as a case starts from."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
 # JSON values of the wrong shape: what a hostile or damaged metadata field may hold.
@@ -406,7 +398,7 @@ class Fuzzer:
         self.context = Context(
             names=[n for n, _ in self.base.named_modules() if n],  # every module, class convs included
             classes={n: self.base.get_submodule(n).in_channels for n in class_layers(self.base)},
-            added=file_parts(save_adapter(good_classes_adapter(self.base_path), workdir / "added.safetensors")),
+            added=read_safetensors(save_adapter(good_classes_adapter(self.base_path), workdir / "added.safetensors")),
         )
         good = good_adapter(self.base_path)
         self.adapter_file = save_adapter(good, workdir / "good.safetensors")
@@ -418,7 +410,7 @@ class Fuzzer:
         self.cases = 0
 
     def make(self, rng: random.Random, loader: str) -> Case:
-        tensors, meta = file_parts(self.adapter_file if loader == "adapter" else self.peft_dir / WEIGHTS)
+        tensors, meta = read_safetensors(self.adapter_file if loader == "adapter" else self.peft_dir / WEIGHTS)
         if loader == "peft":
             tensors = {k[len(PREFIX) :]: v for k, v in tensors.items()}
             inner = json.loads(meta["lora_yolo"])
