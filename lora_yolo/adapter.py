@@ -5,8 +5,9 @@ Tensors
   `<conv>.lora_B.weight`  (out, r, 1, 1)
   `<conv>.lora_magnitude_vector`  (out,)  DoRA only: the trained magnitude per output channel
   `<param>`               any tensor trained in full, under its model name (the class layers when the class count
-                          changed, e.g. `model.23.cv3.0.2.weight`; with add_classes the parallel class branches'
-                          tensors, BatchNorm statistics included, e.g. `model.23.cv3.0.new.0.0.bn.running_mean`)
+                          changed, e.g. `model.23.cv3.0.2.weight`; with train_head every tensor of the task head,
+                          BatchNorm statistics included, e.g. `model.23.cv2.0.0.bn.running_var`; with add_classes
+                          the parallel class branches' tensors, e.g. `model.23.cv3.0.new.0.0.bn.running_mean`)
 Metadata (safetensors' string map, values JSON)
   format, format_version, task, lora_config (LoraConfig.to_dict), layers ({conv: [r, lora_alpha]}),
   full (names of tensors trained in full), nc, names, base (fingerprint of the base the adapter fits).
@@ -28,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 from torch import nn
+from ultralytics.nn.modules import DFL
 
 from lora_yolo.atomic import atomic_path
 from lora_yolo.branch import add_class_branches, new_tensor_shapes
@@ -331,12 +333,17 @@ def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: li
             )
     if adapter.config.add_classes:  # its class tensors are the copies _check_branches checked
         return
-    for key in adapter.full:  # what training stores in full: the class convs, when the class set changes
+    head = head_prefix(modules) if adapter.config.train_head else None
+    for key in adapter.full:  # what training stores in full: the class convs when the class set changes, the head
         owner, _, param = key.rpartition(".")
-        if owner not in classes or param not in dict(modules[owner].named_parameters(recurse=False)):
-            raise LoraYoloError(f"adapter tensor {key} is trained in full, but only the class layers can be")
         if owner in adapter.layers:
             raise LoraYoloError(f"adapter tensor {key} is trained in full, and {owner} also has a LoRA adapter")
+        if owner not in classes and head and key.startswith(head):
+            _check_head_tensor(adapter, key, modules)
+            continue
+        if owner not in classes or param not in dict(modules[owner].named_parameters(recurse=False)):
+            what = "the task head (train_head)" if head else "the class layers"
+            raise LoraYoloError(f"adapter tensor {key} is trained in full, but only {what} can be")
         want = (adapter.nc, *getattr(modules[owner], param).shape[1:])
         if tuple(adapter.tensors[key].shape) != want:
             raise LoraYoloError(
@@ -348,6 +355,30 @@ def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: li
             f"adapter predicts other classes than the base ({adapter.nc} vs {len(names)}) but does not carry the "
             f"class layer {missing[0]}"
         )
+
+
+def head_prefix(modules: Mapping[str, nn.Module]) -> str:
+    """`model.<i>.` for the task head of the model whose modules (by name) are `modules`: its last layer."""
+    return f"model.{max(int(n[6:]) for n in modules if n.startswith('model.') and n[6:].isdigit())}."
+
+
+def _check_head_tensor(adapter: Adapter, key: str, modules: Mapping[str, nn.Module]) -> None:
+    """A head tensor trained in full (train_head, outside the class layers) must be a floating-point parameter or
+    buffer of the base's head with the base's shape, never the fixed DFL projection, and a BatchNorm variance is
+    never negative (its square root would be NaN)."""
+    owner, _, param = key.rpartition(".")
+    module = modules.get(owner)
+    own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False)) if module else {}
+    fixed = any(isinstance(modules.get(owner.rsplit(".", i)[0]), DFL) for i in range(owner.count(".")))
+    if param not in own or not own[param].is_floating_point() or fixed:
+        raise LoraYoloError(f"adapter tensor {key} is trained in full, but is no trained tensor of the base's head")
+    if tuple(adapter.tensors[key].shape) != tuple(own[param].shape):
+        raise LoraYoloError(
+            f"adapter tensor {key} {tuple(adapter.tensors[key].shape)} does not fit the base "
+            f"({tuple(own[param].shape)})"
+        )
+    if param == "running_var" and bool((adapter.tensors[key] < 0).any()):
+        raise LoraYoloError(f"adapter tensor {key} holds a negative variance")
 
 
 def _check_branches(adapter: Adapter, modules: Mapping[str, nn.Module], classes: list[str], names: dict) -> None:
@@ -423,4 +454,10 @@ def adapter_bytes(adapter: Adapter, dtype: torch.dtype = torch.float16) -> int:
 
 
 def _stored(adapter: Adapter, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to(dtype).cpu().contiguous() for k, v in adapter.tensors.items()}
+    """The tensors as written: in `dtype`, except a finite one `dtype` cannot hold (a train_head BatchNorm variance
+    above fp16's 65504), which stays fp32 rather than becoming inf."""
+    out = {}
+    for k, v in adapter.tensors.items():
+        cast = v.detach().to(dtype)
+        out[k] = (cast if bool(cast.isfinite().all()) or not bool(v.isfinite().all()) else v.detach().float()).cpu()
+    return {k: v.contiguous() for k, v in out.items()}

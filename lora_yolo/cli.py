@@ -54,6 +54,13 @@ ClampRankOpt = Annotated[
         help="A selected layer whose rank limit min(out, in*k*k) is below the rank: adapt it at that limit (not skip).",
     ),
 ]
+TrainHeadOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--train-head/--no-train-head",
+        help="Train the task head (the last layer) in full, BatchNorm statistics included, instead of adapting it.",
+    ),
+]
 RankPatternOpt = Annotated[
     Optional[list[str]], typer.Option("--rank-pattern", help="REGEX=R per-layer rank (repeatable).")
 ]
@@ -91,6 +98,7 @@ def _pairs(items: list[str] | None, cast: Callable[[str], Any], option: str) -> 
 LORA_OPTIONS = (
     "config", "rank", "alpha", "dropout", "rslora", "dora", "targets", "include", "exclude", "first_layer",
     "rank_pattern", "alpha_pattern", "loraplus_ratio", "gradient_checkpointing", "add_classes", "clamp_rank",
+    "train_head",
 )  # fmt: skip
 
 
@@ -116,6 +124,7 @@ def lora_options(options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
             exclude=options["exclude"] or None,
             first_layer=options["first_layer"],
             clamp_rank=options["clamp_rank"],
+            train_head=options["train_head"],
             rank_pattern=_pairs(options["rank_pattern"], int, "--rank-pattern"),
             alpha_pattern=_pairs(options["alpha_pattern"], float, "--alpha-pattern"),
         )
@@ -143,6 +152,7 @@ def inspect(
     exclude: ExcludeOpt = None,
     first_layer: FirstLayerOpt = None,
     clamp_rank: ClampRankOpt = None,
+    train_head: TrainHeadOpt = None,
     rank_pattern: RankPatternOpt = None,
     alpha_pattern: AlphaPatternOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -189,6 +199,7 @@ def train(
     exclude: ExcludeOpt = None,
     first_layer: FirstLayerOpt = None,
     clamp_rank: ClampRankOpt = None,
+    train_head: TrainHeadOpt = None,
     rank_pattern: RankPatternOpt = None,
     alpha_pattern: AlphaPatternOpt = None,
     loraplus_ratio: LoraplusOpt = None,

@@ -44,6 +44,9 @@ class LoraConfig:
     # a selected layer whose rank limit min(out, in*k*k) is below its rank: adapted at that limit (alpha scaled to
     # keep the scale) instead of left frozen
     clamp_rank: bool = False
+    # the task head (the model's last layer) trains in full, BatchNorm statistics included, and gets no adapter: PEFT's
+    # modules_to_save for a classifier; the benchmark's real bases learned new classes far better with it
+    train_head: bool = False
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -57,7 +60,7 @@ class LoraConfig:
         _check_alpha("loraplus_lr_ratio", self.loraplus_lr_ratio)
         if isinstance(self.first_layer, bool) or not isinstance(self.first_layer, int) or self.first_layer < 0:
             raise LoraYoloError(f"first_layer must be a layer index >= 0, got {self.first_layer!r}")
-        for name in ("use_rslora", "use_dora", "gradient_checkpointing", "clamp_rank"):
+        for name in ("use_rslora", "use_dora", "gradient_checkpointing", "clamp_rank", "train_head"):
             if not isinstance(getattr(self, name), bool):
                 raise LoraYoloError(f"{name} must be true or false, got {getattr(self, name)!r}")
         # One canonical form, so a preset's `16` and a default's `16.0` give identical adapter metadata.
@@ -79,6 +82,8 @@ class LoraConfig:
             _compile("alpha_pattern", pattern)
         if self.add_classes not in (None, "exact", "adapted"):
             raise LoraYoloError(f"add_classes must be exact or adapted, got {self.add_classes!r}")
+        if self.add_classes and self.train_head:
+            raise LoraYoloError("train_head and add_classes exclude each other: add_classes keeps the base's head")
         if not self.targets and not self.include:
             raise LoraYoloError("no targets: give at least one preset or an include pattern")
 
@@ -93,12 +98,18 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable form (stored in adapter metadata and run folders).
 
-        `first_layer`, `gradient_checkpointing`, `add_classes` and `clamp_rank` are left out at their defaults:
-        lora-yolo versions before them refuse unknown keys, and an adapter that does not use them should stay readable
-        by them.
+        `first_layer`, `gradient_checkpointing`, `add_classes`, `clamp_rank` and `train_head` are left out at their
+        defaults: lora-yolo versions before them refuse unknown keys, and an adapter that does not use them should
+        stay readable by them.
         """
         data = asdict(self)
-        defaults = (("first_layer", 0), ("gradient_checkpointing", False), ("add_classes", None), ("clamp_rank", False))
+        defaults = (
+            ("first_layer", 0),
+            ("gradient_checkpointing", False),
+            ("add_classes", None),
+            ("clamp_rank", False),
+            ("train_head", False),
+        )
         for name, default in defaults:
             if data[name] == default:
                 del data[name]

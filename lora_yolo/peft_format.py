@@ -5,7 +5,8 @@ alpha / r or alpha / sqrt(r), DoRA's magnitude per output channel), so conversio
   ours  `model.16.cv1.conv.lora_A.weight`        PEFT  `base_model.model.model.16.cv1.conv.lora_A.weight`
   ours  `<conv>.lora_magnitude_vector` (out,)   PEFT  `<...>.lora_magnitude_vector` (1, out, 1, 1)
   ours  `<linear>.lora_A.weight` (r, in)         PEFT  the same (its Linear LoRA); DoRA's magnitude (out,) both
-  ours  tensors trained in full (class layers)   PEFT  `modules_to_save`, under their own names
+  ours  tensors trained in full (class layers,   PEFT  `modules_to_save`, under their own names (a BatchNorm
+        with train_head the whole head)                 also with its `num_batches_tracked`, which PEFT loads)
 Module names are those of the Ultralytics model itself (`YOLO(...).model`), which is what PEFT wraps:
 `PeftModel.from_pretrained(YOLO("base.pt").model, DIR)`. For an adapter with its own class set, PEFT needs the model
 built for those classes first (`lora_yolo.checkpoint.build_for_classes`), since its class layers have another shape.
@@ -22,6 +23,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -36,6 +38,7 @@ PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MAGNITUDE = ".lora_magnitude_vector"
 MAX_CONFIG_BYTES = 1 << 20
+STEPS = "num_batches_tracked"  # BatchNorm's step counter, which PEFT saves with a wrapped BatchNorm and we do not
 
 
 def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
@@ -89,6 +92,8 @@ def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
         layer_a = adapter.tensors.get(name.removesuffix(MAGNITUDE) + ".lora_A.weight")
         conv = name.endswith(MAGNITUDE) and layer_a is not None and layer_a.ndim == 4
         tensors[PREFIX + name] = (t.view(1, -1, 1, 1) if conv else t).contiguous()  # PEFT: (1, out, 1, 1) for a conv
+    for owner in {k.rpartition(".")[0] for k in adapter.full if k.endswith(".running_var")}:  # PEFT loads a wrapped
+        tensors[f"{PREFIX}{owner}.{STEPS}"] = torch.zeros((), dtype=torch.long)  # BatchNorm's whole state
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lora_yolo": json.dumps(adapter.metadata())})
         (tmp / CONFIG).write_text(json.dumps(peft_config, indent=2), encoding="utf-8")
@@ -110,6 +115,7 @@ def from_peft(peft_dir: str | Path, base: nn.Module | None = None) -> Adapter:
         raise LoraYoloError(f"{folder} has no {WEIGHTS}{pickled if (folder / 'adapter_model.bin').exists() else ''}")
     config = _read_config(config_file)
     raw, meta = read_safetensors(weights)
+    raw = {k: v for k, v in raw.items() if not k.endswith(f".{STEPS}")}  # a BatchNorm's step count: no output uses it
     if any(not k.startswith(PREFIX) for k in raw):
         raise LoraYoloError(f"{weights} has tensors outside '{PREFIX}': not a PEFT adapter of a whole model")
     if any(v.ndim == 0 for v in raw.values()):

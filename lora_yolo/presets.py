@@ -54,6 +54,8 @@ def resolve_config(source: str | Path | None, **overrides: Any) -> tuple[LoraCon
     if not isinstance(train_args, dict):
         raise LoraYoloError(f"'train' in {source} must be a mapping of Ultralytics arguments")
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if data.get("add_classes") and overrides.get("train_head") is None:  # add_classes keeps the base's head, so a
+        data.pop("train_head", None)  # preset's train_head does not apply; asked for on the command line, it is refused
     config = LoraConfig.from_dict(data)
     if config.add_classes == "exact":  # no adapter to train: the preset's optimizer and lr0 do not apply (train()
         train_args = {k: v for k, v in train_args.items() if k not in PRESET_LR}  # sets exact mode's own)

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from ultralytics import YOLO
-from ultralytics.nn.modules import Conv, RepConv
+from ultralytics.nn.modules import Conv, Detect, DWConv, RepConv
+from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from lora_yolo.adapter import Adapter, check_fits, check_layers, fingerprint, load_adapter
 from lora_yolo.branch import NEW, ClassBranch, new_branch
@@ -215,6 +216,8 @@ class AdapterModel:
         # the class branches as loaded (add_classes adapters hold copies of them), before fuse changes them
         self._branches = {p: deepcopy(unfused[p]) for p in branch_paths(self._class_convs, unfused)}
         self._repconv = repconv_branches(model, self._scales)  # adapters there go to the conv fuse makes of both
+        self._head = f"model.{len(model.model) - 1}"  # a train_head adapter's head, fused, replaces the base's
+        self._unfused_head = deepcopy(model.model[-1])  # its tensors load into a copy of this, which is then fused
         model.fuse(verbose=False)
         # the fused base's own modules, before any adapter replaces one: layers are found and put back through these
         # (their parents stay the same objects, also inside a class branch an adapter's copy runs beside)
@@ -225,11 +228,17 @@ class AdapterModel:
             f"{p}.{k}." if p else f"{k}." for p, m in fused.items() for k, v in m._modules.items() if v is None
         )
         self._unused = {n for n in unfused if f"{n}.".startswith(dropped)}
-        self._checked_modules = {**{n: unfused[n] for n in [*self._unused, *self._repconv]}, **fused, **self._branches}
+        head = {f"{self._head}.{n}".rstrip("."): m for n, m in self._unfused_head.named_modules()}  # BatchNorms too
+        self._checked_modules = {
+            **{n: unfused[n] for n in [*self._unused, *self._repconv]},
+            **fused,
+            **head,
+            **self._branches,
+        }
         # names, and the base's class layers as loaded: a class set's rows start from these, never from a layer
         # an adapter was merged into later; the class branches first, so the class layers go back into them
         layers = [*self._branches, *self._class_convs]
-        self._base_classes = (dict(model.names), {c: fused[c] for c in layers if c in fused})
+        self._base_classes = (dict(model.names), {c: fused[c] for c in [self._head, *layers] if c in fused})
         self._adapters: dict[str, Adapter] = {}
         self._classes: dict[str, tuple[dict[int, str], dict[str, nn.Module]]] = {}
         # by layer path, whether or not in the model right now (a RepConv's: by the path of the conv fuse made)
@@ -378,6 +387,8 @@ class AdapterModel:
                 for path in self._branches
                 if path not in self._unused
             }
+        if adapter.config.train_head:  # its class layers are in its head
+            return dict(adapter.names), {self._head: self._head_copy(adapter)}
         modules: dict[str, nn.Module] = {}
         for key in adapter.full:
             owner, _, param = key.rpartition(".")
@@ -395,6 +406,33 @@ class AdapterModel:
             elif isinstance(m, nn.Embedding):  # RT-DETR's class embedding (denoising queries, training only)
                 m.num_embeddings = m.weight.shape[0]
         return dict(adapter.names), modules
+
+    def _head_copy(self, adapter: Adapter) -> nn.Module:
+        """The base's head with a train_head adapter's tensors (check_layers made sure they fit), fused as
+        Ultralytics fuses a model (conv+BN folded, YOLO26's unused branch removed), in eval mode."""
+        head = deepcopy(self._unfused_head)
+        prefix = f"{self._head}."
+        for key in adapter.full:
+            owner, _, name = key.removeprefix(prefix).rpartition(".")
+            module = head.get_submodule(owner)
+            t = adapter.tensors[key].float()
+            if name in module._parameters:
+                setattr(module, name, nn.Parameter(t, requires_grad=False))
+            else:
+                module.register_buffer(name, t)
+            if isinstance(module, nn.Conv2d):  # a class layer with the adapter's class count
+                module.out_channels = module.weight.shape[0]
+            elif isinstance(module, nn.Linear):
+                module.out_features = module.weight.shape[0]
+        for m in head.modules():
+            if isinstance(m, (Conv, DWConv)) and hasattr(m, "bn"):
+                m.conv = fuse_conv_and_bn(m.conv, m.bn)
+                delattr(m, "bn")
+                m.forward = m.forward_fuse
+        if isinstance(head, Detect):
+            head.fuse()
+        device = next(self._base_classes[1][self._head].parameters()).device  # where the model is now
+        return head.to(device, torch.float32).eval().requires_grad_(False)
 
     def _branch_copy(self, adapter: Adapter, path: str) -> nn.Module:
         """The adapter's copy of the class branch at `path` (check_layers made sure its tensors fit), in eval mode."""
@@ -417,11 +455,15 @@ class AdapterModel:
         """Install a class set: names, head class count, and the class layers (the base's where none is given): the
         base's class branches back first, the class layers into them, then any branch the class set replaces."""
         base = self._base_classes[1]
+        head = modules.get(self._head, base[self._head])
+        replace_module(self.model, self._head, head)
+        if head is not base[self._head]:  # a train_head adapter's head holds its own layers
+            base = {}
         for path in self._branches:
             if path in base:
                 replace_module(self.model, path, base[path])
         for path, base_module in base.items():
-            if path not in self._branches:
+            if path not in self._branches and path != self._head:
                 replace_module(self.model, path, modules.get(path, base_module))
         for path in self._branches:
             if path in modules:

@@ -96,6 +96,18 @@ def class_layers(model: nn.Module) -> list[str]:
     ] + ([f"model.{index}.proto.semseg.{len(semseg) - 1}"] if semseg is not None else [])
 
 
+def head_tensors(model: nn.Module) -> list[str]:
+    """What `train_head` trains and stores in full: every floating-point tensor of the task head (the model's last
+    layer), BatchNorm running statistics included, except the fixed DFL projection, which Ultralytics never trains."""
+    prefix = f"model.{len(model.model) - 1}."
+    fixed = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, DFL))
+    return [
+        k
+        for k, v in model.state_dict().items()
+        if k.startswith(prefix) and v.is_floating_point() and not k.startswith(fixed)
+    ]
+
+
 def branch_paths(classes: list[str], modules: Mapping[str, nn.Module]) -> list[str]:
     """Paths of the Sequentials (in `modules`, by name) that end in one of the class convs `classes`: in a
     Detect-family head both YOLO26 branches and YOLO26 segment's semantic branch; what add_classes runs a trained
@@ -125,6 +137,7 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
     # add_classes: the base's class branches stay as they are (a trained copy beside each scores the new classes)
     paths = branch_paths(class_layers(model), dict(model.named_modules())) if config.add_classes else []
     branches = tuple(f"{p}." for p in paths)
+    head = f"model.{n_layers - 1}." if config.train_head else None
     rows = []
     for name, conv in model.named_modules():
         if not isinstance(conv, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
@@ -155,6 +168,8 @@ def describe_convs(model: nn.Module, config: LoraConfig, full: frozenset[str] = 
             row.reason = "fixed DFL projection, never trained"
         elif any(name.startswith(f + ".") for f in flows):  # YOLO26 pose: its loss reads these layers' weights
             row.reason = "RealNVP flow of the pose loss (training only), which reads its layers' weights itself"
+        elif head and name.startswith(head):
+            row.reason = "task head trained in full (train_head)"
         elif name.startswith(branches):
             row.reason = "class branch kept as the base's (add_classes: a trained copy beside it scores the new ones)"
         elif config.add_classes == "exact":

@@ -83,7 +83,7 @@ from lora_yolo.fold import fold_batchnorm, unfold_batchnorm
 from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_layers, set_trainable, unload_lora
 from lora_yolo.memory import add_training_forward, remove_training_forward
 from lora_yolo.merge import merge_files
-from lora_yolo.targets import class_layers, select_targets
+from lora_yolo.targets import class_layers, head_tensors, select_targets
 
 ADAPTER, ADAPTER_LAST, MERGED, CONFIG_FILE = "adapter.safetensors", "adapter_last.safetensors", "merged.pt", "lora.yaml"
 BASE = "base.pt"  # in weights/, only when the base is built from a model YAML
@@ -178,6 +178,8 @@ class LoraTrainerMixin:
             # By names, not by count: model.load() maps class rows by name, so any new name starts from a random row.
             classes = class_layers(model) if dict(base.names) != dict(self.data["names"]) else []
             full = [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in classes]
+            if config.train_head:  # the whole head, its class layers among it
+                full = head_tensors(model)
             plan = select_targets(model, config, full=frozenset(classes))
         add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
         _training_form(model, config)
@@ -283,13 +285,18 @@ class LoraTrainerMixin:
                 m.eval()
 
     def _handle_nan_recovery(self, epoch: int) -> bool:
-        """Stop on a non-finite loss instead of Ultralytics' reload-and-retry: the adapters saved so far stay good.
+        """Stop on a non-finite loss or trained tensor (the EMA's, which the adapter is written from; a train_head
+        BatchNorm's running variance can overflow while the loss is still finite) instead of Ultralytics'
+        reload-and-retry: the adapters saved so far stay good.
 
         Every rank calls this at the same point of the epoch loop; under DDP the ranks agree first (any rank's NaN
         counts), so all of them stop together instead of the others waiting forever in the next collective.
         """
-        bad = (self.loss is not None and not bool(self.loss.isfinite().all())) or (
-            self.fitness is not None and not math.isfinite(self.fitness)
+        kept = self.ema.ema if self.ema else unwrap_model(self.model)
+        bad = (
+            (self.loss is not None and not bool(self.loss.isfinite().all()))
+            or (self.fitness is not None and not math.isfinite(self.fitness))
+            or not all(bool(t.isfinite().all()) for t in adapter_of(kept).tensors.values())
         )
         if dist.is_available() and dist.is_initialized():
             seen = [False] * dist.get_world_size()
@@ -297,9 +304,10 @@ class LoraTrainerMixin:
             bad = any(seen)
         if bad:
             last = self.save_dir / ADAPTER_LAST
-            kept = f"the last good adapter is {last}" if last.exists() else "no adapter was saved before it"
+            last_kept = f"the last good adapter is {last}" if last.exists() else "no adapter was saved before it"
             raise LoraYoloError(
-                f"training diverged: the loss became NaN/Inf in epoch {epoch + 1}; {kept}. Lower lr0 or the rank"
+                f"training diverged: the loss or the trained tensors became NaN/Inf in epoch {epoch + 1}; {last_kept}. "
+                "Lower lr0 or the rank"
             )
         return False
 
@@ -366,7 +374,8 @@ class LoraTrainerMixin:
 def _training_form(model: nn.Module, config: LoraConfig) -> None:
     """What training computes with, the same function and gradients as the plain model: frozen BatchNorms folded,
     SiLU outputs recomputed in backward, and with `gradient_checkpointing` each layer recomputed."""
-    fold_batchnorm(model, skip=[m.new for m in model.modules() if isinstance(m, ClassBranch)])  # they train
+    trained = [m.new for m in model.modules() if isinstance(m, ClassBranch)]  # their BatchNorms train
+    fold_batchnorm(model, skip=[*trained, model.model[-1]] if config.train_head else trained)
     add_training_forward(model, config.gradient_checkpointing)
 
 

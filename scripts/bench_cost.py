@@ -42,7 +42,7 @@ from lora_yolo.fold import fold_batchnorm  # noqa: E402
 from lora_yolo.inject import add_lora, set_trainable  # noqa: E402
 from lora_yolo.memory import Kept, add_training_forward, pack_saved, remove_training_forward, unpack_saved  # noqa: E402
 from lora_yolo.presets import resolve_config  # noqa: E402
-from lora_yolo.targets import select_targets  # noqa: E402
+from lora_yolo.targets import head_tensors, select_targets  # noqa: E402
 
 # recipe -> (kind, LoraConfig or None, form): kind is full | freeze | head | lora; form is how a LoRA model trains:
 # "plain" (BatchNorm after the adapted conv), "folded" (frozen BatchNorms folded into the convs), "lean" (folded, and
@@ -66,6 +66,11 @@ RECIPES = {
         "lean",
     ),
     "DoRA all, r 8": ("lora", LoraConfig(use_dora=True), "lean"),
+    "DoRA r 8 + head in full (train_head)": (
+        "lora",
+        LoraConfig(use_dora=True, clamp_rank=True, train_head=True),
+        "lean",
+    ),
     "LoRA all, r 32": ("lora", LoraConfig(r=32, lora_alpha=64), "lean"),
     "DoRA from layer 4": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64, first_layer=4), "lean"),
     "DoRA from layer 6": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64, first_layer=6), "lean"),
@@ -85,10 +90,11 @@ def build(model_yaml: str, recipe: str, device: str) -> nn.Module:
     model.args = get_cfg()  # Ultralytics' default hyper-parameters, which its loss reads
     n_backbone, last = len(model.yaml["backbone"]), len(model.model) - 1
     if kind == "lora":
+        head = set(head_tensors(model)) if config.train_head else set()  # its BatchNorms train: not folded
         add_lora(model, select_targets(model, config), config.lora_dropout, config.use_rslora, config.use_dora)
-        set_trainable(model, {n for n, _ in model.named_parameters() if ".lora_" in n})
+        set_trainable(model, {n for n, _ in model.named_parameters() if ".lora_" in n or n in head})
         if form != "plain":
-            fold_batchnorm(model)
+            fold_batchnorm(model, skip=[model.model[last]] if head else [])
         if form == "lean":
             add_training_forward(model, config.gradient_checkpointing)
     elif kind in ("freeze", "head"):  # Ultralytics' freeze: requires_grad off for the layers before `first`

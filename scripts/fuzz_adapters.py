@@ -47,7 +47,7 @@ from lora_yolo.config import LoraConfig
 from lora_yolo.inject import add_lora
 from lora_yolo.layer import LoraConv2d
 from lora_yolo.peft_format import CONFIG, PREFIX, WEIGHTS, from_peft, to_peft
-from lora_yolo.targets import class_layers, select_targets
+from lora_yolo.targets import class_layers, head_tensors, select_targets
 
 
 @dataclass
@@ -64,12 +64,13 @@ class Case:
 
 @dataclass
 class Context:
-    """What mutations may aim at: every module name of the base, its class convs (name -> in channels), and a good
-    add_classes adapter's tensors and metadata."""
+    """What mutations may aim at: every module name of the base, its class convs (name -> in channels), and the
+    tensors and metadata of a good add_classes adapter and of a good train_head adapter."""
 
     names: list[str]
     classes: dict[str, int]
     added: tuple[dict[str, torch.Tensor], dict[str, str]]
+    headed: tuple[dict[str, torch.Tensor], dict[str, str]]  # a good train_head adapter's
 
 
 def make_base(path: Path) -> Path:
@@ -109,6 +110,22 @@ def good_classes_adapter(base: Path) -> Adapter:
             if name.endswith(".lora_B.weight") or (name in full and "running_var" not in name):
                 t.add_(torch.randn_like(t) * 0.02)
     return extract_adapter(model, config, fingerprint(plain), full=full)
+
+
+def good_head_adapter(base: Path) -> Adapter:
+    """A train_head adapter for the base's classes: DoRA on the neck, B random, and every head tensor (BatchNorm
+    statistics included, variances kept positive) moved, as if trained."""
+    torch.manual_seed(3)
+    model = load_model(base)
+    fp = fingerprint(model)
+    config = LoraConfig(r=4, lora_alpha=8, use_dora=True, targets=["neck"], train_head=True)
+    full = head_tensors(model)
+    add_lora(model, select_targets(model, config), use_dora=True)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith(".lora_B.weight") or (name in full and "running_var" not in name):
+                t.add_(torch.randn_like(t) * 0.02)
+    return extract_adapter(model, config, fp, full=full)
 
 
 # JSON values of the wrong shape: what a hostile or damaged metadata field may hold.
@@ -291,6 +308,47 @@ def add_classes_case(case: Case, ctx: Context, op: int, rng: random.Random) -> N
         case.tensors[key] = case.tensors[key][:1]
 
 
+# How `train_head_case` breaks the good train_head adapter (0: it does not); each must be refused.
+TRAIN_HEAD_BREAKS = (
+    "none",
+    "a negative variance",
+    "the fixed DFL projection trained",
+    "a head tensor of the wrong shape",
+    "head tensors without train_head",
+    "a BatchNorm statistic outside the head",
+)
+
+
+def train_head_case(case: Case, ctx: Context, op: int, rng: random.Random) -> None:
+    """Make the case the good train_head adapter, broken as `TRAIN_HEAD_BREAKS[op]` says."""
+    tensors, meta = ctx.headed
+    case.tensors, case.meta = dict(tensors), dict(meta)
+    full = json.loads(meta["full"])
+    extra = {
+        2: ("model.23.dfl.conv.weight", torch.ones(1, 16, 1, 1)),
+        5: ("model.10.cv1.bn.running_var", torch.ones(128)),
+    }
+    if op == 1:
+        key = rng.choice([k for k in full if k.endswith(".running_var")])
+        case.tensors[key] = -case.tensors[key] - 1
+    elif op == 3:
+        key = rng.choice([k for k in full if not k.startswith("model.23.cv3.")])  # not a class layer's rows
+        case.tensors[key] = case.tensors[key].flatten()[:-1].contiguous()
+    elif op == 4:
+        config = json.loads(meta["lora_config"])
+        case.meta["lora_config"] = json.dumps({k: v for k, v in config.items() if k != "train_head"})
+    elif op in extra:
+        key, value = extra[op]
+        case.tensors[key] = value
+        case.meta["full"] = json.dumps([*full, key])
+
+
+def m_train_head(case: Case, rng: random.Random, ctx: Context) -> None:
+    """The good train_head adapter, intact half the time, else broken one way (`TRAIN_HEAD_BREAKS`)."""
+    op = rng.randrange(2 * len(TRAIN_HEAD_BREAKS) - 2)
+    train_head_case(case, ctx, op if op < len(TRAIN_HEAD_BREAKS) else 0, rng)
+
+
 def m_add_classes(case: Case, rng: random.Random, ctx: Context) -> None:
     """The good add_classes adapter, intact half the time, else broken one way (`ADD_CLASSES_BREAKS`)."""
     op = rng.randrange(2 * len(ADD_CLASSES_BREAKS) - 2)
@@ -354,6 +412,7 @@ ADAPTER_MUTATIONS: list[Callable] = [
     m_classes,
     m_class_set,
     m_add_classes,
+    m_train_head,
     m_base,
     m_config,
     m_raw_header,
@@ -399,6 +458,7 @@ class Fuzzer:
             names=[n for n, _ in self.base.named_modules() if n],  # every module, class convs included
             classes={n: self.base.get_submodule(n).in_channels for n in class_layers(self.base)},
             added=read_safetensors(save_adapter(good_classes_adapter(self.base_path), workdir / "added.safetensors")),
+            headed=read_safetensors(save_adapter(good_head_adapter(self.base_path), workdir / "headed.safetensors")),
         )
         good = good_adapter(self.base_path)
         self.adapter_file = save_adapter(good, workdir / "good.safetensors")

@@ -258,13 +258,13 @@ def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.0
     """A model with adapters whose B (and DoRA magnitude) is random, as if trained, and its Adapter, for base_pt.
 
     With `names` (a class set other than the base's) the class layers are rebuilt, randomised and stored in full; with
-    add_classes the copies of the class branches are (their parameters), and LoRA layers are added outside the class
-    branches (adapted mode) or nowhere (exact mode).
+    train_head every head tensor is; with add_classes the copies of the class branches are (their parameters), and
+    LoRA layers are added outside the class branches (adapted mode) or nowhere (exact mode).
     """
     from lora_yolo import LoraConfig, LoraConv2d, add_lora, extract_adapter, fingerprint, select_targets
     from lora_yolo.branch import add_classes_layers
     from lora_yolo.checkpoint import build_for_classes
-    from lora_yolo.targets import class_layers
+    from lora_yolo.targets import class_layers, head_tensors
 
     config = config or LoraConfig()
     torch.manual_seed(seed)  # A's Kaiming init: the same seed gives the same adapter
@@ -288,6 +288,12 @@ def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.0
         with torch.no_grad():
             for n in full:
                 model.get_parameter(n).normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+            if config.train_head:  # every head tensor moved, as training moves it (variances stay positive)
+                state, g = model.state_dict(), torch.Generator().manual_seed(seed)
+                full = head_tensors(model)
+                for n in full:
+                    noise = torch.randn(state[n].shape, generator=g) * 0.1
+                    state[n].mul_(1 + noise.abs()) if n.endswith("running_var") else state[n].add_(noise)
         plan = select_targets(model, config, full=owners)
     add_lora(model, plan, use_dora=config.use_dora)
     g = torch.Generator().manual_seed(seed)

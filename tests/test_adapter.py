@@ -33,6 +33,20 @@ def test_save_load_roundtrip_is_bit_exact(base_pt, tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file
 
 
+def test_a_tensor_fp16_cannot_hold_is_written_in_fp32(base_pt, tmp_path):
+    # A train_head BatchNorm variance above fp16's 65504 would become inf in fp16: it stays fp32, the rest is fp16.
+    from lora_yolo import LoraConfig
+
+    _, adapter = random_adapter(base_pt, LoraConfig(train_head=True))
+    var = next(k for k in adapter.full if k.endswith("running_var"))
+    adapter.tensors[var] = adapter.tensors[var].clone().fill_(1e6)
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes.pop(var) == "F32" and set(dtypes.values()) == {"F16"}
+    assert torch.equal(load_adapter(path).tensors[var], adapter.tensors[var])
+
+
 def test_attached_adapter_reproduces_the_trained_model(base_pt):
     model, adapter = random_adapter(base_pt)
     rebuilt = attach_adapter(load_model(base_pt), adapter)

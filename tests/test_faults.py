@@ -99,7 +99,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_adapter(base_pt, tmp_path):
             with torch.no_grad():
                 next(p for n, p in trainer.model.named_parameters() if n.endswith("lora_A.weight")).fill_(float("nan"))
 
-    with pytest.raises(LoraYoloError, match="training diverged: the loss became NaN/Inf in epoch 2"):
+    with pytest.raises(
+        LoraYoloError, match="training diverged: the loss or the trained tensors became NaN/Inf in epoch 2"
+    ):
         train(
             B2,
             model=base_pt,
@@ -111,3 +113,27 @@ def test_nan_loss_stops_and_keeps_the_last_good_adapter(base_pt, tmp_path):
     good = load_adapter(tmp_path / "nan" / "adapter_last.safetensors")  # finite, or load_adapter would refuse
     assert all(torch.isfinite(t).all() for t in good.tensors.values())
     assert not os.path.exists(tmp_path / "nan" / "merged.pt")
+
+
+@pytest.mark.slow
+def test_overflowing_head_statistics_stop_the_run_although_the_loss_is_finite(tmp_path):
+    # train_head: a BatchNorm of the head trains in train mode, so its running variance can blow up while the loss
+    # (computed with batch statistics) stays finite; the adapter would be written from the EMA holding it.
+    from lora_yolo import LoraConfig
+
+    def poison(trainer):
+        if trainer.epoch == 1:
+            var = next(b for n, b in trainer.model.named_buffers() if n.startswith("model.23.") and "running_var" in n)
+            var.fill_(float("inf"))
+
+    with pytest.raises(LoraYoloError, match="the loss or the trained tensors became NaN/Inf in epoch 2"):
+        train(
+            B2,
+            model=ROOT / "lora_yolo" / "assets" / "yolo11n-shapes.pt",
+            config=LoraConfig(r=4, lora_alpha=8, train_head=True),
+            project=str(tmp_path),
+            name="inf",
+            callbacks={"on_train_batch_end": [poison]},
+            **{**TINY, "epochs": 3, "fraction": 0.25},
+        )
+    assert load_adapter(tmp_path / "inf" / "adapter_last.safetensors")  # epoch 1's, finite

@@ -42,6 +42,7 @@ def ours_and_peft(base_pt, adapter, folder, double: bool = False):
         ("rslora", {"config": LoraConfig(use_rslora=True)}),
         ("dora", {"config": LoraConfig(use_dora=True)}),
         ("new-classes", {"names": NEW}),
+        ("train-head", {"config": LoraConfig(use_dora=True, train_head=True), "names": NEW}),  # modules_to_save
     ],
 )
 def test_peft_loads_our_adapter_with_the_same_outputs(base_pt, tmp_path, kind, kwargs):

@@ -19,13 +19,15 @@ NEW = {0: "disc", 1: "ring", 2: "cross", 3: "star"}
 
 @pytest.fixture(scope="module")
 def served(base_pt):
-    """The base with three adapters: LoRA, DoRA, and a LoRA for a 4-class set; and the plain merged models."""
+    """The base with four adapters: LoRA, DoRA, a LoRA for a 4-class set, and one training the head in full for that
+    class set (train_head); and the plain merged models."""
     model = AdapterModel(base_pt)
     plain = {}
     for name, kwargs in {
         "a": dict(seed=1),
         "dora": dict(seed=2, config=LoraConfig(use_dora=True, targets=["neck", "head"])),
         "classes": dict(seed=3, names=NEW),
+        "head": dict(seed=4, config=LoraConfig(train_head=True), names=NEW),  # the head in full, BatchNorms too
     }.items():
         trained, adapter = random_adapter(base_pt, **kwargs)
         model.load_adapter(adapter, name)
@@ -44,7 +46,7 @@ def test_disabled_is_exactly_the_base_ultralytics_predicts_with(served, base_pt)
     assert (head_output(model.model, X) - head_output(load_model(base_pt), X)).abs().max() < 1e-4  # unfused
 
 
-@pytest.mark.parametrize("name", ["a", "dora", "classes"])
+@pytest.mark.parametrize("name", ["a", "dora", "classes", "head"])
 def test_each_adapter_equals_its_plain_merged_model(served, name):
     model, plain = served
     model.set_adapter(name)
@@ -64,12 +66,15 @@ def test_each_adapter_equals_its_plain_merged_model(served, name):
 
 def test_switching_keeps_the_base_in_place_and_is_repeatable(served):
     model, _ = served
+    model.disable_adapters()  # the base's modules (a test before may have left the head adapter's head in place)
     weights = {n: p.data_ptr() for n, p in model.model.named_parameters()}
     model.set_adapter("a")
     first = head_output(model.model, X)
     model.set_adapter("dora")
     model.merge_adapter()
     model.set_adapter("classes")
+    model.set_adapter("head")
+    model.merge_adapter()
     model.set_adapter("a")
     assert torch.equal(head_output(model.model, X), first)
     same = {n: p.data_ptr() for n, p in model.model.named_parameters() if n in weights}
@@ -205,6 +210,26 @@ def test_yolo26_either_head_branch_equals_the_merged_model(base26, end2end, name
     boxes = 4 * head.reg_max  # the rows the base shares with every class set
     model.disable_adapters()
     assert (branch_output(model.model, X, end2end)[:, :boxes] - want[:, :boxes]).abs().max() > 1e-2  # it did change
+
+
+@pytest.mark.parametrize("end2end", [False, True], ids=["one-to-many (NMS)", "one-to-one (nms=False)"])
+def test_yolo26_train_head_adapter_serves_the_merged_head(base26, end2end):
+    # The adapter's head (both branches, BatchNorm statistics included) is fused as Ultralytics fuses it, keeping the
+    # branch `end2end` selects; switching back puts the base's own fused head in place, bit for bit.
+    trained, adapter = random_adapter(base26, LoraConfig(train_head=True), names=NEW, scale=0.3)
+    assert any(".one2one_cv2." in n and n.endswith("bn.running_var") for n in adapter.full)
+    merged = merge_lora(trained)
+    merged.end2end = end2end
+    merged.fuse(verbose=False)
+    model = AdapterModel(base26, end2end=end2end)
+    base = branch_output(model.model, X, end2end)
+    model.set_adapter(model.load_adapter(adapter, "a"))
+    head = model.model.model[-1]
+    assert (head.cv2 is None) == end2end and (head.one2one_cv2 is None) != end2end and head.nc == len(NEW)
+    got, want = branch_output(model.model, X, end2end), branch_output(merged, X, end2end)
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-4 * want.abs().max()
+    model.disable_adapters()
+    assert torch.equal(branch_output(model.model, X, end2end), base)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])

@@ -201,7 +201,7 @@ def test_structure_aware_fuzz_of_both_loaders(tmp_path):
     assert used == {m.__name__ for m in script.ADAPTER_MUTATIONS + script.PEFT_MUTATIONS}
 
 
-def test_each_way_the_fuzzer_breaks_an_add_classes_adapter_is_refused(tmp_path):
+def test_each_way_the_fuzzer_breaks_an_add_classes_or_train_head_adapter_is_refused(tmp_path):
     """The fuzzer's add_classes adapter (adapted mode: LoRA outside the class branches, a copy of each) loads and
     attaches intact, and each way `m_add_classes` breaks it alone is refused (a LoRA layer inside a class branch
     would otherwise be dropped silently, exact mode's LoRA layers would change the base's outputs)."""
@@ -210,5 +210,9 @@ def test_each_way_the_fuzzer_breaks_an_add_classes_adapter_is_refused(tmp_path):
     for op, what in enumerate(script.ADD_CLASSES_BREAKS):
         case = script.Case({}, {})
         script.add_classes_case(case, fuzzer.context, op, random.Random(op))
+        assert fuzzer.check(case, "adapter", what) == ("ok" if op == 0 else "refused"), what
+    for op, what in enumerate(script.TRAIN_HEAD_BREAKS):  # a train_head adapter, intact and broken each way alone
+        case = script.Case({}, {})
+        script.train_head_case(case, fuzzer.context, op, random.Random(op))
         assert fuzzer.check(case, "adapter", what) == ("ok" if op == 0 else "refused"), what
     assert not fuzzer.crashes
