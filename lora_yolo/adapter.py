@@ -108,7 +108,7 @@ def save_adapter(adapter: Adapter, path: str | Path, dtype: torch.dtype = torch.
 # tensors, so a file claiming more is damaged or hostile.
 MAX_HEADER_BYTES = 8 << 20
 MAX_TENSORS = 20_000
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8}  # I64: a BatchNorm step count PEFT saves
 
 
 def check_header(path: Path) -> None:
@@ -334,6 +334,9 @@ def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: li
     if adapter.config.add_classes:  # its class tensors are the copies _check_branches checked
         return
     head = head_prefix(modules) if adapter.config.train_head else None
+    inside = [layer for layer in adapter.layers if head and layer.startswith(head)]
+    if inside:  # serving runs the adapter's own head, which holds no adapter: it would be dropped there
+        raise LoraYoloError(f"adapter layer {inside[0]} is in the task head, which train_head trains in full")
     for key in adapter.full:  # what training stores in full: the class convs when the class set changes, the head
         owner, _, param = key.rpartition(".")
         if owner in adapter.layers:

@@ -40,10 +40,10 @@ PSEUDO_KEY = "lora_yolo_pseudo_labels"  # in the relabelled data.yaml: how many 
 # at 0.003, 0.272 at auto. It is also the lr with the best worst case for training the Detect head alone on the real
 # bases of benchmarks/results.md.
 EXACT_TRAIN = {"optimizer": "AdamW", "lr0": 0.01}
-# Adapted mode trains adapters at the run's lr0 (its preset's, optimizer=auto by default) and the class-branch copies,
-# whole layers like exact mode's, at exact mode's lr: on the demo base's mixed scenes (scripts/bench_add_classes.py,
-# seed 0) the new classes' validation mAP50-95 was 0.388 with the copies at 0.01 and 0.336 with them at the adapters'
-# auto lr (AdamW 0.0009), A's 0.767 and 0.761.
+# Adapted mode trains adapters at the run's lr0 (its preset's, dora_r32's optimizer=auto without --config) and the
+# class-branch copies, whole layers like exact mode's, at exact mode's lr: on the demo base's mixed scenes
+# (scripts/bench_add_classes.py, seed 0) the new classes' validation mAP50-95 was 0.388 with the copies at 0.01 and
+# 0.336 with them at the adapters' auto lr (AdamW 0.0009), A's 0.767 and 0.761.
 BRANCH_LR = EXACT_TRAIN["lr0"]
 PRESET_LR = ("optimizer", "lr0")  # what a preset tunes for its adapters, which exact mode does not train
 

@@ -59,6 +59,10 @@ def merge_adapters(
             new = state[key].float() + value
             if not torch.isfinite(new).all():
                 raise LoraYoloError(f"merging makes {key} non-finite")
+            if key.endswith(".running_var") and bool((new < 0).any()):  # weights outside [0, 1] can, with train_head
+                raise LoraYoloError(
+                    f"merging makes {key} negative: give adapters that train the head weights in [0, 1] summing to 1"
+                )
             state[key].copy_(new.to(state[key].dtype))
     return model
 

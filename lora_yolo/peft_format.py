@@ -81,7 +81,7 @@ def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
         "target_modules": sorted(adapter.layers),
         "rank_pattern": {re.escape(n): lr for n, (lr, _) in sorted(adapter.layers.items()) if lr != r},
         "alpha_pattern": {re.escape(n): la for n, (_, la) in sorted(adapter.layers.items()) if la != alpha},
-        "modules_to_save": sorted({k.rpartition(".")[0] for k in adapter.full}) or None,
+        "modules_to_save": _outermost({k.rpartition(".")[0] for k in adapter.full}) or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -98,6 +98,12 @@ def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lora_yolo": json.dumps(adapter.metadata())})
         (tmp / CONFIG).write_text(json.dumps(peft_config, indent=2), encoding="utf-8")
     return out
+
+
+def _outermost(owners: set[str]) -> list[str]:
+    """The owners not inside another: PEFT wraps each module of `modules_to_save` whole, so a module inside a wrapped
+    one (RT-DETR's attention and its `out_proj`) would be wrapped twice and not load."""
+    return sorted(o for o in owners if not any(o.startswith(f"{p}.") for p in owners))
 
 
 def from_peft(peft_dir: str | Path, base: nn.Module | None = None) -> Adapter:

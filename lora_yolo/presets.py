@@ -16,6 +16,7 @@ from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+ADD_CLASSES_PRESET = "dora_r32"  # what add_classes trains with unless a preset is given
 
 
 def preset_names() -> list[str]:
@@ -49,13 +50,15 @@ def resolve_config(source: str | Path | None, **overrides: Any) -> tuple[LoraCon
     Example:
         >>> config, train_args = resolve_config("head_only", r=4)
     """
+    if source is None and overrides.get("add_classes"):  # the default's gain is its head trained in full, which
+        source = ADD_CLASSES_PRESET  # add_classes keeps as the base's: its adapters use the recipe it was measured with
     data = read_preset(source or "default")
     train_args = data.pop("train", None) or {}
     if not isinstance(train_args, dict):
         raise LoraYoloError(f"'train' in {source} must be a mapping of Ultralytics arguments")
+    if overrides.get("add_classes") and overrides.get("train_head") is None:  # add_classes keeps the base's head, so
+        data.pop("train_head", None)  # a preset's train_head does not apply; asked for with it, both are refused
     data.update({k: v for k, v in overrides.items() if v is not None})
-    if data.get("add_classes") and overrides.get("train_head") is None:  # add_classes keeps the base's head, so a
-        data.pop("train_head", None)  # preset's train_head does not apply; asked for on the command line, it is refused
     config = LoraConfig.from_dict(data)
     if config.add_classes == "exact":  # no adapter to train: the preset's optimizer and lr0 do not apply (train()
         train_args = {k: v for k, v in train_args.items() if k not in PRESET_LR}  # sets exact mode's own)

@@ -97,15 +97,14 @@ def class_layers(model: nn.Module) -> list[str]:
 
 
 def head_tensors(model: nn.Module) -> list[str]:
-    """What `train_head` trains and stores in full: every floating-point tensor of the task head (the model's last
-    layer), BatchNorm running statistics included, except the fixed DFL projection, which Ultralytics never trains."""
+    """What `train_head` trains and stores in full: every parameter of the task head (the model's last layer) but
+    the fixed DFL projection, which Ultralytics never trains, and its BatchNorms' running statistics. Other buffers
+    (YOLO26 pose's flow constants, a depth head's calibration) are fixed: the base's stay."""
     prefix = f"model.{len(model.model) - 1}."
     fixed = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, DFL))
-    return [
-        k
-        for k, v in model.state_dict().items()
-        if k.startswith(prefix) and v.is_floating_point() and not k.startswith(fixed)
-    ]
+    statistics = [n for n, _ in model.named_buffers() if n.endswith((".running_mean", ".running_var"))]
+    kept = [n for n, _ in model.named_parameters()] + statistics
+    return [k for k in kept if k.startswith(prefix) and not k.startswith(fixed)]
 
 
 def branch_paths(classes: list[str], modules: Mapping[str, nn.Module]) -> list[str]:

@@ -45,6 +45,10 @@ RESERVED = {
 }
 
 
+# stored with a trained BatchNorm (train_head, add_classes' copies) but not trained: not counted as parameters
+STATISTICS = (".running_mean", ".running_var")
+
+
 @dataclass
 class TrainResult:
     """What a run produced and what it cost; `table()` is the summary printed at the end."""
@@ -275,7 +279,7 @@ def train(
         save_dir=trainer.save_dir,
         metrics=metrics,
         base_metrics=base_metrics,
-        trainable=sum(t.numel() for t in adapter.tensors.values()),
+        trainable=sum(t.numel() for k, t in adapter.tensors.items() if not k.endswith(STATISTICS)),
         total=sum(p.numel() for p in trainer.model.parameters()),
         epoch_seconds=_epoch_seconds(trainer.csv),
         pseudo_labels=pseudo_labels,

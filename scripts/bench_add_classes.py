@@ -12,9 +12,9 @@ mode pseudo-labels and what a plain fine-tune learns to ignore); 64 training ima
 an lr is given. Runs, each scored on A's test images (the base's 3 classes, 40 images of A alone, which the base
 never saw) and on the new classes' test images:
   exact       lora-yolo --add-classes exact (a trained copy of each class branch scores the new classes)
-  adapted     lora-yolo --add-classes adapted (the same copies, the default adapters everywhere else, the base's
-              objects pseudo-labelled)
-  lora-new    the default recipe on the new classes alone (a new class set: forgets A)
+  adapted     lora-yolo --add-classes adapted (the same copies, adapters everywhere else with the recipe add_classes
+              uses, the `dora_r32` preset; the base's objects pseudo-labelled)
+  lora-new    that adapter recipe (`dora_r32`) on the new classes alone (a new class set: forgets A)
   full-new    Ultralytics full fine-tuning on the new classes alone (forgets A)
   full-pseudo Ultralytics full fine-tuning on adapted's pseudo-labelled data (the combined class set)
 Goals (the add-classes issue): on A, exact 100% of the base and adapted >= 95%; on the new classes, exact >= 90% and
@@ -23,7 +23,7 @@ the new classes' validation mAP50-95 of merged.pt, which is what an lr is chosen
 
 Real bases (`--base`, scripts/bench_finetune.py's): no images of their own classes can be rendered, so they learn
 the fine-tuning benchmark's new-classes task (the 4 shapes alone, 64 images, its seeds) and are scored on the new
-classes only, against the default recipe's run of that task in benchmarks/runs.jsonl (the new-class-only adapter on
+classes only, against the dora_r32 recipe's run of that task in benchmarks/runs.jsonl (the new-class-only adapter on
 the same images); what they keep of their own classes is not measured.
 
 The earlier version of this benchmark trained on scenes of the new shapes alone, where adapted mode's pseudo-labels
@@ -51,7 +51,7 @@ METHODS = ("exact", "adapted", "lora-new", "full-new", "full-pseudo")
 A_VAL_SEED = 9  # A's validation images (A's test images are seed 8): how much of A an lr keeps, for choosing it
 DEMO = "demo-11n"
 REAL_METHODS = ("exact", "adapted")  # on a real base: the new-class-only reference is bench_finetune's own run
-REFERENCE = ("dora-r32-clamped", "auto")  # bench_finetune's method and lr for the default preset
+REFERENCE = ("dora-r32-clamped", "auto")  # bench_finetune's method and lr for the dora_r32 preset
 
 
 def mixed_datasets(root: Path) -> dict[str, str]:
@@ -99,7 +99,7 @@ def run(method: str, seed: int, root: Path, lr: str | float = "auto", base_name:
     from lora_yolo.checkpoint import load_model
     from lora_yolo.classes import FOLDER, combined_names, prepare_dataset
     from lora_yolo.datacheck import check_dataset
-    from lora_yolo.presets import resolve_config
+    from lora_yolo.presets import ADD_CLASSES_PRESET, resolve_config
     from lora_yolo.synth import make_dataset
     from lora_yolo.train import train
 
@@ -114,8 +114,9 @@ def run(method: str, seed: int, root: Path, lr: str | float = "auto", base_name:
                   plots=False, project=str(project), name="run", exist_ok=True)  # fmt: skip
     pseudo = val = None
     if method in ("exact", "adapted", "lora-new"):
+        # what the CLI trains for --add-classes without --config; lora-new: the same adapter recipe, new classes alone
         extra = {"add_classes": method} if method != "lora-new" else {}
-        config, _ = resolve_config("default", **extra)
+        config, _ = resolve_config(None if extra else ADD_CLASSES_PRESET, **extra)
         result = train(new["data"], model=base, config=config, **common)
         weights, pseudo = result.merged, result.pseudo_labels
         val = result.metrics["mAP50-95"]  # merged.pt on the new classes' validation split: what lr is chosen on
@@ -204,7 +205,7 @@ def lr_choices(runs: list[dict], base_a_val: float) -> list[str]:
 
 def real_base_rows(runs: list[dict]) -> tuple[list[str], dict]:
     """Markdown lines and JSON rows of the real bases' runs: the new classes' test mAP50-95 against bench_finetune's
-    run of the default recipe on the same images and seeds (the new-class-only adapter)."""
+    run of the dora_r32 recipe on the same images and seeds (the new-class-only adapter)."""
     reference = {
         (r["base"], r["seed"]): r["test"]
         for r in load_runs()
@@ -239,7 +240,7 @@ def real_base_rows(runs: list[dict]) -> tuple[list[str], dict]:
         return [], rows
     head = [
         "Real bases (`--base`): the fine-tuning benchmark's new-classes task (the 4 shapes alone, 64 images), scored "
-        "on the new classes only; the reference is the default recipe's new-class-only run of the same images and "
+        "on the new classes only; the reference is the dora_r32 recipe's new-class-only run of the same images and "
         "seeds in benchmarks/runs.jsonl. What they keep of their own classes is not measured (no images of them).",
         "",
         "| base | method | seeds | new-class test mAP50-95 | vs reference | reference | pseudo-labels |",

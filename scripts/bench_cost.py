@@ -47,14 +47,19 @@ from lora_yolo.targets import head_tensors, select_targets  # noqa: E402
 # recipe -> (kind, LoraConfig or None, form): kind is full | freeze | head | lora; form is how a LoRA model trains:
 # "plain" (BatchNorm after the adapted conv), "folded" (frozen BatchNorms folded into the convs), "lean" (folded, and
 # SiLU outputs recomputed in backward: what `lora-yolo train` runs, lora_yolo.memory)
-DEFAULT = "DoRA all, r 32 (default)"
+DEFAULT = "DoRA r 8 + head in full (default)"
 RECIPES = {
     "full fine-tuning": ("full", None, "plain"),
     "freeze backbone": ("freeze", None, "plain"),
     "head only": ("head", None, "plain"),
     "DoRA all, r 32, unfolded (before folding)": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), "plain"),
     "DoRA all, r 32, folded (before lean)": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), "folded"),
-    DEFAULT: ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64, clamp_rank=True), "lean"),
+    DEFAULT: ("lora", LoraConfig(use_dora=True, clamp_rank=True, train_head=True), "lean"),
+    "DoRA all, r 32 (previous default)": (
+        "lora",
+        LoraConfig(use_dora=True, r=32, lora_alpha=64, clamp_rank=True),
+        "lean",
+    ),
     "DoRA all, r 32, small convs frozen (before clamp_rank)": (
         "lora",
         LoraConfig(use_dora=True, r=32, lora_alpha=64),
@@ -66,11 +71,6 @@ RECIPES = {
         "lean",
     ),
     "DoRA all, r 8": ("lora", LoraConfig(use_dora=True), "lean"),
-    "DoRA r 8 + head in full (train_head)": (
-        "lora",
-        LoraConfig(use_dora=True, clamp_rank=True, train_head=True),
-        "lean",
-    ),
     "LoRA all, r 32": ("lora", LoraConfig(r=32, lora_alpha=64), "lean"),
     "DoRA from layer 4": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64, first_layer=4), "lean"),
     "DoRA from layer 6": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64, first_layer=6), "lean"),
@@ -235,13 +235,15 @@ def backward_macs(model_yaml: str, imgsz: int) -> tuple[float, float]:
     Every conv costs C in forward and C for its input gradient (counted for every conv but the first: the image
     needs none; YOLO26's one-to-one branch, whose input is detached, is counted too, a 0.1% overstatement). Full
     fine-tuning also computes every weight gradient (C). The default computes the full weight gradient G of each
-    adapted conv and projects it onto A and B (C); grouped convs are frozen (no weight gradient). A low-rank backward
+    adapted conv and projects it onto A and B (C), and each head conv's (C, train_head); other grouped convs are
+    frozen (no weight gradient). A low-rank backward
     would skip G: with z = conv(x, A) (C r / out), grad B = c dy z^T (C r / fan_in, fan_in = in kh kw), B^T dy
     (C r / fan_in) and grad A = c conv_weight(x, B^T dy) (C r / out); counted where that is cheaper than C.
     """
     model = load_model(model_yaml)
     config, _ = resolve_config("default")
     plan = select_targets(model, config)
+    in_full = {n.removesuffix(".weight") for n in head_tensors(model)} if config.train_head else set()  # head convs
     macs: dict[str, int] = {}
     hooks = [
         m.register_forward_hook(lambda m, i, o, name=name: macs.__setitem__(name, o.numel() * m.weight[0].numel()))
@@ -257,10 +259,13 @@ def backward_macs(model_yaml: str, imgsz: int) -> tuple[float, float]:
         conv = model.get_submodule(name)
         passes = c + (c if i else 0)  # forward and input gradient
         full += passes + c
-        weight = c if name in plan else 0
+        weight = c if name in plan or name in in_full else 0
         r = plan[name][0] if name in plan else 0
         today += passes + weight
-        low += passes + (min(c, 2 * c * r / conv.weight[0].numel() + 2 * c * r / conv.out_channels) if weight else 0)
+        if name in plan:
+            low += passes + min(c, 2 * c * r / conv.weight[0].numel() + 2 * c * r / conv.out_channels)
+        else:  # frozen, or trained in full
+            low += passes + weight
     return today / full, low / full
 
 

@@ -316,6 +316,7 @@ TRAIN_HEAD_BREAKS = (
     "a head tensor of the wrong shape",
     "head tensors without train_head",
     "a BatchNorm statistic outside the head",
+    "a LoRA layer in the head",
 )
 
 
@@ -337,6 +338,12 @@ def train_head_case(case: Case, ctx: Context, op: int, rng: random.Random) -> No
     elif op == 4:
         config = json.loads(meta["lora_config"])
         case.meta["lora_config"] = json.dumps({k: v for k, v in config.items() if k != "train_head"})
+    elif op == 6:  # an adapter on a head conv beside the head's tensors: serving would run the head without it
+        conv = "model.23.cv2.0.0.conv"
+        case.meta["layers"] = json.dumps({**json.loads(meta["layers"]), conv: [4, 8.0]})
+        case.tensors[f"{conv}.lora_A.weight"] = torch.randn(4, 64, 3, 3)
+        case.tensors[f"{conv}.lora_B.weight"] = torch.randn(64, 4, 1, 1)
+        case.tensors[f"{conv}.lora_magnitude_vector"] = torch.ones(64)
     elif op in extra:
         key, value = extra[op]
         case.tensors[key] = value

@@ -265,7 +265,7 @@ def test_a_base_whose_class_branch_cannot_widen_is_refused_before_training(base_
 )
 def test_exact_mode_optimizer_from_the_cli_and_the_library(cli_here, monkeypatch, demo_base, args, library, want):
     """What reaches Ultralytics' trainer in exact mode: AdamW 0.01 unless an optimizer is given, from the CLI (through
-    a preset) and from `train()` alike; adapted mode keeps the preset's optimizer=auto."""
+    a preset) and from `train()` alike; adapted mode keeps its preset's (dora_r32) optimizer=auto."""
     import lora_yolo.train
 
     seen = []
@@ -280,4 +280,5 @@ def test_exact_mode_optimizer_from_the_cli_and_the_library(cli_here, monkeypatch
         with pytest.raises(LoraYoloError, match="stop"):
             train(SHAPES_B2, model=demo_base, config=LoraConfig(add_classes="exact"), **library)
     assert seen == [want] * (1 if library is None else 2)
-    assert resolve_config("default", add_classes="adapted")[1] == {"optimizer": "auto"}
+    config, train_args = resolve_config(None, add_classes="adapted")  # no --config: the recipe it was measured with
+    assert train_args == {"optimizer": "auto"} and (config.r, config.train_head) == (32, False)

@@ -11,10 +11,11 @@ from lora_yolo.presets import resolve_config
 
 
 def test_inspect_json_totals(base_pt, cli_here):
-    out = cli_here("inspect", str(base_pt), "--json", "--targets", "head", "--rank", "4")
+    out = cli_here("inspect", str(base_pt), "--json", "--targets", "head", "--rank", "4", "--no-train-head")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    report = inspect_model(base_pt, resolve_config("default", targets=["head"], r=4)[0])  # what the CLI builds
+    config = resolve_config("default", targets=["head"], r=4, train_head=False)[0]  # what the CLI builds
+    report = inspect_model(base_pt, config)
     assert data["totals"]["lora_params"] == report.lora_params == sum(r["lora_params"] for r in data["layers"])
     assert data["totals"]["adapter_bytes"] == report.adapter_bytes
 
@@ -56,7 +57,7 @@ def test_first_layer_option(cli_here):
 def test_clamp_rank_option(cli_here):
     rows = {}
     for flag in ("--no-clamp-rank", "--clamp-rank"):
-        out = cli_here("inspect", "yolo11n.yaml", "--json", "--no-dora", flag)
+        out = cli_here("inspect", "yolo11n.yaml", "--json", "--no-dora", "--rank", "32", "--alpha", "64", flag)
         assert out.returncode == 0, out.stderr
         rows[flag] = {r["name"]: r for r in json.loads(out.stdout)["layers"]}
     assert not rows["--no-clamp-rank"]["model.0.conv"]["selected"]  # 3 -> 16 channels: limit 16 < rank 32

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import all_outputs, head_output, make_base, random_adapter
+from conftest import RTDETR_TINY, all_outputs, head_output, make_base, random_adapter
 
 from lora_yolo import LoraConfig, LoraYoloError, attach_adapter, load_adapter, load_model, save_adapter
 from lora_yolo.checkpoint import build_for_classes
@@ -56,9 +56,10 @@ def test_peft_loads_our_adapter_with_the_same_outputs(base_pt, tmp_path, kind, k
     assert config["peft_type"] == "LORA" and len(config["target_modules"]) == len(adapter.layers)
 
 
-@pytest.mark.parametrize("dora", [False, True])
-def test_round_trip_is_exact(base_pt, tmp_path, dora):
-    config = LoraConfig(use_dora=dora, rank_pattern={r"model\.23\.": 4}, alpha_pattern={"cv2": 4})
+@pytest.mark.parametrize("dora, train_head", [(False, False), (True, False), (True, True)])
+def test_round_trip_is_exact(base_pt, tmp_path, dora, train_head):
+    patterns = {"rank_pattern": {r"model\.2[02]\.": 4}, "alpha_pattern": {"cv2": 4}}  # train_head: none in the head
+    config = LoraConfig(use_dora=dora, train_head=train_head, **patterns)
     _, adapter = random_adapter(base_pt, config=config, names=NEW)
     stored = load_adapter(save_adapter(adapter, tmp_path / "a.safetensors"))
     back = from_peft(to_peft(stored, tmp_path / "peft"))
@@ -136,3 +137,16 @@ def test_yolo26_adapter_loads_in_peft_with_every_output_equal(tmp_path):
     back = from_peft(folder)
     assert back.tensors.keys() == adapter.tensors.keys()
     assert all(torch.equal(back.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
+
+
+@pytest.mark.parametrize("cfg", ["yolo26n-pose.yaml", str(RTDETR_TINY)], ids=["yolo26-pose", "rtdetr"])
+def test_train_head_adapter_with_nested_head_modules_loads_in_peft(tmp_path, cfg):
+    # PEFT wraps each module of modules_to_save whole: a module inside another (RT-DETR's attention and its out_proj,
+    # YOLO26 pose's flow layers) is saved under its outermost wrapped module only, or PEFT could not load it.
+    base = make_base(tmp_path / "b.pt", cfg)
+    _, adapter = random_adapter(base, LoraConfig(train_head=True))
+    theirs = peft_model(load_model(base), to_peft(adapter, tmp_path / "peft")).double()
+    ours = attach_adapter(load_model(base), adapter).eval().double()
+    with torch.no_grad():
+        got, want = all_outputs(theirs, X.double()), all_outputs(ours, X.double())
+    assert len(got) == len(want) and all((a - b).abs().max() < 1e-9 for a, b in zip(got, want))

@@ -17,6 +17,7 @@ from lora_yolo import LoraYoloError, attach_adapter, load_adapter, load_model
 from lora_yolo.export import export_model
 from lora_yolo.serve import AdapterModel
 from lora_yolo.synth import make_dataset
+from lora_yolo.targets import head_tensors
 from lora_yolo.train import train
 
 pytestmark = pytest.mark.slow
@@ -73,10 +74,13 @@ def test_trains_with_the_tasks_own_trainer_and_merges_exactly(task_run):
     assert close(all_outputs(load_model(result.merged), x), unmerged)
     extra = {"detect": 0, "segment": 32, "pose": 2 * 3, "obb": 1}[task]  # mask coeffs, 2 keypoints x (x, y, v), angle
     assert unmerged[0].shape[1] == 4 + 3 + extra
-    two = getattr(load_model(base).model[-1], "one2one_cv2", None) is not None  # YOLO26
-    # YOLO26: the one-to-one branch is adapted and its class convs trained in full, as the one-to-many branch (at the
-    # default rank 32 the 16-channel box convs of both branches are skipped: rank above their limit)
-    assert two == any(".one2one_cv3." in n for n in adapter.layers) == any(".one2one_cv3." in k for k in adapter.full)
+    plain = load_model(base)
+    two = getattr(plain.model[-1], "one2one_cv2", None) is not None  # YOLO26
+    # the default trains the head in full (train_head; YOLO26: both branches, BatchNorm statistics included) and
+    # adapts every other layer
+    assert sorted(adapter.full) == sorted(head_tensors(plain))  # names only: the class count does not change them
+    assert not any(n.startswith(f"model.{len(plain.model) - 1}.") for n in adapter.layers)
+    assert two == any(".one2one_cv2." in k and k.endswith(".running_var") for k in adapter.full)
     # merged.pt validated by the task's own validator, its mask / keypoint mAP in the summary too
     kind = {"segment": "mask", "pose": "pose"}.get(task)
     if kind:

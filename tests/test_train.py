@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import SHAPES_B1, TINY, plain_ultralytics, sha256
 
-from lora_yolo import load_adapter, load_model
+from lora_yolo import LoraConfig, load_adapter, load_model
 from lora_yolo.errors import TrainingInterrupted
 from lora_yolo.inject import LORA_SUFFIXES, base_state_dict
 from lora_yolo.train import train
@@ -79,12 +79,18 @@ def test_adapters_trained_and_base_untouched(coco8_run, base_pt):
     b = [t for k, t in adapter.tensors.items() if k.endswith("lora_B.weight")]
     assert b and all(t.abs().max() > 0 for t in b)  # B left zero
     base = load_model(base_pt).state_dict()
-    for ckpt in ("best.pt", "last.pt"):  # what Ultralytics validated and saved (EMA, fp16 on disk)
+    head = [k for k in base if k.startswith("model.23.")]  # the default trains the head in full (train_head)
+    assert sorted(adapter.full) == sorted(k for k in head if base[k].is_floating_point() and ".dfl." not in k)
+    for ckpt, stored in (("best.pt", result.adapter), ("last.pt", result.save_dir / "adapter_last.safetensors")):
         trained = torch.load(result.save_dir / "weights" / ckpt, weights_only=False)["model"].float()
-        frozen = base_state_dict(trained)
+        frozen = base_state_dict(trained)  # what Ultralytics validated and saved (EMA, fp16 on disk)
         assert frozen.keys() == base.keys()
+        kept = load_adapter(stored)
         for k, v in frozen.items():
-            assert torch.equal(v, base[k]), f"{ckpt}: {k} changed"
+            if k in kept.full:  # the head: the adapter written beside the checkpoint holds the same values
+                assert torch.equal(v.half(), kept.tensors[k].half()), f"{ckpt}: {k} differs from its adapter's"
+            else:
+                assert torch.equal(v, base[k]), f"{ckpt}: {k} changed"
 
 
 def test_trainable_count_equals_parameters_with_gradients(coco8_run):
@@ -93,9 +99,10 @@ def test_trainable_count_equals_parameters_with_gradients(coco8_run):
         torch.load(result.save_dir / "weights" / "last.pt", weights_only=False)["model"].named_parameters()
     )
     assert set(recorder.by_epoch) == {0, 1}
+    full = set(load_adapter(result.adapter).full)  # the head, trained in full (train_head)
     for epoch, names in recorder.by_epoch.items():
         assert sum(model_params[n].numel() for n in names) == result.trainable == recorder.reported, epoch
-        assert all(n.endswith(LORA_SUFFIXES) for n in names)
+        assert names == {n for n in model_params if n.endswith(LORA_SUFFIXES) or n in full}
 
 
 def plain_val(merged: Path, data: Path, imgsz: int, batch: int) -> dict:
@@ -148,7 +155,8 @@ SHAPES_B2 = ROOT / "datasets" / "shapes-b2" / "data.yaml"  # 4 classes: the 80-c
 
 
 def test_new_class_count_trains_class_layers_in_full(base_pt, tmp_path):
-    result = train(SHAPES_B2, model=base_pt, project=str(tmp_path), name="b2", fraction=0.1, **TINY)
+    config = LoraConfig(train_head=False)  # without train_head (the default's), the class layers alone
+    result = train(SHAPES_B2, model=base_pt, config=config, project=str(tmp_path), name="b2", fraction=0.1, **TINY)
     adapter = load_adapter(result.adapter)
     assert adapter.nc == 4 and adapter.base["nc"] == 80
     assert adapter.full and all(".cv3." in k for k in adapter.full)  # the class convs, weight and bias

@@ -36,6 +36,9 @@ def test_config_checks_and_add_classes(tmp_path):
     assert resolve_config(str(preset), add_classes="adapted")[0].train_head is False  # the preset's does not apply
     with pytest.raises(LoraYoloError, match="exclude each other"):
         resolve_config(str(preset), add_classes="adapted", train_head=True)  # asked for both: refused
+    preset.write_text("train_head: true\nadd_classes: adapted\n")
+    with pytest.raises(LoraYoloError, match="exclude each other"):
+        resolve_config(str(preset))  # a preset holding both: refused, not one of them dropped
 
 
 def test_head_gets_no_adapter_and_every_head_tensor_but_dfl_trains(base_pt):
@@ -52,6 +55,19 @@ def test_head_gets_no_adapter_and_every_head_tensor_but_dfl_trains(base_pt):
     trained = [n for n, p in model.model[-1].named_parameters() if not n.startswith("dfl.")]
     assert len(names) == len(trained) + 2 * len(norms)  # parameters, and each BatchNorm's mean and variance
     assert not any(n.startswith(f"{dfl[0]}.") or n.endswith("num_batches_tracked") for n in names)
+
+
+def test_fixed_buffers_of_a_head_stay_the_bases(tmp_path):
+    # YOLO26 pose's flow (its loss) holds constant buffers beside its layers: only parameters and BatchNorm statistics
+    # are trained, so only they are stored
+    from conftest import make_base
+
+    model = load_model(make_base(tmp_path / "pose.pt", "yolo26n-pose.yaml"))
+    names = set(head_tensors(model))
+    buffers = {n for n, _ in model.model[-1].named_buffers(prefix=f"model.{len(model.model) - 1}")}
+    stats = {n for n in buffers if n.endswith((".running_mean", ".running_var"))}
+    assert buffers - stats - {n for n in buffers if n.endswith("num_batches_tracked")}  # the flow's constants
+    assert names & buffers == stats
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +125,25 @@ def test_crafted_head_tensors_are_refused_in_one_line(base_pt, head_adapter):
     plain = dataclasses.replace(adapter, config=dataclasses.replace(adapter.config, train_head=False))
     with pytest.raises(LoraYoloError, match="only the class layers can be"):
         attach_adapter(base, plain)
+    _, lora = random_adapter(base_pt, LoraConfig(use_dora=True, targets=["head"]))  # serving would drop these
+    conv = next(iter(lora.layers))
+    inside = {k: v for k, v in lora.tensors.items() if k.startswith(f"{conv}.")}
+    headed = dataclasses.replace(adapter, tensors={**adapter.tensors, **inside}, layers={conv: lora.layers[conv]})
+    with pytest.raises(LoraYoloError, match=f"adapter layer {conv} is in the task head, which train_head trains"):
+        attach_adapter(base, headed)
+
+
+def test_a_weighted_merge_that_makes_a_variance_negative_is_refused(base_pt, head_adapter, tmp_path):
+    from lora_yolo.merge import merge_files
+
+    _, adapter = head_adapter
+    base = load_model(base_pt).state_dict()
+    shrunk = {k: base[k] * 0.4 if k.endswith("running_var") else v for k, v in adapter.tensors.items()}
+    path = save_adapter(dataclasses.replace(adapter, tensors=shrunk), tmp_path / "a.safetensors")
+    merge_files(base_pt, [f"{path}:0.5", f"{path}:0.5"], tmp_path / "ok.pt")  # weights summing to 1: fine
+    with pytest.raises(LoraYoloError, match="merging makes model.23.* negative: give adapters that train the head"):
+        merge_files(base_pt, [f"{path}:1", f"{path}:1"], tmp_path / "bad.pt")  # 0.4 + 0.4 - 1 of the base's
+    assert not (tmp_path / "bad.pt").exists()
 
 
 @pytest.mark.slow
