@@ -462,5 +462,6 @@ def _stored(adapter: Adapter, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in adapter.tensors.items():
         cast = v.detach().to(dtype)
-        out[k] = (cast if bool(cast.isfinite().all()) or not bool(v.isfinite().all()) else v.detach().float()).cpu()
-    return {k: v.contiguous() for k, v in out.items()}
+        overflows = bool(v.isfinite().all()) and not bool(cast.isfinite().all())
+        out[k] = (v.detach().float() if overflows else cast).cpu().contiguous()
+    return out

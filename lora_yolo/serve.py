@@ -36,15 +36,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from ultralytics import YOLO
-from ultralytics.nn.modules import Conv, Detect, DWConv, RepConv
-from ultralytics.utils.torch_utils import fuse_conv_and_bn
+from ultralytics.nn.modules import Conv, RepConv
 
-from lora_yolo.adapter import Adapter, check_fits, check_layers, fingerprint, load_adapter
+from lora_yolo.adapter import Adapter, attach_adapter, check_fits, check_layers, fingerprint, load_adapter
 from lora_yolo.branch import NEW, ClassBranch, new_branch
-from lora_yolo.checkpoint import check_task, load_error, resolve_checkpoint
+from lora_yolo.checkpoint import check_task, load_error, load_model, resolve_checkpoint
 from lora_yolo.datacheck import check_dataset
 from lora_yolo.errors import LoraYoloError, first_line
-from lora_yolo.inject import replace_module
+from lora_yolo.inject import merge_lora, replace_module
 from lora_yolo.layer import MergeableLayer, dora_scale, layer_forward, lora_delta, lora_scaling, per_channel
 from lora_yolo.passthrough import check_args
 from lora_yolo.targets import branch_paths, class_layers
@@ -199,7 +198,7 @@ class AdapterModel:
                 f"serving needs the base checkpoint, not a model YAML ({base}); a run trained from a YAML keeps its "
                 "base as weights/base.pt"
             )
-        path = resolve_checkpoint(base)
+        path = self._path = resolve_checkpoint(base)
         try:
             self.yolo = YOLO(path)
         except Exception as e:
@@ -217,7 +216,7 @@ class AdapterModel:
         self._branches = {p: deepcopy(unfused[p]) for p in branch_paths(self._class_convs, unfused)}
         self._repconv = repconv_branches(model, self._scales)  # adapters there go to the conv fuse makes of both
         self._head = f"model.{len(model.model) - 1}"  # a train_head adapter's head, fused, replaces the base's
-        self._unfused_head = deepcopy(model.model[-1])  # its tensors load into a copy of this, which is then fused
+        unfused_head = deepcopy(model.model[-1])  # what its tensors are checked against (fuse changes the model's)
         model.fuse(verbose=False)
         # the fused base's own modules, before any adapter replaces one: layers are found and put back through these
         # (their parents stay the same objects, also inside a class branch an adapter's copy runs beside)
@@ -228,7 +227,7 @@ class AdapterModel:
             f"{p}.{k}." if p else f"{k}." for p, m in fused.items() for k, v in m._modules.items() if v is None
         )
         self._unused = {n for n in unfused if f"{n}.".startswith(dropped)}
-        head = {f"{self._head}.{n}".rstrip("."): m for n, m in self._unfused_head.named_modules()}  # BatchNorms too
+        head = {f"{self._head}.{n}".rstrip("."): m for n, m in unfused_head.named_modules()}  # BatchNorms too
         self._checked_modules = {
             **{n: unfused[n] for n in [*self._unused, *self._repconv]},
             **fused,
@@ -274,7 +273,7 @@ class AdapterModel:
                 f"the adapter only changes the head branch this model does not run (it keeps the {self._kept} "
                 f"branch); load the base with the other branch (AdapterModel(base, end2end=...), or nms= on the CLI)"
             )
-        classes = self._class_layers(adapter)
+        classes = self._class_layers(adapter, allow_other_weights)
         for layer in adapter.layers:
             if layer not in self._unused:
                 self._switchable(layer).add(name, adapter, layer)
@@ -379,7 +378,7 @@ class AdapterModel:
         self._replace(layer, module, switchable)
         return switchable
 
-    def _class_layers(self, adapter: Adapter) -> tuple[dict[int, str], dict[str, nn.Module]]:
+    def _class_layers(self, adapter: Adapter, allow_other_weights: bool) -> tuple[dict[int, str], dict[str, nn.Module]]:
         """The adapter's class names and, for tensors trained in full, replacement modules built from the base's."""
         if adapter.config.add_classes:  # the base's branches run as they are, the copies beside them
             return dict(adapter.names), {
@@ -388,7 +387,7 @@ class AdapterModel:
                 if path not in self._unused
             }
         if adapter.config.train_head:  # its class layers are in its head
-            return dict(adapter.names), {self._head: self._head_copy(adapter)}
+            return dict(adapter.names), {self._head: self._head_copy(adapter, allow_other_weights)}
         modules: dict[str, nn.Module] = {}
         for key in adapter.full:
             owner, _, param = key.rpartition(".")
@@ -407,30 +406,13 @@ class AdapterModel:
                 m.num_embeddings = m.weight.shape[0]
         return dict(adapter.names), modules
 
-    def _head_copy(self, adapter: Adapter) -> nn.Module:
-        """The base's head with a train_head adapter's tensors (check_layers made sure they fit), fused as
-        Ultralytics fuses a model (conv+BN folded, YOLO26's unused branch removed), in eval mode."""
-        head = deepcopy(self._unfused_head)
-        prefix = f"{self._head}."
-        for key in adapter.full:
-            owner, _, name = key.removeprefix(prefix).rpartition(".")
-            module = head.get_submodule(owner)
-            t = adapter.tensors[key].float()
-            if name in module._parameters:
-                setattr(module, name, nn.Parameter(t, requires_grad=False))
-            else:
-                module.register_buffer(name, t)
-            if isinstance(module, nn.Conv2d):  # a class layer with the adapter's class count
-                module.out_channels = module.weight.shape[0]
-            elif isinstance(module, nn.Linear):
-                module.out_features = module.weight.shape[0]
-        for m in head.modules():
-            if isinstance(m, (Conv, DWConv)) and hasattr(m, "bn"):
-                m.conv = fuse_conv_and_bn(m.conv, m.bn)
-                delattr(m, "bn")
-                m.forward = m.forward_fuse
-        if isinstance(head, Detect):
-            head.fuse()
+    def _head_copy(self, adapter: Adapter, allow_other_weights: bool) -> nn.Module:
+        """The head of the base with a train_head `adapter` attached and merged, fused as Ultralytics fuses a model
+        (YOLO26: keeping the branch this model runs), in eval mode."""
+        merged = merge_lora(attach_adapter(load_model(self._path), adapter, allow_other_weights))
+        if self._kept is not None:
+            merged.end2end = self.model.end2end
+        head = merged.fuse(verbose=False).model[-1]
         device = next(self._base_classes[1][self._head].parameters()).device  # where the model is now
         return head.to(device, torch.float32).eval().requires_grad_(False)
 

@@ -96,13 +96,16 @@ def class_layers(model: nn.Module) -> list[str]:
     ] + ([f"model.{index}.proto.semseg.{len(semseg) - 1}"] if semseg is not None else [])
 
 
+STATISTICS = (".running_mean", ".running_var")  # what a trained BatchNorm stores beside its parameters
+
+
 def head_tensors(model: nn.Module) -> list[str]:
     """What `train_head` trains and stores in full: every parameter of the task head (the model's last layer) but
     the fixed DFL projection, which Ultralytics never trains, and its BatchNorms' running statistics. Other buffers
     (YOLO26 pose's flow constants, a depth head's calibration) are fixed: the base's stay."""
     prefix = f"model.{len(model.model) - 1}."
     fixed = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, DFL))
-    statistics = [n for n, _ in model.named_buffers() if n.endswith((".running_mean", ".running_var"))]
+    statistics = [n for n, _ in model.named_buffers() if n.endswith(STATISTICS)]
     kept = [n for n, _ in model.named_parameters()] + statistics
     return [k for k in kept if k.startswith(prefix) and not k.startswith(fixed)]
 

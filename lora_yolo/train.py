@@ -32,6 +32,7 @@ from lora_yolo.diagnose import diagnose, map_history, untouched
 from lora_yolo.errors import LoraYoloError, TrainingInterrupted, first_line
 from lora_yolo.passthrough import check_args
 from lora_yolo.presets import resolve_config
+from lora_yolo.targets import STATISTICS
 from lora_yolo.trainer import ADAPTER, ADAPTER_LAST, CONFIG_FILE, MERGED, TRAINERS, LoraTrainerMixin, base_file
 
 # Train arguments that LoRA owns: passing them would silently fight the adapter setup.
@@ -43,10 +44,6 @@ RESERVED = {
     "task": "(the base model's task)",
     "mode": "(train)",
 }
-
-
-# stored with a trained BatchNorm (train_head, add_classes' copies) but not trained: not counted as parameters
-STATISTICS = (".running_mean", ".running_var")
 
 
 @dataclass
@@ -279,6 +276,7 @@ def train(
         save_dir=trainer.save_dir,
         metrics=metrics,
         base_metrics=base_metrics,
+        # parameters only: a trained BatchNorm's statistics (train_head, add_classes' copies) are stored, not trained
         trainable=sum(t.numel() for k, t in adapter.tensors.items() if not k.endswith(STATISTICS)),
         total=sum(p.numel() for p in trainer.model.parameters()),
         epoch_seconds=_epoch_seconds(trainer.csv),
