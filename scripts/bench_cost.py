@@ -47,14 +47,20 @@ from lora_yolo.targets import head_tensors, select_targets  # noqa: E402
 # recipe -> (kind, LoraConfig or None, form): kind is full | freeze | head | lora; form is how a LoRA model trains:
 # "plain" (BatchNorm after the adapted conv), "folded" (frozen BatchNorms folded into the convs), "lean" (folded, and
 # SiLU outputs recomputed in backward: what `lora-yolo train` runs, lora_yolo.memory)
-DEFAULT = "DoRA r 8 + head in full (default)"
+_DEFAULT_CONFIG = resolve_config("default")[0]  # the preset itself, so this measures whatever the benchmark chose
+DEFAULT = f"DoRA r {_DEFAULT_CONFIG.r} + head in full (default)"
 RECIPES = {
     "full fine-tuning": ("full", None, "plain"),
     "freeze backbone": ("freeze", None, "plain"),
     "head only": ("head", None, "plain"),
     "DoRA all, r 32, unfolded (before folding)": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), "plain"),
     "DoRA all, r 32, folded (before lean)": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), "folded"),
-    DEFAULT: ("lora", LoraConfig(use_dora=True, clamp_rank=True, train_head=True), "lean"),
+    DEFAULT: ("lora", _DEFAULT_CONFIG, "lean"),
+    "DoRA r 8 + head in full (previous default)": (
+        "lora",
+        LoraConfig(use_dora=True, clamp_rank=True, train_head=True),
+        "lean",
+    ),
     "DoRA all, r 32 (previous default)": (
         "lora",
         LoraConfig(use_dora=True, r=32, lora_alpha=64, clamp_rank=True),
