@@ -23,8 +23,8 @@ the new classes' validation mAP50-95 of merged.pt, which is what an lr is chosen
 
 Real bases (`--base`, scripts/bench_finetune.py's): no images of their own classes can be rendered, so they learn
 the fine-tuning benchmark's new-classes task (the 4 shapes alone, 64 images, its seeds) and are scored on the new
-classes only, against the dora_r32 recipe's run of that task in benchmarks/runs.jsonl (the new-class-only adapter on
-the same images); what they keep of their own classes is not measured.
+classes only, against the dora_r32 recipe's run of that task in benchmarks/exploration/runs.jsonl (the
+new-class-only adapter on the same images); what they keep of their own classes is not measured.
 
 The earlier version of this benchmark trained on scenes of the new shapes alone, where adapted mode's pseudo-labels
 could only be the base's mistakes: benchmarks/v1/add_classes.md; adapted mode before it had class-branch copies (its
@@ -42,7 +42,7 @@ from copy import deepcopy
 from pathlib import Path
 
 import yaml
-from bench_finetune import BASES, N_TEST, N_VAL, SCHEDULE, datasets, fetch_base, load_runs, mean_spread
+from bench_finetune import BASES, EXPLORATION, N_TEST, N_VAL, SCHEDULE, datasets, fetch_base, load_runs, mean_spread
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks"
@@ -208,7 +208,7 @@ def real_base_rows(runs: list[dict]) -> tuple[list[str], dict]:
     run of the dora_r32 recipe on the same images and seeds (the new-class-only adapter)."""
     reference = {
         (r["base"], r["seed"]): r["test"]
-        for r in load_runs()
+        for r in load_runs(EXPLORATION)
         if (r["task"], r["n_train"], r["method"], str(r["lr"])) == ("new-classes", 64, *REFERENCE) and "test" in r
     }
     lines, rows = [], {}
@@ -241,7 +241,8 @@ def real_base_rows(runs: list[dict]) -> tuple[list[str], dict]:
     head = [
         "Real bases (`--base`): the fine-tuning benchmark's new-classes task (the 4 shapes alone, 64 images), scored "
         "on the new classes only; the reference is the dora_r32 recipe's new-class-only run of the same images and "
-        "seeds in benchmarks/runs.jsonl. What they keep of their own classes is not measured (no images of them).",
+        "seeds in benchmarks/exploration/runs.jsonl. What they keep of their own classes is not measured (no images of "
+        "them).",
         "",
         "| base | method | seeds | new-class test mAP50-95 | vs reference | reference | pseudo-labels |",
         "|---|---|---|---|---|---|---|",
