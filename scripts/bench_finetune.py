@@ -2,7 +2,7 @@
 
     python scripts/bench_finetune.py --part all --jobs 2           # the whole benchmark, resumable
     python scripts/bench_finetune.py --quick --jobs 2              # demo base, 2 methods, 2 lr: 80 s on 2 cores
-    python scripts/bench_finetune.py --part search                 # seed 0 of every method x lr (resumable)
+    python scripts/bench_finetune.py --part search                 # seed 0 of BENCHMARK's methods x lr (resumable)
     python scripts/bench_finetune.py --part confirm --seeds 1      # the lr each method chose, more seeds
     python scripts/bench_finetune.py --part curve                  # 16 / 256 images, chosen lr, seed 0 (or --seeds)
     python scripts/bench_finetune.py --report                      # results.json / .md / .png from what ran
@@ -130,7 +130,7 @@ METHODS = {
 # recipes were searched the same way in earlier parts (benchmarks/exploration/) and can be run by name with --methods
 BENCHMARK = ["full", "freeze-backbone", "head-only", "dora-r8-head", "dora-r16-head"]
 # 3e-4 was searched in part 1 (full and dora, 4 cells) and dropped after: it never beat 1e-3 by more than 0.001 val
-# mAP50-95, and every lr costs a run per method and cell. Runs at other lrs stay in runs.jsonl but are not chosen.
+# mAP50-95, and every lr costs a run per method and cell. Those runs stay in exploration/runs.jsonl, never chosen.
 LRS = ["auto", 1e-3, 3e-3, 1e-2]
 SCHEDULE = dict(epochs=15, imgsz=160, batch=8, warmup_epochs=1)
 N_VAL, N_TEST = 40, 40
@@ -317,6 +317,11 @@ def chosen_lr(runs: list[dict], base: str, task: str, n_train: int, method: str)
 def collapsed(run: dict) -> bool:
     """Whether the run's own summary said its validation mAP collapsed (lora_yolo.train's warning)."""
     return any("collapsed" in w for w in run.get("warnings", []))
+
+
+def diverged(run: dict) -> bool:
+    """Whether the run stopped on a NaN/Inf loss or trained tensor (lora_yolo's error, not a crash or a kill)."""
+    return "training diverged" in run.get("failed", "")
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
@@ -510,9 +515,9 @@ def choose_default(runs: list[dict]) -> dict | None:
     """The LoRA recipe (method, lr) whose worst validation mAP50-95 relative to the best-tuned full fine-tuning, over
     every base x task at 64 images, is highest: robust across bases, chosen on validation, never on test.
 
-    Only (method, lr) pairs run on every such cell compete; a failed run scores 0. A pair with any run of 64 or more
-    images that diverged or collapsed (any seed, the data-size curve's 256 images included) is out: the default must
-    never collapse, and a longer run at the same lr can diverge where the 64-image search did not.
+    Only (method, lr) pairs run on every such cell compete; a failed run scores 0. A pair with any run that diverged
+    or collapsed (any seed, any data size of the curve) is out: the default must never collapse, and a longer run at
+    the same lr can diverge where the 64-image search did not. A run that failed otherwise (a crash) puts none out.
     """
     cells64 = {(r["base"], r["task"]) for r in runs if r["n_train"] == 64}
     best_full = {}
@@ -525,7 +530,7 @@ def choose_default(runs: list[dict]) -> dict | None:
         c = (r["base"], r["task"])
         if r["method"] in PRESET_OF and r["n_train"] == 64 and r["seed"] == 0 and r["lr"] in LRS and best_full.get(c):
             scores.setdefault((r["method"], r["lr"]), {})[f"{c[0]}/{c[1]}"] = r.get("val", 0.0) / best_full[c]
-    broke = {(r["method"], r["lr"]) for r in runs if r["n_train"] >= 64 and (collapsed(r) or "failed" in r)}
+    broke = {(r["method"], r["lr"]) for r in runs if collapsed(r) or diverged(r)}
     complete = {k: v for k, v in scores.items() if len(v) == len(cells64) and k not in broke}
     if not complete:
         return None
@@ -584,8 +589,8 @@ def write_markdown(results: dict) -> None:
                   "fine-tuning. Every candidate's worst case:", ""]  # fmt: skip
         lines += [f"- {k}: {v:.1%}" for k, v in sorted(d["candidates"].items(), key=lambda kv: -kv[1])] + [""]
         if d["out_diverged_or_collapsed"]:
-            lines += ["Out because one of their runs diverged or collapsed (any seed, any data size of 64 images or "
-                      "more): " + ", ".join(d["out_diverged_or_collapsed"]) + ".", ""]  # fmt: skip
+            lines += ["Out because one of their runs diverged or collapsed (any seed or data size): "
+                      + ", ".join(d["out_diverged_or_collapsed"]) + ".", ""]  # fmt: skip
         lines += [f"Its test mAP50-95 at lr0 {d['lr']} (mean ± half the range over the seeds) against full fine-tuning "
                   "at its own chosen lr:", ""]  # fmt: skip
         lines += [
@@ -648,6 +653,8 @@ def run_all(args: argparse.Namespace, data_root: Path) -> None:
     while (chosen := choose_default(load_runs())) and (chosen["method"], chosen["lr"]) not in tried:
         tried.add((chosen["method"], chosen["lr"]))  # a run diverging here puts the next candidate in its place
         execute(step("confirm", methods=[chosen["method"]], lrs=[chosen["lr"]]), data_root, args.jobs)
+        if choose_default(load_runs()) != chosen:  # its second seed already put it out
+            continue
         execute(step("curve", methods=[chosen["method"]], lrs=[chosen["lr"]], tasks=["new-classes"]), data_root,
                 args.jobs)  # fmt: skip
 
@@ -657,8 +664,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["search", "confirm", "curve", "all"], help="all: the whole benchmark, "
                         "search then confirm then the curve of full fine-tuning and the chosen default")  # fmt: skip
-    parser.add_argument("--jobs", type=int, default=1, help="runs side by side (2 on a 2-core machine: each trains "
-                        "with cpu_count - 1 threads)")  # fmt: skip
+    parser.add_argument("--jobs", type=lambda x: max(1, int(x)), default=1, help="runs side by side (2 on a 2-core "
+                        "machine: each trains with cpu_count - 1 threads)")  # fmt: skip
     parser.add_argument("--report", action="store_true", help="write results.json/.md/.png from runs.jsonl")
     parser.add_argument("--quick", action="store_true", help="demo base, full and dora at auto and 1e-3")
     parser.add_argument("--bases", nargs="*", default=list(BASES), choices=list(BASES))
@@ -668,7 +675,7 @@ def main() -> None:
         "--lrs", nargs="*", type=lambda x: x if x == "auto" else float(x), help="search: default LRS; confirm, curve:"
         " the lrs to run at (the preset's own, say) instead of the chosen one",
     )  # fmt: skip
-    parser.add_argument("--seeds", nargs="*", type=int, help="default: 1 for confirm, 0 for curve")
+    parser.add_argument("--seeds", nargs="*", type=int, help="default: 1 for confirm, 0 for curve (not --part all)")
     parser.add_argument("--n-train", nargs="*", type=int)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
