@@ -113,8 +113,8 @@ METHODS = {
         "lora",
         {"use_dora": True, "first_layer": 0, "r": 8, "lora_alpha": 16, "clamp_rank": True, "train_head": True},
     ),
-    # as dora-r8-head at rank 16: in a seed-0 trial at 3e-3 rank 32 reached 98% of full fine-tuning's val on the face
-    # base (rank 8: 88%) but diverged on the YOLOv8s; rank 16 reached 94% and 100% there
+    # as dora-r8-head at rank 16: in seed-0 trials at 3e-3 rank 32 reached 99% of full fine-tuning's val on the face
+    # base (rank 8: 89%) but diverged on the YOLOv8s (benchmarks/exploration/trials.jsonl); rank 16 held there
     "dora-r16-head": (
         "lora",
         {"use_dora": True, "first_layer": 0, "r": 16, "lora_alpha": 32, "clamp_rank": True, "train_head": True},
