@@ -314,6 +314,12 @@ def chosen_lr(runs: list[dict], base: str, task: str, n_train: int, method: str)
     return max(by_lr, key=by_lr.get) if by_lr else None
 
 
+def runs_at(runs: list[dict], base: str, task: str, n_train: int, method: str, lr: str | float) -> list[dict]:
+    """Every seed's run of one method at one lr on one base, task and data size."""
+    return [r for r in runs if (r["base"], r["task"], r["n_train"], r["method"], r["lr"]) ==
+            (base, task, n_train, method, lr)]  # fmt: skip
+
+
 def collapsed(run: dict) -> bool:
     """Whether the run's own summary said its validation mAP collapsed (lora_yolo.train's warning)."""
     return any("collapsed" in w for w in run.get("warnings", []))
@@ -430,10 +436,7 @@ def report() -> None:
         rows = {}
         for method in dict.fromkeys(r["method"] for r in runs):
             lr = chosen_lr(runs, base, task, 64, method)  # the data-size curve reuses the lr chosen at 64 images
-            mine = [
-                r for r in runs
-                if (r["base"], r["task"], r["n_train"], r["method"], r["lr"]) == (base, task, n, method, lr)
-            ]  # fmt: skip
+            mine = runs_at(runs, base, task, n, method, lr)
             if not mine:
                 continue
             test = [r.get("test", 0.0) for r in mine]
@@ -469,8 +472,7 @@ def report() -> None:
         for method, lr in dict.fromkeys(
             (r["method"], r["lr"]) for r in runs if (r["base"], r["task"], r["n_train"]) == (base, task, n)
         ):
-            mine = [r for r in runs if (r["base"], r["task"], r["n_train"], r["method"], r["lr"]) ==
-                    (base, task, n, method, lr)]  # fmt: skip
+            mine = runs_at(runs, base, task, n, method, lr)
             if len(mine) > 1 and lr != rows.get(method, {}).get("lr"):
                 mean, spread = mean_spread([r.get("test", 0.0) for r in mine])
                 other.append({"method": method, "lr": lr, "seeds": sorted(r["seed"] for r in mine), "test": mean,
@@ -481,10 +483,9 @@ def report() -> None:
     if default:  # one recipe and lr for every cell: its test there, whichever lr each cell's search chose
         default["test"] = {}
         for cell in table:
-            mine = [r.get("test", 0.0) for r in runs if (r["base"], r["task"], r["n_train"], r["method"], r["lr"]) ==
-                    (cell["base"], cell["task"], cell["n_train"], default["method"], default["lr"])]  # fmt: skip
+            mine = runs_at(runs, cell["base"], cell["task"], cell["n_train"], default["method"], default["lr"])
             if mine:
-                mean, spread = mean_spread(mine)
+                mean, spread = mean_spread([r.get("test", 0.0) for r in mine])
                 full = cell["rows"].get("full", {}).get("test")
                 default["test"][f"{cell['base']}/{cell['task']}/{cell['n_train']}"] = {
                     "test": mean, "test_spread": spread, "seeds": len(mine), "vs_full": mean / full if full else None

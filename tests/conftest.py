@@ -4,6 +4,7 @@ data, the CLI in a fresh process, and the strict-skips mode CI runs under (LORA_
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -34,6 +35,14 @@ LORA_YOLO = Path(sys.executable).parent / "lora-yolo"  # the console script `pip
 # Short CPU training runs. nbs=batch and no warmup: every batch is an optimizer step at the real learning rate, even
 # in a 2-batch run.
 TINY = dict(epochs=2, imgsz=64, batch=4, nbs=4, warmup_epochs=0, workers=0, plots=False, device="cpu", seed=0)
+
+
+def script_module(name: str):
+    """scripts/<name>.py as a module, registered in sys.modules (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def sha256(path: Path) -> str:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from conftest import ROOT
+from conftest import ROOT, script_module
 
 from lora_yolo.presets import resolve_config
 
@@ -30,10 +29,7 @@ def test_default_preset_is_the_benchmarks_choice():
 
 def bench():
     """scripts/bench_finetune.py as a module (its top level imports only the standard library)."""
-    spec = importlib.util.spec_from_file_location("bench_finetune", ROOT / "scripts" / "bench_finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("bench_finetune")
 
 
 def test_results_json_is_the_choice_its_runs_make():
@@ -68,7 +64,7 @@ def test_choose_default_puts_out_a_recipe_that_diverged_or_collapsed_anywhere():
     """The best worst case wins unless one of its runs, at any seed or data size, diverged or collapsed; a crash
     (no divergence message) puts nothing out."""
     b = bench()
-    a, c = next(m for m in b.PRESET_OF), [m for m in b.PRESET_OF][1]
+    a, c = list(b.PRESET_OF)[:2]
     runs = [run("full", 0.001, 0.5), run(a, 0.003, 0.49), run(c, 0.003, 0.45)]
     assert b.choose_default(runs)["method"] == a
     diverged = run(a, 0.003, 0.0, seed=1, n=256, failed="LoraYoloError: training diverged: the loss ... NaN/Inf")

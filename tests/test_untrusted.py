@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import struct
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import random_adapter
+from conftest import random_adapter, script_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +16,6 @@ from lora_yolo import LoraYoloError, load_adapter, save_adapter
 
 FUZZ_CASES = 300  # per property; CI runs all of them (derandomized, so every run checks the same cases)
 STRUCTURED_CASES = 240  # scripts/fuzz_adapters.py's crafted adapters and PEFT folders, half each
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +173,7 @@ def test_fuzz_metadata_values_of_every_shape(good, tmp_path):
 
 def fuzz_script():
     """scripts/fuzz_adapters.py as a module: the tests run its structure-aware cases, the script runs thousands."""
-    spec = importlib.util.spec_from_file_location("fuzz_adapters", ROOT / "scripts" / "fuzz_adapters.py")
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return script_module("fuzz_adapters")
 
 
 def test_structure_aware_fuzz_of_both_loaders(tmp_path):
