@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated, Any, Optional
 
 import typer
@@ -236,6 +237,8 @@ def train(
                 param_hint="--resume",
             )
     lora, preset_args = lora_options(options) if resume is None else (None, {})  # a resumed run keeps its own
+    if lora is not None and (lr0 is not None or "lr0" in _passthrough(ctx.args)):  # the user's lr0, used as given
+        lora = replace(lora, lr0_base_ratio=0.0)
     from lora_yolo.train import RESERVED
     from lora_yolo.train import train as train_lora
 

@@ -47,6 +47,10 @@ class LoraConfig:
     # the task head (the model's last layer) trains in full, BatchNorm statistics included, and gets no adapter: PEFT's
     # modules_to_save for a classifier; the benchmark's real bases learned new classes far better with it
     train_head: bool = False
+    # the preset's lr0 at most this multiple of the lr0 the base was trained with, where the base records a named
+    # optimizer (lora_yolo.presets.capped_lr0); 0 = off. An lr0 given on the command line (or to `train()` without a
+    # config) is used as given
+    lr0_base_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -58,6 +62,8 @@ class LoraConfig:
         if not 0 <= self.lora_dropout < 1:
             raise LoraYoloError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         _check_alpha("loraplus_lr_ratio", self.loraplus_lr_ratio)
+        if self.lr0_base_ratio != 0 and not positive_number(self.lr0_base_ratio):
+            raise LoraYoloError(f"lr0_base_ratio must be 0 (off) or a finite number > 0, got {self.lr0_base_ratio!r}")
         if isinstance(self.first_layer, bool) or not isinstance(self.first_layer, int) or self.first_layer < 0:
             raise LoraYoloError(f"first_layer must be a layer index >= 0, got {self.first_layer!r}")
         for name in ("use_rslora", "use_dora", "gradient_checkpointing", "clamp_rank", "train_head"):
@@ -65,7 +71,7 @@ class LoraConfig:
                 raise LoraYoloError(f"{name} must be true or false, got {getattr(self, name)!r}")
         # One canonical form, so a preset's `16` and a default's `16.0` give identical adapter metadata.
         self.lora_alpha, self.lora_dropout = float(self.lora_alpha), float(self.lora_dropout)
-        self.loraplus_lr_ratio = float(self.loraplus_lr_ratio)
+        self.loraplus_lr_ratio, self.lr0_base_ratio = float(self.loraplus_lr_ratio), float(self.lr0_base_ratio)
         self.alpha_pattern = {p: float(a) for p, a in self.alpha_pattern.items()}
         if isinstance(self.targets, str):
             self.targets = [self.targets]
@@ -98,9 +104,9 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable form (stored in adapter metadata and run folders).
 
-        `first_layer`, `gradient_checkpointing`, `add_classes`, `clamp_rank` and `train_head` are left out at their
-        defaults: lora-yolo versions before them refuse unknown keys, and an adapter that does not use them should
-        stay readable by them.
+        `first_layer`, `gradient_checkpointing`, `add_classes`, `clamp_rank`, `train_head` and `lr0_base_ratio` are
+        left out at their defaults: lora-yolo versions before them refuse unknown keys, and an adapter that does not
+        use them should stay readable by them.
         """
         data = asdict(self)
         defaults = (
@@ -109,6 +115,7 @@ class LoraConfig:
             ("add_classes", None),
             ("clamp_rank", False),
             ("train_head", False),
+            ("lr0_base_ratio", 0.0),
         )
         for name, default in defaults:
             if data[name] == default:

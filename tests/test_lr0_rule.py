@@ -1,0 +1,93 @@
+"""A preset's lr0 follows the base: at most `lr0_base_ratio` times the lr0 the base was trained with, where the base
+records a named optimizer; an lr0 the user gives is used as given."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import SHAPES_B1
+
+import lora_yolo.train
+from lora_yolo.config import LoraConfig
+from lora_yolo.errors import LoraYoloError
+from lora_yolo.presets import capped_lr0
+from lora_yolo.train import train
+
+DEMO_LR0 = 0.001429  # the demo base's own: AdamW, recorded in its train_args
+
+
+@pytest.mark.parametrize(
+    ("base_args", "ratio", "want"),
+    [
+        ({"optimizer": "AdamW", "lr0": 0.0005}, 2, 0.001),  # the benchmark's YOLOv8s: 0.003 would be 6x
+        ({"optimizer": "AdamW", "lr0": 0.0005}, 0, 0.003),  # off
+        ({"optimizer": "SGD", "lr0": 0.01}, 2, 0.003),  # below 2x already
+        ({"optimizer": "auto", "lr0": 0.0001}, 2, 0.003),  # auto chose its own lr and ignored lr0: nothing known
+        ({}, 2, 0.003),  # a YAML-built model records nothing
+        ({"optimizer": "AdamW", "lr0": "high"}, 2, 0.003),  # a value that is not an lr
+        ({"optimizer": "AdamW", "lr0": 0.0}, 2, 0.003),
+    ],
+)
+def test_capped_lr0(base_args, ratio, want):
+    lr0, why = capped_lr0(0.003, base_args, ratio)
+    assert lr0 == pytest.approx(want, rel=1e-12)
+    assert (why is None) == (want == 0.003)
+    if why:
+        assert why == (
+            "lr0 0.003 lowered to 0.001: 2x the lr0 0.0005 the base was trained with (AdamW); an lr0 given on the "
+            "command line is used as given"
+        )
+
+
+@pytest.mark.parametrize("bad", [-1, True, "2", float("inf")])
+def test_lr0_base_ratio_is_checked(bad):
+    with pytest.raises(LoraYoloError, match="lr0_base_ratio must be 0 \\(off\\) or a finite number > 0"):
+        LoraConfig(lr0_base_ratio=bad)
+
+
+def test_lr0_base_ratio_is_stored_only_when_on():
+    """Left out at 0, so adapters trained without the rule stay readable by versions before it."""
+    assert "lr0_base_ratio" not in LoraConfig().to_dict()
+    assert LoraConfig(lr0_base_ratio=2).to_dict()["lr0_base_ratio"] == 2.0
+
+
+@pytest.fixture
+def reaching_trainer(monkeypatch):
+    """The Ultralytics arguments that would reach the trainer: the run stops where the trainer would be built."""
+    seen: list[dict] = []
+
+    def no_trainer(kind, overrides, lora=None):
+        seen.append({k: overrides[k] for k in ("optimizer", "lr0") if k in overrides})
+        raise LoraYoloError("stop")
+
+    monkeypatch.setattr(lora_yolo.train, "_trainer", no_trainer)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [
+        ((), {"optimizer": "AdamW", "lr0": 2 * DEMO_LR0}),  # the preset's 0.003, lowered to twice the base's own
+        (("--lr0", "0.003"), {"optimizer": "AdamW", "lr0": 0.003}),  # given: used as given
+        (("lr0=0.004",), {"optimizer": "AdamW", "lr0": 0.004}),  # given as Ultralytics' key=value too
+        (("optimizer=auto",), {"optimizer": "auto", "lr0": 0.003}),  # auto picks its own lr: nothing to lower
+    ],
+)
+def test_the_cli_lowers_only_the_presets_lr0(cli_here, tmp_path, demo_base, reaching_trainer, args, want):
+    preset = tmp_path / "rule.yaml"
+    preset.write_text("lr0_base_ratio: 2\ntrain:\n  optimizer: AdamW\n  lr0: 0.003\n")
+    out = cli_here("train", SHAPES_B1, "--model", demo_base, "--config", preset, *args)
+    assert out.returncode == 1 and reaching_trainer == [want]
+    assert ("lr0 0.003 lowered to 0.002858: 2x the lr0 0.001429 the base" in out.stdout) == (not args)
+
+
+def test_the_library_lowers_lr0_by_the_config(demo_base, base_pt, reaching_trainer):
+    """`train()` applies a config's ratio to the lr0 it is given; ratio 0, or a base that records no optimizer
+    (built from a YAML), leaves it as given. Without a config (the default preset) it lowers the preset's lr0 and
+    uses the caller's as given, as the command line does."""
+    for model, ratio in ((demo_base, 2), (demo_base, 0), (base_pt, 2)):
+        with pytest.raises(LoraYoloError, match="stop"):
+            train(SHAPES_B1, model=model, config=LoraConfig(lr0_base_ratio=ratio), optimizer="AdamW", lr0=0.003)
+    for given in ({}, {"lr0": 0.003}):
+        with pytest.raises(LoraYoloError, match="stop"):
+            train(SHAPES_B1, model=demo_base, **given)
+    assert [s["lr0"] for s in reaching_trainer] == [pytest.approx(2 * DEMO_LR0), 0.003, 0.003, 2 * DEMO_LR0, 0.003]
