@@ -65,33 +65,44 @@ def resolve_config(source: str | Path | None, **overrides: Any) -> tuple[LoraCon
     return config, train_args
 
 
-def base_lr0(base_args: dict[str, Any]) -> float | None:
-    """The lr0 a checkpoint was trained at, from its recorded training arguments, where it names its optimizer: with
-    `optimizer=auto` Ultralytics chose its own lr and ignored lr0, and a YAML-built model records nothing."""
+ADAM = ("adam", "adamw", "nadam", "radam", "adamax")  # one family: their lrs compare, SGD's do not
+
+
+def optimizer_family(name: str) -> str:
+    """Optimizers whose learning rates are on one scale share a family: Adam's variants, or the name itself."""
+    name = name.lower()
+    return "adam" if name in ADAM else name
+
+
+def base_lr0(base_args: dict[str, Any]) -> tuple[str, float] | None:
+    """The optimizer and lr0 a checkpoint was trained with, from its recorded training arguments, where it names its
+    optimizer: with `optimizer=auto` Ultralytics chose its own lr and ignored lr0, and a YAML-built model records
+    nothing."""
     optimizer, lr0 = base_args.get("optimizer"), base_args.get("lr0")
     if not isinstance(optimizer, str) or optimizer.lower() in ("", "auto") or not positive_number(lr0):
         return None
-    return float(lr0)
+    return optimizer, float(lr0)
 
 
-def capped_lr0(lr0: float, base_args: dict[str, Any], ratio: float) -> tuple[float, str | None]:
-    """`lr0`, at most `ratio` times the lr0 the base was trained with (`base_lr0`), and why it was lowered (None when
-    it was not); ratio 0 is off.
+def capped_lr0(lr0: float, optimizer: str, base_args: dict[str, Any], ratio: float) -> tuple[float, str | None]:
+    """`lr0` for `optimizer`, at most `ratio` times the lr0 the base was trained with (`base_lr0`) where it used an
+    optimizer of the same family, and why it was lowered (None when it was not); ratio 0 is off.
 
     A checkpoint trained at a small lr sits where a larger one throws it out: the benchmark's YOLOv8s, trained with
-    AdamW at 0.0005, diverged under the default recipe at 0.003 (6x) where 0.001 fine-tuned it as well as full
-    fine-tuning did; the demo base (AdamW 0.0014) took 2x its own lr0 well (benchmarks/results.md).
+    AdamW at 0.0005, diverged under rank 16 at 0.003 (6x) where 0.001 fine-tuned it as well as full fine-tuning did;
+    the demo base (AdamW 0.0014) took 2x its own lr0 well (benchmarks/results.md). An SGD lr is not on AdamW's scale,
+    so a base trained with SGD caps nothing for AdamW.
 
     Example:
-        >>> capped_lr0(0.003, {"optimizer": "AdamW", "lr0": 0.0005}, 2)[0]
+        >>> capped_lr0(0.003, "AdamW", {"optimizer": "AdamW", "lr0": 0.0005}, 2)[0]
         0.001
     """
     own = base_lr0(base_args)
-    if not ratio or own is None or lr0 <= ratio * own:
+    if not ratio or own is None or optimizer_family(own[0]) != optimizer_family(optimizer) or lr0 <= ratio * own[1]:
         return lr0, None
-    cap = ratio * own
+    cap = ratio * own[1]
     why = (
-        f"lr0 {lr0:g} lowered to {cap:g}: {ratio:g}x the lr0 {own:g} the base was trained with "
-        f"({base_args['optimizer']}); an lr0 given on the command line is used as given"
+        f"lr0 {lr0:g} lowered to {cap:g}: {ratio:g}x the lr0 {own[1]:g} the base was trained with ({own[0]}); "
+        "lr0_base_ratio 0, or an lr0 given on the command line, trains at the lr0 as given"
     )
     return cap, why

@@ -26,7 +26,7 @@ from lora_yolo.classes import (
     prepare_dataset,
     recorded_pseudo_labels,
 )
-from lora_yolo.config import LoraConfig
+from lora_yolo.config import LoraConfig, positive_number
 from lora_yolo.datacheck import check_dataset
 from lora_yolo.diagnose import diagnose, map_history, untouched
 from lora_yolo.errors import LoraYoloError, TrainingInterrupted, first_line
@@ -156,11 +156,16 @@ def _map(metrics: dict[str, float]) -> dict[str, float]:
 
 def _lr0_for_base(overrides: dict[str, Any], config: LoraConfig | None, base: torch.nn.Module) -> dict[str, Any]:
     """`overrides` with lr0 at most `config.lr0_base_ratio` times the lr0 the base was trained with (`capped_lr0`),
-    said in the log when lowered; with `optimizer=auto` Ultralytics picks its own lr and lr0 does not apply."""
-    if config is None or not config.lr0_base_ratio or overrides.get("optimizer", DEFAULT_CFG.optimizer) == "auto":
+    said in the log when lowered. Left as they are: `optimizer=auto` (Ultralytics picks its own lr and ignores lr0),
+    exact add_classes (its own optimizer and lr0 train class branches in full), and an lr0 that is not a number
+    (Ultralytics' own argument check reports it)."""
+    optimizer = overrides.get("optimizer", DEFAULT_CFG.optimizer)
+    if config is None or not config.lr0_base_ratio or config.add_classes == "exact" or optimizer == "auto":
         return overrides
-    lr0 = float(overrides.get("lr0", DEFAULT_CFG.lr0))
-    capped, why = capped_lr0(lr0, getattr(base, "args", None) or {}, config.lr0_base_ratio)
+    lr0 = overrides.get("lr0", DEFAULT_CFG.lr0)
+    if not positive_number(lr0):
+        return overrides
+    capped, why = capped_lr0(float(lr0), str(optimizer), getattr(base, "args", None) or {}, config.lr0_base_ratio)
     if why is None:
         return overrides
     LOGGER.info(f"LoRA: {why}")
@@ -227,11 +232,11 @@ def train(
                 raise LoraYoloError(f"pseudo_conf must be in (0, 1], got {pseudo_conf}")
         base = load_model(model)
         task, kind = base.task, model_kind(base)
-        overrides = _lr0_for_base(overrides, config, base)
         resolved = check_dataset(data, task)
         if config is not None and config.add_classes:
             check_add_classes(resolved, base.names, kind, adapted=config.add_classes == "adapted")
             check_widenable(base)
+        overrides = _lr0_for_base(overrides, config, base)
         trainer = _trainer(
             kind, overrides={**overrides, "model": str(model), "data": str(data), "task": task}, lora=config
         )

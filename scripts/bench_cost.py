@@ -56,6 +56,11 @@ RECIPES = {
     "DoRA all, r 32, unfolded (before folding)": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), "plain"),
     "DoRA all, r 32, folded (before lean)": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), "folded"),
     DEFAULT: ("lora", _DEFAULT_CONFIG, "lean"),
+    "DoRA r 8 + head in full (previous default)": (
+        "lora",
+        LoraConfig(use_dora=True, r=8, lora_alpha=16, clamp_rank=True, train_head=True),
+        "lean",
+    ),
     "DoRA all, r 32 (previous default)": (
         "lora",
         LoraConfig(use_dora=True, r=32, lora_alpha=64, clamp_rank=True),

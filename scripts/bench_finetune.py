@@ -187,7 +187,7 @@ def describe_base(name: str) -> dict:
         "trained_imgsz": args.get("imgsz"),
         "trained_optimizer": args.get("optimizer"),
         "trained_lr0": args.get("lr0"),
-        "rule_lr0": capped_lr0(RULE["lr0"], args, RULE["lr0_base_ratio"])[0],  # what lr "rule" trains this base at
+        "rule_lr0": capped_lr0(RULE["lr0"], "AdamW", args, RULE["lr0_base_ratio"])[0],  # what "rule" trains it at
         "licence": BASES[name]["licence"],
     }
 
@@ -228,7 +228,7 @@ def run_method(spec: dict) -> dict:
     elif lr == "rule":
         from lora_yolo.presets import capped_lr0
 
-        optim["lr0"] = capped_lr0(RULE["lr0"], load_model(base_file).args, RULE["lr0_base_ratio"])[0]
+        optim["lr0"] = capped_lr0(RULE["lr0"], "AdamW", load_model(base_file).args, RULE["lr0_base_ratio"])[0]
     common = dict(
         **SCHEDULE,
         **optim,
