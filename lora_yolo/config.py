@@ -47,9 +47,9 @@ class LoraConfig:
     # the task head (the model's last layer) trains in full, BatchNorm statistics included, and gets no adapter: PEFT's
     # modules_to_save for a classifier; the benchmark's real bases learned new classes far better with it
     train_head: bool = False
-    # the preset's lr0 at most this multiple of the lr0 the base was trained with, where the base records a named
-    # optimizer (lora_yolo.presets.capped_lr0); 0 = off. An lr0 given on the command line (or to `train()` without a
-    # config) is used as given
+    # the preset's lr0 at most this multiple of the lr0 the base was trained with, where the base records an
+    # optimizer of the same family, not below presets.LR0_FLOOR (lora_yolo.presets.capped_lr0); 0 = off. An lr0
+    # given on the command line (or to `train()` without a config) is used as given
     lr0_base_ratio: float = 0.0
 
     def __post_init__(self) -> None:
@@ -104,18 +104,19 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable form (stored in adapter metadata and run folders).
 
-        `first_layer`, `gradient_checkpointing`, `add_classes`, `clamp_rank`, `train_head` and `lr0_base_ratio` are
-        left out at their defaults: lora-yolo versions before them refuse unknown keys, and an adapter that does not
-        use them should stay readable by them.
+        `first_layer`, `gradient_checkpointing`, `add_classes`, `clamp_rank` and `train_head` are left out at their
+        defaults: lora-yolo versions before them refuse unknown keys, and an adapter that does not use them should
+        stay readable by them. `lr0_base_ratio` is always left out: it only chose a run's lr0 (in its args.yaml), and
+        is nothing an adapter is.
         """
         data = asdict(self)
+        del data["lr0_base_ratio"]
         defaults = (
             ("first_layer", 0),
             ("gradient_checkpointing", False),
             ("add_classes", None),
             ("clamp_rank", False),
             ("train_head", False),
-            ("lr0_base_ratio", 0.0),
         )
         for name, default in defaults:
             if data[name] == default:

@@ -65,19 +65,23 @@ def resolve_config(source: str | Path | None, **overrides: Any) -> tuple[LoraCon
     return config, train_args
 
 
-ADAM = ("adam", "adamw", "nadam", "radam", "adamax")  # one family: their lrs compare, SGD's do not
+# Optimizers whose learning rates are on one scale: Ultralytics' Adam variants, and SGD with MuSGD (its SGD-based
+# hybrid, which optimizer=auto picks for long runs at SGD's 0.01)
+FAMILIES = {"adam": "adam", "adamw": "adam", "nadam": "adam", "radam": "adam", "adamax": "adam", "musgd": "sgd"}
+# The rule never lowers lr0 below the lowest lr the benchmark measured it at: a base trained at a far smaller lr (as
+# Ultralytics' optimizer=auto picks for many classes, 0.002 x 5 / (4 + nc)) is outside what was measured
+LR0_FLOOR = 1e-3
 
 
 def optimizer_family(name: str) -> str:
-    """Optimizers whose learning rates are on one scale share a family: Adam's variants, or the name itself."""
-    name = name.lower()
-    return "adam" if name in ADAM else name
+    """The family an optimizer's learning rate is comparable within (`FAMILIES`), else its own lowercase name."""
+    return FAMILIES.get(name.lower(), name.lower())
 
 
 def base_lr0(base_args: dict[str, Any]) -> tuple[str, float] | None:
     """The optimizer and lr0 a checkpoint was trained with, from its recorded training arguments, where it names its
-    optimizer: with `optimizer=auto` Ultralytics chose its own lr and ignored lr0, and a YAML-built model records
-    nothing."""
+    optimizer. Ultralytics 8.4 records the optimizer and lr that `optimizer=auto` chose; earlier versions record
+    `auto` and an lr0 that auto ignored, which says nothing; a YAML-built model records nothing."""
     optimizer, lr0 = base_args.get("optimizer"), base_args.get("lr0")
     if not isinstance(optimizer, str) or optimizer.lower() in ("", "auto") or not positive_number(lr0):
         return None
@@ -86,7 +90,8 @@ def base_lr0(base_args: dict[str, Any]) -> tuple[str, float] | None:
 
 def capped_lr0(lr0: float, optimizer: str, base_args: dict[str, Any], ratio: float) -> tuple[float, str | None]:
     """`lr0` for `optimizer`, at most `ratio` times the lr0 the base was trained with (`base_lr0`) where it used an
-    optimizer of the same family, and why it was lowered (None when it was not); ratio 0 is off.
+    optimizer of the same family, but not below `LR0_FLOOR`; and why it was lowered (None when it was not). Ratio 0
+    is off.
 
     A checkpoint trained at a small lr sits where a larger one throws it out: the benchmark's YOLOv8s, trained with
     AdamW at 0.0005, diverged under rank 16 at 0.003 (6x) where 0.001 fine-tuned it as well as full fine-tuning did;
@@ -98,11 +103,13 @@ def capped_lr0(lr0: float, optimizer: str, base_args: dict[str, Any], ratio: flo
         0.001
     """
     own = base_lr0(base_args)
-    if not ratio or own is None or optimizer_family(own[0]) != optimizer_family(optimizer) or lr0 <= ratio * own[1]:
+    if not ratio or own is None or optimizer_family(own[0]) != optimizer_family(optimizer):
         return lr0, None
-    cap = ratio * own[1]
+    cap = max(ratio * own[1], LR0_FLOOR)
+    if lr0 <= cap:
+        return lr0, None
     why = (
-        f"lr0 {lr0:g} lowered to {cap:g}: {ratio:g}x the lr0 {own[1]:g} the base was trained with ({own[0]}); "
-        "lr0_base_ratio 0, or an lr0 given on the command line, trains at the lr0 as given"
+        f"lr0 {lr0:g} lowered to {cap:g}: {ratio:g}x the lr0 {own[1]:g} the base was trained with ({own[0]}), "
+        f"at least {LR0_FLOOR:g}; --lr0 (or lr0_base_ratio: 0 in a preset) trains at the lr0 as given"
     )
     return cap, why

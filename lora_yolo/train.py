@@ -159,13 +159,13 @@ def _lr0_for_base(overrides: dict[str, Any], config: LoraConfig | None, base: to
     said in the log when lowered. Left as they are: `optimizer=auto` (Ultralytics picks its own lr and ignores lr0),
     exact add_classes (its own optimizer and lr0 train class branches in full), and an lr0 that is not a number
     (Ultralytics' own argument check reports it)."""
-    optimizer = overrides.get("optimizer", DEFAULT_CFG.optimizer)
-    if config is None or not config.lr0_base_ratio or config.add_classes == "exact" or optimizer == "auto":
+    optimizer = str(overrides.get("optimizer", DEFAULT_CFG.optimizer))
+    if config is None or not config.lr0_base_ratio or config.add_classes == "exact" or optimizer.lower() == "auto":
         return overrides
     lr0 = overrides.get("lr0", DEFAULT_CFG.lr0)
     if not positive_number(lr0):
         return overrides
-    capped, why = capped_lr0(float(lr0), str(optimizer), getattr(base, "args", None) or {}, config.lr0_base_ratio)
+    capped, why = capped_lr0(float(lr0), optimizer, getattr(base, "args", None) or {}, config.lr0_base_ratio)
     if why is None:
         return overrides
     LOGGER.info(f"LoRA: {why}")

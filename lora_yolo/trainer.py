@@ -42,7 +42,6 @@ import importlib.util
 import logging
 import math
 from copy import deepcopy
-from dataclasses import replace
 from pathlib import Path
 
 from torch import distributed as dist
@@ -184,10 +183,7 @@ class LoraTrainerMixin:
             plan = select_targets(model, config, full=frozenset(classes))
         add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
         _training_form(model, config)
-        # lr0_base_ratio only chose this run's lr0 (in its args.yaml): adapters and lora.yaml leave it out, so readers
-        # that predate it load them
-        stored = replace(config, lr0_base_ratio=0.0).to_dict()
-        model.lora_meta = {"config": stored, "base": fingerprint(base), "full": full}
+        model.lora_meta = {"config": config.to_dict(), "base": fingerprint(base), "full": full}
         return model
 
     def _resume_model(self, weights: nn.Module) -> nn.Module:

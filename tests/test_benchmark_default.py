@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 from conftest import ROOT, script_module
 
+from lora_yolo.config import LoraConfig
 from lora_yolo.presets import resolve_config
 
 RESULTS = ROOT / "benchmarks" / "results.json"
@@ -87,3 +89,14 @@ def test_wall_hours_counts_runs_side_by_side_once():
     ]
     assert b.wall_hours(runs) == 2.0  # [0, 5400] and [9000, 10800]
     assert b.wall_hours([*runs, {"seconds": 3600.0}]) == 3.0
+
+
+def test_every_recipe_states_what_the_default_preset_sets():
+    """A LoRA recipe is the default preset with its own settings on top (run_method), so it must state every setting
+    the default sets away from LoraConfig's own, or a new default silently changes it: `dora` (DoRA r 8, head
+    adapted) became the head-in-full recipe when the default took train_head. lr0_base_ratio is set per run."""
+    config = resolve_config("default")[0]
+    plain = LoraConfig()
+    moved = {f.name for f in fields(LoraConfig) if getattr(config, f.name) != getattr(plain, f.name)}
+    for method, settings in bench().PRESET_OF.items():
+        assert moved - {"lr0_base_ratio"} <= set(settings), method

@@ -13,7 +13,8 @@ from ultralytics.utils import YAML
 import lora_yolo.train
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
-from lora_yolo.presets import capped_lr0
+from lora_yolo.inspect import inspect_model
+from lora_yolo.presets import capped_lr0, resolve_config
 from lora_yolo.train import train
 
 SHAPES_B2 = ROOT / "datasets" / "shapes-b2" / "data.yaml"  # classes the demo base has not: add_classes applies
@@ -25,10 +26,12 @@ DEMO_LR0 = 0.001429  # the demo base's own: AdamW, recorded in its train_args
     [
         ("AdamW", {"optimizer": "AdamW", "lr0": 0.0005}, 2, 0.001),  # the benchmark's YOLOv8s: 0.003 would be 6x
         ("AdamW", {"optimizer": "Adam", "lr0": 0.0005}, 2, 0.001),  # Adam's variants share one lr scale
+        ("AdamW", {"optimizer": "AdamW", "lr0": 0.001429}, 2, 0.002858),  # the demo base (what auto chose for it)
+        ("AdamW", {"optimizer": "AdamW", "lr0": 0.000119}, 2, 0.001),  # auto's pick for 80 classes: the floor
         ("AdamW", {"optimizer": "AdamW", "lr0": 0.0005}, 0, 0.003),  # off
         ("AdamW", {"optimizer": "SGD", "lr0": 0.001}, 2, 0.003),  # an SGD lr says nothing about AdamW's
         ("SGD", {"optimizer": "AdamW", "lr0": 0.0005}, 2, 0.003),  # nor the other way round
-        ("SGD", {"optimizer": "SGD", "lr0": 0.001}, 2, 0.002),
+        ("SGD", {"optimizer": "MuSGD", "lr0": 0.0008}, 2, 0.0016),  # MuSGD's lr is on SGD's scale
         ("AdamW", {"optimizer": "auto", "lr0": 0.0001}, 2, 0.003),  # auto chose its own lr and ignored lr0
         ("AdamW", {}, 2, 0.003),  # a YAML-built model records nothing
         ("AdamW", {"optimizer": "AdamW", "lr0": "high"}, 2, 0.003),  # a value that is not an lr
@@ -41,8 +44,9 @@ def test_capped_lr0(optimizer, base_args, ratio, want):
     assert (why is None) == (want == 0.003)
     if want == 0.001:
         assert why == (
-            f"lr0 0.003 lowered to 0.001: 2x the lr0 0.0005 the base was trained with ({base_args['optimizer']}); "
-            "lr0_base_ratio 0, or an lr0 given on the command line, trains at the lr0 as given"
+            f"lr0 0.003 lowered to 0.001: 2x the lr0 {base_args['lr0']:g} the base was trained with "
+            f"({base_args['optimizer']}), at least 0.001; --lr0 (or lr0_base_ratio: 0 in a preset) trains at the lr0 "
+            "as given"
         )
 
 
@@ -52,10 +56,9 @@ def test_lr0_base_ratio_is_checked(bad):
         LoraConfig(lr0_base_ratio=bad)
 
 
-def test_lr0_base_ratio_is_stored_only_when_on():
-    """Left out at 0, so adapters trained without the rule stay readable by versions before it."""
-    assert "lr0_base_ratio" not in LoraConfig().to_dict()
-    assert LoraConfig(lr0_base_ratio=2).to_dict()["lr0_base_ratio"] == 2.0
+def test_lr0_base_ratio_is_never_stored():
+    """It only chose a run's lr0: adapters and lora.yaml (`to_dict`) leave it out, so versions before it read them."""
+    assert LoraConfig(lr0_base_ratio=2).to_dict() == LoraConfig().to_dict()
 
 
 @pytest.fixture
@@ -78,6 +81,7 @@ def reaching_trainer(monkeypatch):
         (("--lr0", "0.003"), {"optimizer": "AdamW", "lr0": 0.003}),  # given: used as given
         (("lr0=0.004",), {"optimizer": "AdamW", "lr0": 0.004}),  # given as Ultralytics' key=value too
         (("optimizer=auto",), {"optimizer": "auto", "lr0": 0.003}),  # auto picks its own lr: nothing to lower
+        (("optimizer=SGD",), {"optimizer": "SGD", "lr0": 0.003}),  # the base's AdamW lr says nothing about SGD's
     ],
 )
 def test_the_cli_lowers_only_the_presets_lr0(cli_here, tmp_path, demo_base, reaching_trainer, args, want):
@@ -86,6 +90,16 @@ def test_the_cli_lowers_only_the_presets_lr0(cli_here, tmp_path, demo_base, reac
     out = cli_here("train", SHAPES_B1, "--model", demo_base, "--config", preset, *args)
     assert out.returncode == 1 and reaching_trainer == [want]
     assert ("lr0 0.003 lowered to 0.002858: 2x the lr0 0.001429 the base" in out.stdout) == (not args)
+
+
+def test_an_lr0_that_is_not_a_number_is_one_line_from_ultralytics(cli_here, tmp_path, demo_base):
+    """The rule leaves a preset's bad lr0 alone, so Ultralytics' own argument check reports it: one line, no
+    traceback."""
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("lr0_base_ratio: 2\ntrain:\n  optimizer: AdamW\n  lr0: high\n")
+    out = cli_here("train", SHAPES_B1, "--model", demo_base, "--config", preset)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: 'lr0=high' is of invalid type str")
 
 
 def test_exact_add_classes_keeps_its_own_lr0(cli_here, tmp_path, demo_base, reaching_trainer):
@@ -122,3 +136,4 @@ def test_a_run_trains_at_the_lowered_lr0_and_its_adapter_leaves_the_rule_out(dem
     assert "lr0_base_ratio" not in YAML.load(result.save_dir / "lora.yaml")
     with safe_open(result.adapter, "pt") as f:
         assert "lr0_base_ratio" not in json.loads(f.metadata()["lora_config"])
+    assert inspect_model(demo_base, resolve_config("default")[0]).adapter_bytes == result.adapter.stat().st_size
