@@ -88,7 +88,6 @@ SKIPPED_TASKS = {
 }
 
 
-# name -> (kind, settings)
 def recipe(r: int, **settings) -> tuple[str, dict]:
     """A LoRA recipe: DoRA at rank r, alpha 2r, from layer 0, with its own `settings` on top. It states every setting
     the default preset has moved over time, so a change of the default changes no recipe (the ones run before
@@ -97,6 +96,7 @@ def recipe(r: int, **settings) -> tuple[str, dict]:
     return "lora", {**base, **settings}
 
 
+# name -> (kind, settings)
 METHODS = {
     "full": ("ultralytics", {}),
     "freeze-backbone": ("ultralytics", {"freeze": "backbone"}),
@@ -133,6 +133,15 @@ LRS = ["auto", 1e-3, 3e-3, 1e-2, "rule"]
 # "rule": AdamW at 3e-3 but at most 2x the lr0 the base was trained with, not below 1e-3 (a rule from
 # what a run can see, lora_yolo.presets.capped_lr0): added after 3e-3 diverged on the YOLOv8s, trained at 0.0005
 RULE = {"lr0": 3e-3, "lr0_base_ratio": 2.0}
+
+
+def rule_lr0(base_args: dict) -> float:
+    """The lr0 "rule" trains a base at, from its recorded training arguments: the product's own capped_lr0."""
+    from lora_yolo.presets import capped_lr0
+
+    return capped_lr0(RULE["lr0"], "AdamW", base_args, RULE["lr0_base_ratio"])[0]
+
+
 SCHEDULE = dict(epochs=15, imgsz=160, batch=8, warmup_epochs=1)
 N_VAL, N_TEST = 40, 40
 
@@ -166,8 +175,6 @@ def describe_base(name: str) -> dict:
     """What the results record of a base: file hash, architecture, classes, Ultralytics version, licence."""
     import torch
 
-    from lora_yolo.presets import capped_lr0
-
     path = fetch_base(name)
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model = (ckpt.get("ema") or ckpt["model"]).float()
@@ -184,7 +191,7 @@ def describe_base(name: str) -> dict:
         "trained_imgsz": args.get("imgsz"),
         "trained_optimizer": args.get("optimizer"),
         "trained_lr0": args.get("lr0"),
-        "rule_lr0": capped_lr0(RULE["lr0"], "AdamW", args, RULE["lr0_base_ratio"])[0],  # what "rule" trains it at
+        "rule_lr0": rule_lr0(args),
         "licence": BASES[name]["licence"],
     }
 
@@ -219,13 +226,12 @@ def run_method(spec: dict) -> dict:
     if settings.pop("refit_bn", False):
         base_file = refit_batchnorm(base_file, spec["data"], Path(spec["project"]) / "base-refit-bn.pt")
     lr = spec["lr"]
-    optim = preset_lr(lr) if lr != "rule" else {"optimizer": "AdamW", "lr0": RULE["lr0"]}
+    optim = preset_lr(lr)
+    ratio = optim.pop("lr0_base_ratio", 0.0)
     if kind == "lora":  # the product lowers lr0 itself under the rule, and trains at a grid lr as given
-        settings["lr0_base_ratio"] = RULE["lr0_base_ratio"] if lr == "rule" else 0.0
-    elif lr == "rule":
-        from lora_yolo.presets import capped_lr0
-
-        optim["lr0"] = capped_lr0(RULE["lr0"], "AdamW", load_model(base_file).args, RULE["lr0_base_ratio"])[0]
+        settings["lr0_base_ratio"] = ratio
+    elif ratio:
+        optim["lr0"] = rule_lr0(load_model(base_file).args)
     common = dict(
         **SCHEDULE,
         **optim,

@@ -1,5 +1,5 @@
 """A preset's lr0 follows the base: at most `lr0_base_ratio` times the lr0 the base was trained with, where the base
-records a named optimizer; an lr0 the user gives is used as given."""
+records an optimizer of the same family, not below 0.001; an lr0 the user gives is used as given."""
 
 from __future__ import annotations
 
