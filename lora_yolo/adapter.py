@@ -37,7 +37,7 @@ from lora_yolo.checkpoint import build_for_classes, class_count, model_task
 from lora_yolo.config import LoraConfig, positive_number
 from lora_yolo.errors import LoraYoloError
 from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_plan, lora_tensor_names
-from lora_yolo.targets import branch_paths, class_layers
+from lora_yolo.targets import bias_tensors, branch_paths, class_layers
 
 FORMAT = "lora-yolo-adapter"
 FORMAT_VERSION = 1
@@ -304,7 +304,9 @@ def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: li
     LoRA layers must be plain ungrouped zero-padded convs with A (r, in, kh, kw) and B (out, r, 1, 1), or plain linear
     layers with A (r, in) and B (out, r). Tensors trained in full must be the weight or bias of a class layer
     (`classes`) without a LoRA adapter, with one row per adapter class: that is all training stores in full, and all
-    serving can swap (the class layers have no BatchNorm, so they are the same in the fused model). An adapter whose
+    serving can swap (the class layers have no BatchNorm, so they are the same in the fused model); with train_head
+    the head's tensors, with train_bias the BatchNorm shift after each adapted conv (serving adds its change to the
+    fused conv's bias). An adapter whose
     class set differs from the base's `names` must carry those class layers: the base's rows would otherwise be used
     for other classes (or be random, for new ones). An add_classes adapter holds copies of the class branches instead
     (`lora_yolo.branch`), checked against the unfused branches in `modules`, and LoRA layers (adapted mode) only
@@ -337,15 +339,24 @@ def check_layers(adapter: Adapter, modules: Mapping[str, nn.Module], classes: li
     inside = [layer for layer in adapter.layers if head and layer.startswith(head)]
     if inside:  # serving runs the adapter's own head, which holds no adapter: it would be dropped there
         raise LoraYoloError(f"adapter layer {inside[0]} is in the task head, which train_head trains in full")
+    biases = set(bias_tensors(modules, adapter.layers)) if adapter.config.train_bias else set()
     for key in adapter.full:  # what training stores in full: the class convs when the class set changes, the head
         owner, _, param = key.rpartition(".")
         if owner in adapter.layers:
             raise LoraYoloError(f"adapter tensor {key} is trained in full, and {owner} also has a LoRA adapter")
+        if key in biases:  # train_bias: the BatchNorm shift after an adapted conv
+            if tuple(adapter.tensors[key].shape) != tuple(modules[owner].bias.shape):
+                raise LoraYoloError(
+                    f"adapter tensor {key} {tuple(adapter.tensors[key].shape)} does not fit the base "
+                    f"({tuple(modules[owner].bias.shape)})"
+                )
+            continue
         if owner not in classes and head and key.startswith(head):
             _check_head_tensor(adapter, key, modules)
             continue
         if owner not in classes or param not in dict(modules[owner].named_parameters(recurse=False)):
             what = "the task head (train_head)" if head else "the class layers"
+            what += " and the BatchNorm shift after each adapted conv (train_bias)" if adapter.config.train_bias else ""
             raise LoraYoloError(f"adapter tensor {key} is trained in full, but only {what} can be")
         want = (adapter.nc, *getattr(modules[owner], param).shape[1:])
         if tuple(adapter.tensors[key].shape) != want:

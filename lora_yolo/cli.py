@@ -62,6 +62,13 @@ TrainHeadOpt = Annotated[
         help="Train the task head (the last layer) in full, BatchNorm statistics included, instead of adapting it.",
     ),
 ]
+TrainBiasOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--train-bias/--no-train-bias",
+        help="Train each adapted conv's bias (its BatchNorm's shift; the statistics stay the base's) with its adapter.",
+    ),
+]
 RankPatternOpt = Annotated[
     Optional[list[str]], typer.Option("--rank-pattern", help="REGEX=R per-layer rank (repeatable).")
 ]
@@ -99,7 +106,7 @@ def _pairs(items: list[str] | None, cast: Callable[[str], Any], option: str) -> 
 LORA_OPTIONS = (
     "config", "rank", "alpha", "dropout", "rslora", "dora", "targets", "include", "exclude", "first_layer",
     "rank_pattern", "alpha_pattern", "loraplus_ratio", "gradient_checkpointing", "add_classes", "clamp_rank",
-    "train_head",
+    "train_head", "train_bias",
 )  # fmt: skip
 
 
@@ -126,6 +133,7 @@ def lora_options(options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
             first_layer=options["first_layer"],
             clamp_rank=options["clamp_rank"],
             train_head=options["train_head"],
+            train_bias=options["train_bias"],
             rank_pattern=_pairs(options["rank_pattern"], int, "--rank-pattern"),
             alpha_pattern=_pairs(options["alpha_pattern"], float, "--alpha-pattern"),
         )
@@ -154,6 +162,7 @@ def inspect(
     first_layer: FirstLayerOpt = None,
     clamp_rank: ClampRankOpt = None,
     train_head: TrainHeadOpt = None,
+    train_bias: TrainBiasOpt = None,
     rank_pattern: RankPatternOpt = None,
     alpha_pattern: AlphaPatternOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -201,6 +210,7 @@ def train(
     first_layer: FirstLayerOpt = None,
     clamp_rank: ClampRankOpt = None,
     train_head: TrainHeadOpt = None,
+    train_bias: TrainBiasOpt = None,
     rank_pattern: RankPatternOpt = None,
     alpha_pattern: AlphaPatternOpt = None,
     loraplus_ratio: LoraplusOpt = None,

@@ -47,6 +47,10 @@ class LoraConfig:
     # the task head (the model's last layer) trains in full, BatchNorm statistics included, and gets no adapter: PEFT's
     # modules_to_save for a classifier; the benchmark's real bases learned new classes far better with it
     train_head: bool = False
+    # the bias of every adapted conv trains with its adapter (PEFT's bias="lora_only"): Ultralytics' convs have none,
+    # their Conv block's bias is the BatchNorm's shift (beta), so that trains, its statistics stay the base's. The
+    # adapters turn filters whose frozen statistics then no longer centre them; a trained shift can (bias_tensors)
+    train_bias: bool = False
     # the preset's lr0 at most this multiple of the lr0 the base was trained with, where the base records an
     # optimizer of the same family, not below presets.LR0_FLOOR (lora_yolo.presets.capped_lr0); 0 = off. An lr0
     # given on the command line (or to `train()` without a config) is used as given
@@ -66,7 +70,7 @@ class LoraConfig:
             raise LoraYoloError(f"lr0_base_ratio must be 0 (off) or a finite number > 0, got {self.lr0_base_ratio!r}")
         if isinstance(self.first_layer, bool) or not isinstance(self.first_layer, int) or self.first_layer < 0:
             raise LoraYoloError(f"first_layer must be a layer index >= 0, got {self.first_layer!r}")
-        for name in ("use_rslora", "use_dora", "gradient_checkpointing", "clamp_rank", "train_head"):
+        for name in ("use_rslora", "use_dora", "gradient_checkpointing", "clamp_rank", "train_head", "train_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise LoraYoloError(f"{name} must be true or false, got {getattr(self, name)!r}")
         # One canonical form, so a preset's `16` and a default's `16.0` give identical adapter metadata.
@@ -90,6 +94,8 @@ class LoraConfig:
             raise LoraYoloError(f"add_classes must be exact or adapted, got {self.add_classes!r}")
         if self.add_classes and self.train_head:
             raise LoraYoloError("train_head and add_classes exclude each other: add_classes keeps the base's head")
+        if self.add_classes and self.train_bias:
+            raise LoraYoloError("train_bias and add_classes exclude each other: add_classes keeps the base's biases")
         if not self.targets and not self.include:
             raise LoraYoloError("no targets: give at least one preset or an include pattern")
 
@@ -104,10 +110,10 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable form (stored in adapter metadata and run folders).
 
-        `first_layer`, `gradient_checkpointing`, `add_classes`, `clamp_rank` and `train_head` are left out at their
-        defaults: lora-yolo versions before them refuse unknown keys, and an adapter that does not use them should
-        stay readable by them. `lr0_base_ratio` is always left out: it only chose a run's lr0 (in its args.yaml), and
-        is nothing an adapter is.
+        `first_layer`, `gradient_checkpointing`, `add_classes`, `clamp_rank`, `train_head` and `train_bias` are left
+        out at their defaults: lora-yolo versions before them refuse unknown keys, and an adapter that does not use
+        them should stay readable by them. `lr0_base_ratio` is always left out: it only chose a run's lr0 (in its
+        args.yaml), and is nothing an adapter is.
         """
         data = asdict(self)
         del data["lr0_base_ratio"]
@@ -117,6 +123,7 @@ class LoraConfig:
             ("add_classes", None),
             ("clamp_rank", False),
             ("train_head", False),
+            ("train_bias", False),
         )
         for name, default in defaults:
             if data[name] == default:

@@ -10,7 +10,7 @@ from lora_yolo.branch import check_widenable
 from lora_yolo.checkpoint import load_model
 from lora_yolo.config import LoraConfig
 from lora_yolo.inject import add_lora
-from lora_yolo.targets import ConvLayer, describe_convs, head_tensors, plan_of
+from lora_yolo.targets import ConvLayer, bias_tensors, describe_convs, head_tensors, plan_of
 
 
 @dataclass
@@ -23,12 +23,14 @@ class InspectReport:
     lora_params: int = 0
     adapter_bytes: int = 0
     full_params: int = 0  # the head's parameters, with train_head (the adapter also holds its BatchNorm statistics)
+    bias_params: int = 0  # with train_bias, the BatchNorm shifts after the adapted convs
     add_classes: str | None = None  # the adapter also holds class-branch copies, sized by the data's new classes
 
     @property
     def trainable_pct(self) -> float:
         """Trained parameters (LoRA, and the head with train_head) as a share of everything the adapted model holds."""
-        return 100 * (self.lora_params + self.full_params) / (self.base_params + self.lora_params)
+        trained = self.lora_params + self.full_params + self.bias_params
+        return 100 * trained / (self.base_params + self.lora_params)
 
     def to_dict(self) -> dict:
         """JSON form for `inspect --json`."""
@@ -39,6 +41,7 @@ class InspectReport:
                 "base_params": self.base_params,
                 "lora_params": self.lora_params,
                 "full_params": self.full_params,
+                "bias_params": self.bias_params,
                 "trainable_pct": round(self.trainable_pct, 4),
                 "adapter_bytes": self.adapter_bytes,
                 "selected_layers": sum(row.selected for row in self.layers),
@@ -64,6 +67,7 @@ class InspectReport:
             f"base params:     {self.base_params:,}",
             f"LoRA params:     {self.lora_params:,}",
             *([f"head in full:    {self.full_params:,} (train_head)"] if self.full_params else []),
+            *([f"biases:          {self.bias_params:,} (train_bias)"] if self.bias_params else []),
             f"trained:         {self.trainable_pct:.2f}% of the adapted model's parameters",
             f"adapter file:    {self.adapter_bytes:,} bytes{copies}",
         ]
@@ -84,9 +88,10 @@ def inspect_model(source: str | Path, config: LoraConfig) -> InspectReport:
     base_params = sum(p.numel() for p in model.parameters())
     plan = {} if config.add_classes == "exact" else plan_of(rows, config)
     full = head_tensors(model) if config.train_head else []
+    biases = bias_tensors(dict(model.named_modules()), plan) if config.train_bias else []
     params = dict(model.named_parameters())
     add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
-    adapter = extract_adapter(model, config, base, full=full)
+    adapter = extract_adapter(model, config, base, full=[*full, *biases])
     return InspectReport(
         model=str(source),
         layers=rows,
@@ -94,5 +99,6 @@ def inspect_model(source: str | Path, config: LoraConfig) -> InspectReport:
         lora_params=sum(row.lora_params for row in rows),
         adapter_bytes=adapter_bytes(adapter),
         full_params=sum(params[n].numel() for n in full if n in params),
+        bias_params=sum(params[n].numel() for n in biases),
         add_classes=config.add_classes,
     )

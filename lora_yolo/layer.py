@@ -108,6 +108,7 @@ class MergeableLayer(nn.Module):
 
     base_layer: nn.Conv2d | nn.Linear
     _unmerged: torch.Tensor | None = None  # the base weight, kept while merged
+    _unmerged_bias: torch.Tensor | None = None  # the base bias, kept while merged where the adapter changes it
 
     @property
     def merged(self) -> bool:
@@ -121,24 +122,34 @@ class MergeableLayer(nn.Module):
     def adapted_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def adapted_bias(self) -> torch.Tensor | None:
+        """The adapted bias, or None where the adapter leaves the base layer's bias as it is (only a fused conv
+        serving a train_bias adapter has one: its BatchNorm's trained shift)."""
+        return None
+
     def merge(self) -> None:
-        """Write the adapted weight into the base layer: the module then costs the plain layer."""
+        """Write the adapted weight (and bias) into the base layer: the module then costs the plain layer."""
         if self.merged:
             return
-        w = self.base_layer.weight
-        new = self.adapted_weight().to(w.device)
-        if not torch.isfinite(new).all():
+        w, b = self.base_layer.weight, self.base_layer.bias
+        new, bias = self.adapted_weight().to(w.device), self.adapted_bias()
+        if not torch.isfinite(new).all() or (bias is not None and not torch.isfinite(bias).all()):
             raise LoraYoloError("merging would make the weights non-finite (NaN or Inf in the adapter)")
         self._unmerged = w.detach().clone()
         with torch.no_grad():
             w.copy_(new.to(w.dtype))
+            if bias is not None:  # a fused conv, which always has a bias
+                self._unmerged_bias = b.detach().clone()
+                b.copy_(bias.to(b.device, b.dtype))
 
     def unmerge(self) -> None:
-        """Put the original base weight back, exactly."""
+        """Put the original base weight (and bias) back, exactly."""
         if self.merged:
             with torch.no_grad():
                 self.base_layer.weight.copy_(self._unmerged)
-            self._unmerged = None
+                if self._unmerged_bias is not None:
+                    self.base_layer.bias.copy_(self._unmerged_bias)
+            self._unmerged = self._unmerged_bias = None
 
 
 class LoraLayer(MergeableLayer):

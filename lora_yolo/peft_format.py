@@ -7,6 +7,7 @@ alpha / r or alpha / sqrt(r), DoRA's magnitude per output channel), so conversio
   ours  `<linear>.lora_A.weight` (r, in)         PEFT  the same (its Linear LoRA); DoRA's magnitude (out,) both
   ours  tensors trained in full (class layers,   PEFT  `modules_to_save`, under their own names (a BatchNorm
         with train_head the whole head)                 also with its `num_batches_tracked`, which PEFT loads)
+  ours  train_bias BatchNorm shifts              PEFT  under their own names, with `bias: lora_only`
 Module names are those of the Ultralytics model itself (`YOLO(...).model`), which is what PEFT wraps:
 `PeftModel.from_pretrained(YOLO("base.pt").model, DIR)`. For an adapter with its own class set, PEFT needs the model
 built for those classes first (`lora_yolo.checkpoint.build_for_classes`), since its class layers have another shape.
@@ -69,6 +70,9 @@ def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
     alphas = Counter(a for _, a in adapter.layers.values())
     r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
     config = adapter.config
+    # train_bias: a BatchNorm shift alone, which PEFT loads under its own name (a module of modules_to_save would need
+    # all of the BatchNorm's tensors); PEFT's bias="lora_only" trains the adapted layers' biases
+    shifts = {k for k in adapter.full if k.endswith(".bn.bias")} if config.train_bias else set()
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -81,8 +85,8 @@ def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
         "target_modules": sorted(adapter.layers),
         "rank_pattern": {re.escape(n): lr for n, (lr, _) in sorted(adapter.layers.items()) if lr != r},
         "alpha_pattern": {re.escape(n): la for n, (_, la) in sorted(adapter.layers.items()) if la != alpha},
-        "modules_to_save": _outermost({k.rpartition(".")[0] for k in adapter.full}) or None,
-        "bias": "none",
+        "modules_to_save": _outermost({k.rpartition(".")[0] for k in adapter.full if k not in shifts}) or None,
+        "bias": "lora_only" if shifts else "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -121,6 +125,9 @@ def from_peft(peft_dir: str | Path, base: nn.Module | None = None) -> Adapter:
         raise LoraYoloError(f"{folder} has no {WEIGHTS}{pickled if (folder / 'adapter_model.bin').exists() else ''}")
     config = _read_config(config_file)
     raw, meta = read_safetensors(weights)
+    if config.get("bias", "none") != "none" and (config["bias"] != "lora_only" or "lora_yolo" not in meta):
+        # PEFT's own files would hold every bias the model has; ours hold the train_bias shifts, with our metadata
+        raise LoraYoloError(f"{config_file}: bias={config['bias']!r} is not supported (lora-yolo supports bias='none')")
     raw = {k: v for k, v in raw.items() if not k.endswith(f".{STEPS}")}  # a BatchNorm's step count: no output uses it
     if any(not k.startswith(PREFIX) for k in raw):
         raise LoraYoloError(f"{weights} has tensors outside '{PREFIX}': not a PEFT adapter of a whole model")
@@ -165,7 +172,6 @@ def _read_config(path: Path) -> dict:
         raise LoraYoloError(f"{path} is not a PEFT LoRA config (peft_type {found!r})")
     unsupported = {
         "fan_in_fan_out": False,
-        "bias": "none",
         "lora_bias": False,
         "layers_to_transform": None,
         "layer_replication": None,

@@ -56,8 +56,9 @@ def resolve_config(source: str | Path | None, **overrides: Any) -> tuple[LoraCon
     train_args = data.pop("train", None) or {}
     if not isinstance(train_args, dict):
         raise LoraYoloError(f"'train' in {source} must be a mapping of Ultralytics arguments")
-    if overrides.get("add_classes") and overrides.get("train_head") is None:  # add_classes keeps the base's head, so
-        data.pop("train_head", None)  # a preset's train_head does not apply; asked for with it, both are refused
+    for kept in ("train_head", "train_bias"):  # add_classes keeps the base's head and biases, so a preset's
+        if overrides.get("add_classes") and overrides.get(kept) is None:  # train_head / train_bias does not apply;
+            data.pop(kept, None)  # asked for with it, both are refused
     data.update({k: v for k, v in overrides.items() if v is not None})
     config = LoraConfig.from_dict(data)
     if config.add_classes == "exact":  # no adapter to train: the preset's optimizer and lr0 do not apply (train()

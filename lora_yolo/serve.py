@@ -46,14 +46,16 @@ from lora_yolo.errors import LoraYoloError, first_line
 from lora_yolo.inject import merge_lora, replace_module
 from lora_yolo.layer import MergeableLayer, dora_scale, layer_forward, lora_delta, lora_scaling, per_channel
 from lora_yolo.passthrough import check_args
-from lora_yolo.targets import branch_paths, class_layers
+from lora_yolo.targets import bias_tensors, branch_paths, class_layers
 
 
 class _LayerAdapter(nn.Module):
-    """One adapter's tensors for one conv, as buffers: they follow `.to()`/`.half()` and are never trained here."""
+    """One adapter's tensors for one conv, as buffers: they follow `.to()`/`.half()` and are never trained here.
+    `shift`: what a train_bias adapter adds to the fused conv's bias (its trained BatchNorm shift minus the base's)."""
 
-    def __init__(self, adapter: Adapter, layer: str) -> None:
+    def __init__(self, adapter: Adapter, layer: str, shift: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.register_buffer("shift", shift)
         r, alpha = adapter.layers[layer]
         self.scaling = lora_scaling(r, alpha, adapter.config.use_rslora)
         self.register_buffer("lora_A", adapter.tensors[f"{layer}.lora_A.weight"].float())
@@ -73,9 +75,9 @@ class SwitchableLayer(MergeableLayer):
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
 
-    def add(self, name: str, adapter: Adapter, layer: str) -> None:
+    def add(self, name: str, adapter: Adapter, layer: str, shift: torch.Tensor | None = None) -> None:
         """Hold `adapter`'s tensors for this conv under `name` (their shapes were checked by `check_layers`)."""
-        self.adapters[name] = _LayerAdapter(adapter, layer).to(self.base_layer.weight.device)
+        self.adapters[name] = _LayerAdapter(adapter, layer, shift).to(self.base_layer.weight.device)
 
     def activate(self, name: str | None) -> None:
         """Make `name` the active adapter here; None (or an adapter with nothing here) leaves the base layer."""
@@ -97,11 +99,20 @@ class SwitchableLayer(MergeableLayer):
         v = torch.where(s != 0, w / s, 0) + delta  # the unfused W + delta W (a channel with s = 0 stays zero)
         return s * v * per_channel(dora_scale(v, a.magnitude), w.dim())
 
+    def shift(self) -> torch.Tensor | None:
+        """The active adapter's change to the fused bias, if it has one here."""
+        return None if self.active is None else self.adapters[self.active].shift
+
+    def adapted_bias(self) -> torch.Tensor | None:
+        shift = self.shift()
+        return None if shift is None else self.base_layer.bias + shift
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.active is None or self.merged:
             return self.base_layer(x)
-        w = self.base_layer.weight
-        return layer_forward(self.base_layer, x, self.adapted_weight(w.dtype), self.base_layer.bias)
+        shifted = self.adapted_bias()
+        bias = self.base_layer.bias if shifted is None else shifted
+        return layer_forward(self.base_layer, x, self.adapted_weight(self.base_layer.weight.dtype), bias)
 
     def merge(self) -> None:
         """Write the active adapter into the conv weight; nothing to do when no adapter here is active."""
@@ -146,11 +157,17 @@ class RepConvLayer(MergeableLayer):
                 w = w + F.pad(change, [pad] * 4)
         return w
 
+    def adapted_bias(self) -> torch.Tensor | None:
+        """The fused bias plus each active branch's shift, or None where no branch has one."""
+        shifts = [s for s in (branch.shift() for branch in self.branches.values()) if s is not None]
+        return self.base_layer.bias + sum(shifts) if shifts else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active or self.merged:
             return self.base_layer(x)
-        w = self.base_layer.weight
-        return layer_forward(self.base_layer, x, self.adapted_weight(w.dtype), self.base_layer.bias)
+        shifted = self.adapted_bias()
+        bias = self.base_layer.bias if shifted is None else shifted
+        return layer_forward(self.base_layer, x, self.adapted_weight(self.base_layer.weight.dtype), bias)
 
     def merge(self) -> None:
         """Write the active adapter's branches into the fused conv; nothing to do when none is active here."""
@@ -229,6 +246,8 @@ class AdapterModel:
         self._unused = {n for n in unfused if f"{n}.".startswith(dropped)}
         head = {f"{self._head}.{n}".rstrip("."): m for n, m in unfused_head.named_modules()}  # BatchNorms too
         self._checked_modules = {
+            # what train_bias changes, and the blocks holding it (fuse drops a RepConv's)
+            **{n: m for n, m in unfused.items() if isinstance(m, (nn.BatchNorm2d, Conv))},
             **{n: unfused[n] for n in [*self._unused, *self._repconv]},
             **fused,
             **head,
@@ -274,9 +293,10 @@ class AdapterModel:
                 f"branch); load the base with the other branch (AdapterModel(base, end2end=...), or nms= on the CLI)"
             )
         classes = self._class_layers(adapter, allow_other_weights)
+        shifts = self._shifts(adapter)
         for layer in adapter.layers:
             if layer not in self._unused:
-                self._switchable(layer).add(name, adapter, layer)
+                self._switchable(layer).add(name, adapter, layer, shifts.get(layer))
         self._classes[name], self._adapters[name] = classes, adapter
         return name
 
@@ -378,6 +398,21 @@ class AdapterModel:
         self._replace(layer, module, switchable)
         return switchable
 
+    def _shifts(self, adapter: Adapter) -> dict[str, torch.Tensor]:
+        """By adapted conv, what a train_bias adapter adds to its fused bias: the trained BatchNorm shift minus the
+        base's (fused, the bias is beta - mean * s, so only beta's change carries over)."""
+        modules = self._checked_modules
+        return {
+            layer: adapter.tensors[key].float() - modules[key.removesuffix(".bias")].bias.detach().float()
+            for layer, key in self._shift_keys(adapter).items()
+        }
+
+    def _shift_keys(self, adapter: Adapter) -> dict[str, str]:
+        """By adapted conv, the name of the BatchNorm shift a train_bias adapter stores for it."""
+        if not adapter.config.train_bias:
+            return {}
+        return {layer: key for layer in adapter.layers for key in bias_tensors(self._checked_modules, [layer])}
+
     def _class_layers(self, adapter: Adapter, allow_other_weights: bool) -> tuple[dict[int, str], dict[str, nn.Module]]:
         """The adapter's class names and, for tensors trained in full, replacement modules built from the base's."""
         if adapter.config.add_classes:  # the base's branches run as they are, the copies beside them
@@ -389,9 +424,10 @@ class AdapterModel:
         if adapter.config.train_head:  # its class layers are in its head
             return dict(adapter.names), {self._head: self._head_copy(adapter, allow_other_weights)}
         modules: dict[str, nn.Module] = {}
+        shifts = set(self._shift_keys(adapter).values())  # in the convs' biases (_shifts), not modules of their own
         for key in adapter.full:
             owner, _, param = key.rpartition(".")
-            if owner in self._unused:
+            if owner in self._unused or key in shifts:
                 continue
             if owner not in modules:
                 modules[owner] = self._base_copy(owner)

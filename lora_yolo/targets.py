@@ -12,11 +12,12 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 from torch import nn
 from ultralytics.nn.modules.block import DFL, Attention, RealNVP
+from ultralytics.nn.modules.conv import Conv, DWConv
 from ultralytics.nn.modules.head import Classify, RTDETRDecoder, SemanticSegment
 from ultralytics.nn.modules.transformer import MSDeformAttn
 
@@ -108,6 +109,21 @@ def head_tensors(model: nn.Module) -> list[str]:
     statistics = [n for n, _ in model.named_buffers() if n.endswith(STATISTICS)]
     kept = [n for n, _ in model.named_parameters()] + statistics
     return [k for k in kept if k.startswith(prefix) and not k.startswith(fixed)]
+
+
+def bias_tensors(modules: Mapping[str, nn.Module], layers: Iterable[str]) -> list[str]:
+    """What `train_bias` trains and stores in full: the bias of each adapted conv in `layers`, which for the conv of
+    an Ultralytics `Conv` or `DWConv` block (bias-free, followed by a BatchNorm) is that BatchNorm's shift,
+    `<block>.bn.bias`. Those are the blocks `lora_yolo.fold` folds for training, so the shift trains on the base's
+    statistics, which never change there. Adapted convs elsewhere (a head's last conv, a linear layer) keep their
+    own bias frozen."""
+    keys = []
+    for layer in layers:
+        block, _, leaf = layer.rpartition(".")
+        bn = modules.get(f"{block}.bn")  # by name: a fused model's blocks no longer hold theirs
+        if leaf == "conv" and type(modules.get(block)) in (Conv, DWConv) and isinstance(bn, nn.BatchNorm2d):
+            keys.append(f"{block}.bn.bias")
+    return keys
 
 
 def branch_paths(classes: list[str], modules: Mapping[str, nn.Module]) -> list[str]:

@@ -83,7 +83,7 @@ from lora_yolo.fold import fold_batchnorm, unfold_batchnorm
 from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_layers, set_trainable, unload_lora
 from lora_yolo.memory import add_training_forward, remove_training_forward
 from lora_yolo.merge import merge_files
-from lora_yolo.targets import class_layers, head_tensors, select_targets
+from lora_yolo.targets import bias_tensors, class_layers, head_tensors, select_targets
 
 ADAPTER, ADAPTER_LAST, MERGED, CONFIG_FILE = "adapter.safetensors", "adapter_last.safetensors", "merged.pt", "lora.yaml"
 BASE = "base.pt"  # in weights/, only when the base is built from a model YAML
@@ -96,15 +96,18 @@ def trainable_names(model: nn.Module) -> set[str]:
 
 
 def freeze_list(model: nn.Module) -> list[str]:
-    """Ultralytics `freeze` entries that freeze exactly the non-trainable parameters.
+    """Ultralytics `freeze` entries that freeze exactly the non-trainable parameters of modules holding no trainable
+    one.
 
     Ultralytics freezes parameter `k` when `f"model.{x}."` is a substring of `k` for an entry `x`. Each entry here is
     the owner module of a frozen parameter (`16.cv1.bn`, `16.cv1.conv.base_layer`), and no trainable parameter
-    lives under one of them, so the match is exact.
+    lives under one of them, so the match is exact. A module holding both (a BatchNorm whose shift trains,
+    train_bias) cannot be named without freezing its trained tensor before DDP registers what it averages; it is
+    left out, Ultralytics lets its frozen tensors require gradients, and `build_optimizer` freezes them again.
     """
     keep = trainable_names(model)
     owners = {n.rpartition(".")[0] for n, _ in model.named_parameters() if n not in keep}
-    return sorted(o.removeprefix("model.") for o in owners)
+    return sorted(o.removeprefix("model.") for o in owners - {n.rpartition(".")[0] for n in keep})
 
 
 def check_ddp_launcher() -> None:
@@ -118,10 +121,11 @@ def check_ddp_launcher() -> None:
 
 
 class _DropFreezeLines(logging.Filter):
-    """Ultralytics logs one 'Freezing layer' line per frozen parameter (hundreds here); one summary line is enough."""
+    """Ultralytics logs one 'Freezing layer' line per frozen parameter (hundreds here); one summary line is enough.
+    It also warns for each frozen tensor it lets train, which `freeze_list` leaves to `build_optimizer` to freeze."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Freezing layer")
+        return not str(record.msg).startswith(("Freezing layer", "setting 'requires_grad=True' for frozen layer"))
 
 
 class LoraTrainerMixin:
@@ -181,6 +185,8 @@ class LoraTrainerMixin:
             if config.train_head:  # the whole head, its class layers among it
                 full = head_tensors(model)
             plan = select_targets(model, config, full=frozenset(classes))
+        if config.train_bias:
+            full = [*full, *bias_tensors(dict(model.named_modules()), plan)]
         add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
         _training_form(model, config)
         model.lora_meta = {"config": config.to_dict(), "base": fingerprint(base), "full": full}
@@ -228,7 +234,8 @@ class LoraTrainerMixin:
 
     def build_optimizer(self, model, *args, **kwargs):
         """Ultralytics' optimizer, with LoRA's B at `loraplus_lr_ratio` x lr, DoRA magnitudes without decay, and
-        with add_classes=adapted the class-branch copies at their own lr (`lora_yolo.classes.BRANCH_LR`).
+        with add_classes=adapted the class-branch copies at their own lr (`lora_yolo.classes.BRANCH_LR`). It is built
+        after DDP has wrapped the model, so it first freezes what `freeze_list` had to leave trainable until then.
 
         The ratio is read from the model's own `lora_meta`, so a DDP worker (whose trainer is rebuilt without `lora=`)
         uses the same one. Each new group copies its source group's settings (`param_group` included, which
@@ -237,6 +244,7 @@ class LoraTrainerMixin:
         Muon orthogonalises a weight's update, and for an adapted conv that update is B A, not either factor; tensors
         trained in full (class layers) keep Muon.
         """
+        set_trainable(unwrap_model(model), trainable_names(unwrap_model(model)))  # what freeze_list could not freeze
         optimizer = super().build_optimizer(model, *args, **kwargs)
         meta = unwrap_model(model).lora_meta
         config = LoraConfig.from_dict(meta["config"])

@@ -42,7 +42,7 @@ from lora_yolo.fold import fold_batchnorm  # noqa: E402
 from lora_yolo.inject import add_lora, set_trainable  # noqa: E402
 from lora_yolo.memory import Kept, add_training_forward, pack_saved, remove_training_forward, unpack_saved  # noqa: E402
 from lora_yolo.presets import resolve_config  # noqa: E402
-from lora_yolo.targets import head_tensors, select_targets  # noqa: E402
+from lora_yolo.targets import bias_tensors, head_tensors, select_targets  # noqa: E402
 
 # recipe -> (kind, LoraConfig or None, form): kind is full | freeze | head | lora; form is how a LoRA model trains:
 # "plain" (BatchNorm after the adapted conv), "folded" (frozen BatchNorms folded into the convs), "lean" (folded, and
@@ -97,8 +97,10 @@ def build(model_yaml: str, recipe: str, device: str) -> nn.Module:
     n_backbone, last = len(model.yaml["backbone"]), len(model.model) - 1
     if kind == "lora":
         head = set(head_tensors(model)) if config.train_head else set()  # its BatchNorms train: not folded
-        add_lora(model, select_targets(model, config), config.lora_dropout, config.use_rslora, config.use_dora)
-        set_trainable(model, {n for n, _ in model.named_parameters() if ".lora_" in n or n in head})
+        plan = select_targets(model, config)
+        shifts = set(bias_tensors(dict(model.named_modules()), plan)) if config.train_bias else set()
+        add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
+        set_trainable(model, {n for n, _ in model.named_parameters() if ".lora_" in n or n in head | shifts})
         if form != "plain":
             fold_batchnorm(model, skip=[model.model[last]] if head else [])
         if form == "lean":

@@ -267,13 +267,14 @@ def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.0
     """A model with adapters whose B (and DoRA magnitude) is random, as if trained, and its Adapter, for base_pt.
 
     With `names` (a class set other than the base's) the class layers are rebuilt, randomised and stored in full; with
-    train_head every head tensor is; with add_classes the copies of the class branches are (their parameters), and
-    LoRA layers are added outside the class branches (adapted mode) or nowhere (exact mode).
+    train_head every head tensor is; with train_bias the BatchNorm shift after each adapted conv is; with add_classes
+    the copies of the class branches are (their parameters), and LoRA layers are added outside the class branches
+    (adapted mode) or nowhere (exact mode).
     """
     from lora_yolo import LoraConfig, LoraConv2d, add_lora, extract_adapter, fingerprint, select_targets
     from lora_yolo.branch import add_classes_layers
     from lora_yolo.checkpoint import build_for_classes
-    from lora_yolo.targets import class_layers, head_tensors
+    from lora_yolo.targets import bias_tensors, class_layers, head_tensors
 
     config = config or LoraConfig()
     torch.manual_seed(seed)  # A's Kaiming init: the same seed gives the same adapter
@@ -304,6 +305,13 @@ def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.0
                     noise = torch.randn(state[n].shape, generator=g) * 0.1
                     state[n].mul_(1 + noise.abs()) if n.endswith("running_var") else state[n].add_(noise)
         plan = select_targets(model, config, full=owners)
+        if config.train_bias:
+            biases = bias_tensors(dict(model.named_modules()), plan)
+            with torch.no_grad():
+                for n in biases:  # moved as training moves them
+                    b = model.get_parameter(n)
+                    b.add_(torch.randn(b.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+            full = [*full, *biases]
     add_lora(model, plan, use_dora=config.use_dora)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -313,6 +321,20 @@ def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.0
                 if m.use_dora:
                     m.lora_magnitude_vector.mul_(1 + torch.randn(m.lora_magnitude_vector.shape, generator=g) * scale)
     return model, extract_adapter(model, config, base, full=full)
+
+
+def saved_merged_attached(base_pt: Path, trained: torch.nn.Module, adapter, tmp_path: Path, x: torch.Tensor):
+    """`adapter` saved, merged into base_pt by `merge_files` and attached to it: both compute what `trained` computes
+    (within the fp16 file's rounding) and each other's outputs within 1e-4. Returns the file and the merged model."""
+    from lora_yolo import attach_adapter, load_adapter, save_adapter
+    from lora_yolo.merge import merge_files
+
+    path = save_adapter(adapter, tmp_path / "a.safetensors")
+    merged = load_model(merge_files(base_pt, [str(path)], tmp_path / "merged.pt"))
+    attached = attach_adapter(load_model(base_pt), load_adapter(path))
+    assert (head_output(attached, x) - head_output(trained, x)).abs().max() < 1e-3  # the file is fp16
+    assert (head_output(merged, x) - head_output(attached, x)).abs().max() < 1e-4
+    return path, merged
 
 
 DEMO_BASE = ROOT / "lora_yolo" / "assets" / "yolo11n-shapes.pt"

@@ -20,6 +20,15 @@ def test_inspect_json_totals(base_pt, cli_here):
     assert data["totals"]["adapter_bytes"] == report.adapter_bytes
 
 
+@pytest.mark.parametrize("flag, params", [("--train-bias", True), ("--no-train-bias", False)])
+def test_train_bias_flag_reaches_the_config(base_pt, cli_here, flag, params):
+    data = json.loads(cli_here("inspect", str(base_pt), "--json", "--targets", "neck", flag).stdout)
+    config = resolve_config("default", targets=["neck"], train_bias=params)[0]  # what the CLI builds
+    report = inspect_model(base_pt, config)
+    assert data["totals"]["bias_params"] == report.bias_params and (report.bias_params > 0) == params
+    assert data["totals"]["adapter_bytes"] == report.adapter_bytes
+
+
 def test_inspect_table_on_yaml(cli_here):
     out = cli_here("inspect", "yolo11n.yaml")
     assert out.returncode == 0, out.stderr

@@ -43,6 +43,7 @@ def ours_and_peft(base_pt, adapter, folder, double: bool = False):
         ("dora", {"config": LoraConfig(use_dora=True)}),
         ("new-classes", {"names": NEW}),
         ("train-head", {"config": LoraConfig(use_dora=True, train_head=True), "names": NEW}),  # modules_to_save
+        ("train-bias", {"config": LoraConfig(use_dora=True, train_head=True, train_bias=True), "names": NEW}),
     ],
 )
 def test_peft_loads_our_adapter_with_the_same_outputs(base_pt, tmp_path, kind, kwargs):
@@ -56,10 +57,13 @@ def test_peft_loads_our_adapter_with_the_same_outputs(base_pt, tmp_path, kind, k
     assert config["peft_type"] == "LORA" and len(config["target_modules"]) == len(adapter.layers)
 
 
-@pytest.mark.parametrize("dora, train_head", [(False, False), (True, False), (True, True)])
-def test_round_trip_is_exact(base_pt, tmp_path, dora, train_head):
+@pytest.mark.parametrize(
+    "dora, train_head, train_bias",
+    [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
+)
+def test_round_trip_is_exact(base_pt, tmp_path, dora, train_head, train_bias):
     patterns = {"rank_pattern": {r"model\.2[02]\.": 4}, "alpha_pattern": {"cv2": 4}}  # train_head: none in the head
-    config = LoraConfig(use_dora=dora, train_head=train_head, **patterns)
+    config = LoraConfig(use_dora=dora, train_head=train_head, train_bias=train_bias, **patterns)
     _, adapter = random_adapter(base_pt, config=config, names=NEW)
     stored = load_adapter(save_adapter(adapter, tmp_path / "a.safetensors"))
     back = from_peft(to_peft(stored, tmp_path / "peft"))
@@ -121,6 +125,10 @@ def test_cli_convert_both_ways_and_refusals(base_pt, tmp_path, cli_here):
     (tmp_path / "peft" / CONFIG).write_text(json.dumps({**config, "fan_in_fan_out": True}))
     out = cli_here("convert", tmp_path / "peft", tmp_path / "z.safetensors", "--from", "peft")
     assert out.returncode == 1 and "fan_in_fan_out=True is not supported" in out.stderr
+    # PEFT's own bias="all" / "lora_only" files hold every bias the model has: only ours (train_bias) are read
+    (tmp_path / "peft" / CONFIG).write_text(json.dumps({**config, "bias": "all"}))
+    out = cli_here("convert", tmp_path / "peft", tmp_path / "z.safetensors", "--from", "peft", "--base", base_pt)
+    assert out.returncode == 1 and "bias='all' is not supported" in out.stderr
 
 
 def test_yolo26_adapter_loads_in_peft_with_every_output_equal(tmp_path):

@@ -19,8 +19,9 @@ NEW = {0: "disc", 1: "ring", 2: "cross", 3: "star"}
 
 @pytest.fixture(scope="module")
 def served(base_pt):
-    """The base with four adapters: LoRA, DoRA, a LoRA for a 4-class set, and one training the head in full for that
-    class set (train_head); and the plain merged models."""
+    """The base with five adapters: LoRA, DoRA, a LoRA for a 4-class set, one training the head in full for that
+    class set (train_head), and one also training the shifts after its adapted convs (train_bias); and the plain
+    merged models."""
     model = AdapterModel(base_pt)
     plain = {}
     for name, kwargs in {
@@ -28,6 +29,8 @@ def served(base_pt):
         "dora": dict(seed=2, config=LoraConfig(use_dora=True, targets=["neck", "head"])),
         "classes": dict(seed=3, names=NEW),
         "head": dict(seed=4, config=LoraConfig(train_head=True), names=NEW),  # the head in full, BatchNorms too
+        # the default's form: the head in full, DoRA elsewhere with each adapted conv's BatchNorm shift trained
+        "bias": dict(seed=5, config=LoraConfig(use_dora=True, train_head=True, train_bias=True), names=NEW),
     }.items():
         trained, adapter = random_adapter(base_pt, **kwargs)
         model.load_adapter(adapter, name)
@@ -46,7 +49,7 @@ def test_disabled_is_exactly_the_base_ultralytics_predicts_with(served, base_pt)
     assert (head_output(model.model, X) - head_output(load_model(base_pt), X)).abs().max() < 1e-4  # unfused
 
 
-@pytest.mark.parametrize("name", ["a", "dora", "classes", "head"])
+@pytest.mark.parametrize("name", ["a", "dora", "classes", "head", "bias"])
 def test_each_adapter_equals_its_plain_merged_model(served, name):
     model, plain = served
     model.set_adapter(name)
@@ -232,12 +235,14 @@ def test_yolo26_train_head_adapter_serves_the_merged_head(base26, end2end):
     assert torch.equal(branch_output(model.model, X, end2end), base)
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_adapters_on_repconv_branches_are_served_in_the_conv_fuse_makes(tmp_path, use_dora):
+@pytest.mark.parametrize("use_dora, train_bias", [(False, False), (True, False), (True, True)])
+def test_adapters_on_repconv_branches_are_served_in_the_conv_fuse_makes(tmp_path, use_dora, train_bias):
     """YOLOv9's RepConv becomes one new conv when fused (s1 W1 + s2 W2, the 1x1 padded): the adapters of its two
-    branch convs are applied to that conv, so serving equals the merged model, unmerged and merged."""
+    branch convs are applied to that conv, and with train_bias both branches' shifts to its bias, so serving equals
+    the merged model, unmerged and merged."""
     base = make_base(tmp_path / "yolov9t.pt", "yolov9t.yaml")
-    _, adapter = random_adapter(base, LoraConfig(use_dora=use_dora), scale=0.3)
+    _, adapter = random_adapter(base, LoraConfig(use_dora=use_dora, train_bias=train_bias), scale=0.3)
+    assert train_bias == any(k.endswith(".conv1.bn.bias") for k in adapter.full)
     repconvs = sorted({n.rsplit(".", 2)[0] for n in adapter.layers if n.endswith((".conv1.conv", ".conv2.conv"))})
     assert repconvs == sorted(n for n, m in load_model(base).named_modules() if isinstance(m, RepConv))  # all 42
     x = torch.rand(1, 3, 64, 64)

@@ -17,7 +17,7 @@ from lora_yolo import LoraYoloError, attach_adapter, load_adapter, load_model
 from lora_yolo.export import export_model
 from lora_yolo.serve import AdapterModel
 from lora_yolo.synth import make_dataset
-from lora_yolo.targets import head_tensors
+from lora_yolo.targets import bias_tensors, head_tensors
 from lora_yolo.train import train
 
 pytestmark = pytest.mark.slow
@@ -77,8 +77,9 @@ def test_trains_with_the_tasks_own_trainer_and_merges_exactly(task_run):
     plain = load_model(base)
     two = getattr(plain.model[-1], "one2one_cv2", None) is not None  # YOLO26
     # the default trains the head in full (train_head; YOLO26: both branches, BatchNorm statistics included) and
-    # adapts every other layer
-    assert sorted(adapter.full) == sorted(head_tensors(plain))  # names only: the class count does not change them
+    # adapts every other layer, training the BatchNorm shift after each (train_bias)
+    shifts = bias_tensors(dict(plain.named_modules()), adapter.layers)
+    assert len(shifts) > 50 and sorted(adapter.full) == sorted([*head_tensors(plain), *shifts])  # names only
     assert not any(n.startswith(f"model.{len(plain.model) - 1}.") for n in adapter.layers)
     assert two == any(".one2one_cv2." in k and k.endswith(".running_var") for k in adapter.full)
     # merged.pt validated by the task's own validator, its mask / keypoint mAP in the summary too

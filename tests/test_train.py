@@ -14,6 +14,7 @@ from conftest import SHAPES_B1, TINY, plain_ultralytics, sha256
 from lora_yolo import LoraConfig, load_adapter, load_model
 from lora_yolo.errors import TrainingInterrupted
 from lora_yolo.inject import LORA_SUFFIXES, base_state_dict
+from lora_yolo.targets import bias_tensors
 from lora_yolo.train import train
 
 pytestmark = pytest.mark.slow
@@ -80,7 +81,9 @@ def test_adapters_trained_and_base_untouched(coco8_run, base_pt):
     assert b and all(t.abs().max() > 0 for t in b)  # B left zero
     base = load_model(base_pt).state_dict()
     head = [k for k in base if k.startswith("model.23.")]  # the default trains the head in full (train_head)
-    assert sorted(adapter.full) == sorted(k for k in head if base[k].is_floating_point() and ".dfl." not in k)
+    shifts = bias_tensors(dict(load_model(base_pt).named_modules()), adapter.layers)  # and the shifts (train_bias)
+    want = [k for k in head if base[k].is_floating_point() and ".dfl." not in k]
+    assert len(shifts) > 50 and sorted(adapter.full) == sorted([*want, *shifts])
     for ckpt, stored in (("best.pt", result.adapter), ("last.pt", result.save_dir / "adapter_last.safetensors")):
         trained = torch.load(result.save_dir / "weights" / ckpt, weights_only=False)["model"].float()
         frozen = base_state_dict(trained)  # what Ultralytics validated and saved (EMA, fp16 on disk)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_BASE, TINY, head_output, random_adapter
+from conftest import DEMO_BASE, TINY, head_output, random_adapter, saved_merged_attached
 from torch import nn
 from ultralytics.nn.modules import DFL
 
@@ -23,20 +23,22 @@ NEW = {0: "disc", 1: "ring", 2: "cross", 3: "star"}
 X = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
-def test_config_checks_and_add_classes(tmp_path):
-    with pytest.raises(LoraYoloError, match="train_head must be true or false"):
-        LoraConfig(train_head="yes")
-    with pytest.raises(LoraYoloError, match="train_head and add_classes exclude each other"):
-        LoraConfig(train_head=True, add_classes="exact")
-    assert "train_head" not in LoraConfig().to_dict()  # older lora-yolo versions still read such adapters
-    assert LoraConfig.from_dict(LoraConfig(train_head=True).to_dict()).train_head is True
+@pytest.mark.parametrize("name", ["train_head", "train_bias"])
+def test_config_checks_and_add_classes(tmp_path, name):
+    # both keep something add_classes needs as the base's: its head, the shifts its class branches read
+    with pytest.raises(LoraYoloError, match=f"{name} must be true or false"):
+        LoraConfig(**{name: "yes"})
+    with pytest.raises(LoraYoloError, match=f"{name} and add_classes exclude each other"):
+        LoraConfig(**{name: True, "add_classes": "exact"})
+    assert name not in LoraConfig().to_dict()  # older lora-yolo versions still read such adapters
+    assert getattr(LoraConfig.from_dict(LoraConfig(**{name: True}).to_dict()), name) is True
     preset = tmp_path / "p.yaml"
-    preset.write_text("train_head: true\n")
-    assert resolve_config(str(preset))[0].train_head is True
-    assert resolve_config(str(preset), add_classes="adapted")[0].train_head is False  # the preset's does not apply
+    preset.write_text(f"{name}: true\n")
+    assert getattr(resolve_config(str(preset))[0], name) is True
+    assert getattr(resolve_config(str(preset), add_classes="adapted")[0], name) is False  # the preset's: not applied
     with pytest.raises(LoraYoloError, match="exclude each other"):
-        resolve_config(str(preset), add_classes="adapted", train_head=True)  # asked for both: refused
-    preset.write_text("train_head: true\nadd_classes: adapted\n")
+        resolve_config(str(preset), add_classes="adapted", **{name: True})  # asked for both: refused
+    preset.write_text(f"{name}: true\nadd_classes: adapted\n")
     with pytest.raises(LoraYoloError, match="exclude each other"):
         resolve_config(str(preset))  # a preset holding both: refused, not one of them dropped
 
@@ -76,16 +78,9 @@ def head_adapter(base_pt):
 
 
 def test_attached_equals_merged_and_the_base_is_untouched(base_pt, head_adapter, tmp_path):
-    from lora_yolo.merge import merge_files
-
     trained, adapter = head_adapter
     before = hashlib.sha256(Path(base_pt).read_bytes()).hexdigest()
-    path = save_adapter(adapter, tmp_path / "a.safetensors")
-    merged = load_model(merge_files(base_pt, [str(path)], tmp_path / "merged.pt"))
-    attached = attach_adapter(load_model(base_pt), load_adapter(path))
-    want = head_output(trained, X)
-    assert (head_output(attached, X) - want).abs().max() < 1e-3  # the file is fp16
-    assert (head_output(merged, X) - head_output(attached, X)).abs().max() < 1e-4
+    _, merged = saved_merged_attached(base_pt, trained, adapter, tmp_path, X)
     base = load_model(base_pt).state_dict()
     state = merged.state_dict()
     var = next(k for k in adapter.full if k.endswith("running_var"))
