@@ -72,7 +72,8 @@ def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
     config = adapter.config
     # train_bias: a BatchNorm shift alone, which PEFT loads under its own name (a module of modules_to_save would need
     # all of the BatchNorm's tensors); PEFT's bias="lora_only" trains the adapted layers' biases
-    shifts = {k for k in adapter.full if k.endswith(".bn.bias")} if config.train_bias else set()
+    layers = adapter.layers
+    shifts = {k for k in adapter.full if k.endswith(".bn.bias") and k.removesuffix("bn.bias") + "conv" in layers}
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -127,7 +128,10 @@ def from_peft(peft_dir: str | Path, base: nn.Module | None = None) -> Adapter:
     raw, meta = read_safetensors(weights)
     if config.get("bias", "none") != "none" and (config["bias"] != "lora_only" or "lora_yolo" not in meta):
         # PEFT's own files would hold every bias the model has; ours hold the train_bias shifts, with our metadata
-        raise LoraYoloError(f"{config_file}: bias={config['bias']!r} is not supported (lora-yolo supports bias='none')")
+        raise LoraYoloError(
+            f"{config_file}: bias={config['bias']!r} is not supported in a folder lora-yolo did not write (PEFT saves "
+            "no BatchNorm shifts back: convert the lora-yolo adapter it was made from)"
+        )
     raw = {k: v for k, v in raw.items() if not k.endswith(f".{STEPS}")}  # a BatchNorm's step count: no output uses it
     if any(not k.startswith(PREFIX) for k in raw):
         raise LoraYoloError(f"{weights} has tensors outside '{PREFIX}': not a PEFT adapter of a whole model")

@@ -104,8 +104,8 @@ class SwitchableLayer(MergeableLayer):
         return None if self.active is None else self.adapters[self.active].shift
 
     def adapted_bias(self) -> torch.Tensor | None:
-        shift = self.shift()
-        return None if shift is None else self.base_layer.bias + shift
+        shift, bias = self.shift(), self.base_layer.bias
+        return None if shift is None else bias + shift.to(bias.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.active is None or self.merged:
@@ -160,7 +160,8 @@ class RepConvLayer(MergeableLayer):
     def adapted_bias(self) -> torch.Tensor | None:
         """The fused bias plus each active branch's shift, or None where no branch has one."""
         shifts = [s for s in (branch.shift() for branch in self.branches.values()) if s is not None]
-        return self.base_layer.bias + sum(shifts) if shifts else None
+        bias = self.base_layer.bias
+        return bias + sum(shifts).to(bias.dtype) if shifts else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active or self.merged:
@@ -408,10 +409,12 @@ class AdapterModel:
         }
 
     def _shift_keys(self, adapter: Adapter) -> dict[str, str]:
-        """By adapted conv, the name of the BatchNorm shift a train_bias adapter stores for it."""
+        """By adapted conv, the name of the BatchNorm shift a train_bias adapter stores for it (one it lacks stays the
+        base's, as attaching and merging leave it)."""
         if not adapter.config.train_bias:
             return {}
-        return {layer: key for layer in adapter.layers for key in bias_tensors(self._checked_modules, [layer])}
+        keys = {layer: key for layer in adapter.layers for key in bias_tensors(self._checked_modules, [layer])}
+        return {layer: key for layer, key in keys.items() if key in adapter.tensors}
 
     def _class_layers(self, adapter: Adapter, allow_other_weights: bool) -> tuple[dict[int, str], dict[str, nn.Module]]:
         """The adapter's class names and, for tensors trained in full, replacement modules built from the base's."""

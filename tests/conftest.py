@@ -306,11 +306,11 @@ def random_adapter(base_pt: Path, config=None, seed: int = 1, scale: float = 0.0
                     state[n].mul_(1 + noise.abs()) if n.endswith("running_var") else state[n].add_(noise)
         plan = select_targets(model, config, full=owners)
         if config.train_bias:
-            biases = bias_tensors(dict(model.named_modules()), plan)
+            biases, g = bias_tensors(dict(model.named_modules()), plan), torch.Generator().manual_seed(seed)
             with torch.no_grad():
-                for n in biases:  # moved as training moves them
+                for n in biases:  # moved as training moves them, each its own way
                     b = model.get_parameter(n)
-                    b.add_(torch.randn(b.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+                    b.add_(torch.randn(b.shape, generator=g) * 0.1)
             full = [*full, *biases]
     add_lora(model, plan, use_dora=config.use_dora)
     g = torch.Generator().manual_seed(seed)

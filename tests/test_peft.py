@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from conftest import RTDETR_TINY, all_outputs, head_output, make_base, random_adapter
+from safetensors.torch import load_file, save_file
 
 from lora_yolo import LoraConfig, LoraYoloError, attach_adapter, load_adapter, load_model, save_adapter
 from lora_yolo.checkpoint import build_for_classes
@@ -129,6 +130,10 @@ def test_cli_convert_both_ways_and_refusals(base_pt, tmp_path, cli_here):
     (tmp_path / "peft" / CONFIG).write_text(json.dumps({**config, "bias": "all"}))
     out = cli_here("convert", tmp_path / "peft", tmp_path / "z.safetensors", "--from", "peft", "--base", base_pt)
     assert out.returncode == 1 and "bias='all' is not supported" in out.stderr
+    (tmp_path / "peft" / CONFIG).write_text(json.dumps({**config, "bias": "lora_only"}))  # what ours say, but
+    save_file(load_file(tmp_path / "peft" / WEIGHTS), str(tmp_path / "peft" / WEIGHTS))  # without our metadata
+    out = cli_here("convert", tmp_path / "peft", tmp_path / "z.safetensors", "--from", "peft", "--base", base_pt)
+    assert out.returncode == 1 and "bias='lora_only' is not supported in a folder lora-yolo did not" in out.stderr
 
 
 def test_yolo26_adapter_loads_in_peft_with_every_output_equal(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_BASE, TINY, head_output, random_adapter, saved_merged_attached
+from conftest import DEMO_BASE, TINY, head_output, random_adapter, save_base, saved_merged_attached
 from torch import nn
 from ultralytics.nn.modules import Conv
 
@@ -37,35 +37,64 @@ def test_the_shift_of_every_adapted_conv_block_and_nothing_else(base_pt):
 
 
 @pytest.fixture(scope="module")
-def bias_adapter(base_pt):
-    return random_adapter(base_pt, CONFIG, names={0: "disc", 1: "ring"}, scale=0.2)
+def shifted_base(base_pt, tmp_path_factory):
+    """base_pt with every BatchNorm's shift and scale away from a fresh model's 0 and 1, as in a trained checkpoint:
+    serving adds (trained - base) shift to the fused bias, which a base shift of 0 would not check."""
+    model = load_model(base_pt)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+    return save_base(model, tmp_path_factory.mktemp("shifted") / "base.pt")
 
 
-def test_attached_merged_and_served_agree_and_the_shift_counts(base_pt, bias_adapter, tmp_path):
+@pytest.fixture(scope="module")
+def bias_adapter(shifted_base):
+    return random_adapter(shifted_base, CONFIG, names={0: "disc", 1: "ring"}, scale=0.2)
+
+
+def test_attached_merged_and_served_agree_and_the_shift_counts(shifted_base, bias_adapter, tmp_path):
     from lora_yolo.serve import AdapterModel
 
     trained, adapter = bias_adapter
-    path, merged = saved_merged_attached(base_pt, trained, adapter, tmp_path, X)
+    path, merged = saved_merged_attached(shifted_base, trained, adapter, tmp_path, X)
     want = head_output(trained, X)
-    served = AdapterModel(base_pt)
+    served = AdapterModel(shifted_base)
     served.set_adapter(served.load_adapter(path))
     got = head_output(served.model, X)
     assert (got - head_output(merged, X)).abs().max() < 1e-4  # fused vs unfused rounding only
     served.merge_adapter()
     assert (head_output(served.model, X) - got).abs().max() < 1e-5
     # the shifts matter: without them (the base's) the output is far from the adapter's
-    base = load_model(base_pt).state_dict()
-    keys = [k for k in adapter.full if k in bias_tensors(dict(load_model(base_pt).named_modules()), adapter.layers)]
+    base = load_model(shifted_base).state_dict()
+    keys = bias_tensors(dict(load_model(shifted_base).named_modules()), adapter.layers)
     unshifted = dataclasses.replace(adapter, tensors={**adapter.tensors, **{k: base[k] for k in keys}})
-    assert (head_output(attach_adapter(load_model(base_pt), unshifted), X) - want).abs().max() > 1e-2
+    assert (head_output(attach_adapter(load_model(shifted_base), unshifted), X) - want).abs().max() > 1e-2
     state = merged.state_dict()  # merged: the shifts are the adapter's, every statistic the base's
     assert all(torch.allclose(state[k], adapter.tensors[k].float(), atol=1e-3) for k in keys)
     assert all(torch.equal(state[k], base[k]) for k in base if "running_" in k and not k.startswith("model.23."))
+    # a file without some shifts (not one training writes): the base's, wherever it is used
+    kept = {k: v for k, v in adapter.tensors.items() if k != keys[0]}
+    partial = dataclasses.replace(adapter, tensors=kept, full=[k for k in adapter.full if k != keys[0]])
+    served.load_adapter(partial, "partial")
+    served.set_adapter("partial")
+    want = head_output(attach_adapter(load_model(shifted_base), partial), X)
+    assert (head_output(served.model, X) - want).abs().max() < 1e-4
+    # cast before loading: the adapter's shifts (fp32) follow the fused bias's dtype (a train_head adapter's head,
+    # built in fp32 when it is loaded, would not: only the shifts are checked here)
+    trained, shifts_only = random_adapter(shifted_base, LoraConfig(use_dora=True, train_bias=True))
+    cast = AdapterModel(shifted_base)
+    cast.model.to(torch.bfloat16)
+    cast.set_adapter(cast.load_adapter(shifts_only))
+    want = head_output(trained, X)
+    assert (head_output(cast.model, X.bfloat16()).float() - want).abs().max() < 0.05 * want.abs().max()
 
 
-def test_crafted_shifts_are_refused_in_one_line(base_pt, bias_adapter):
+def test_crafted_shifts_are_refused_in_one_line(shifted_base, bias_adapter):
     _, adapter = bias_adapter
-    base = load_model(base_pt)
+    base = load_model(shifted_base)
     key = next(k for k in adapter.full if k.endswith(".bn.bias") and not k.startswith("model.23."))
     layer = f"{key.removesuffix('.bn.bias')}.conv"
     bad_shape = dataclasses.replace(adapter, tensors={**adapter.tensors, key: torch.ones(3)})
