@@ -33,7 +33,7 @@ from lora_yolo.atomic import atomic_dir
 from lora_yolo.checkpoint import class_count, model_task
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
-from lora_yolo.targets import class_layers
+from lora_yolo.targets import class_layers, shift_key
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -72,8 +72,7 @@ def to_peft(adapter: Adapter, out_dir: str | Path) -> Path:
     config = adapter.config
     # train_bias: a BatchNorm shift alone, which PEFT loads under its own name (a module of modules_to_save would need
     # all of the BatchNorm's tensors); PEFT's bias="lora_only" trains the adapted layers' biases
-    layers = adapter.layers
-    shifts = {k for k in adapter.full if k.endswith(".bn.bias") and k.removesuffix("bn.bias") + "conv" in layers}
+    shifts = {shift_key(layer) for layer in adapter.layers} & set(adapter.full)
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,

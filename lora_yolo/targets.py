@@ -122,8 +122,13 @@ def bias_tensors(modules: Mapping[str, nn.Module], layers: Iterable[str]) -> lis
         block, _, leaf = layer.rpartition(".")
         bn = modules.get(f"{block}.bn")  # by name: a fused model's blocks no longer hold theirs
         if leaf == "conv" and type(modules.get(block)) in (Conv, DWConv) and isinstance(bn, nn.BatchNorm2d):
-            keys.append(f"{block}.bn.bias")
+            keys.append(shift_key(layer))
     return keys
+
+
+def shift_key(layer: str) -> str:
+    """The name of the BatchNorm shift `train_bias` trains for the adapted conv `layer` of a Conv block."""
+    return f"{layer.removesuffix('.conv')}.bn.bias"
 
 
 def branch_paths(classes: list[str], modules: Mapping[str, nn.Module]) -> list[str]:
