@@ -201,6 +201,13 @@ def bn_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device `module` is on now and the dtype it computes in (its first floating parameter's): an adapter's
+    layers built to replace it follow the model wherever it was moved or cast after loading (`.to()`, `.half()`)."""
+    p = next(p for p in module.parameters() if p.is_floating_point())
+    return p.device, p.dtype
+
+
 class AdapterModel:
     """An Ultralytics `YOLO` whose base stays loaded while adapters are added, switched, merged and removed.
 
@@ -434,7 +441,7 @@ class AdapterModel:
                 continue
             if owner not in modules:
                 modules[owner] = self._base_copy(owner)
-            t = adapter.tensors[key].to(modules[owner].weight.device, torch.float32)
+            t = adapter.tensors[key].to(*placement(self._base_classes[1][owner]))
             setattr(modules[owner], param, nn.Parameter(t, requires_grad=False))
         for m in modules.values():
             if isinstance(m, nn.Conv2d):
@@ -452,16 +459,14 @@ class AdapterModel:
         if self._kept is not None:
             merged.end2end = self.model.end2end
         head = merged.fuse(verbose=False).model[-1]
-        device = next(self._base_classes[1][self._head].parameters()).device  # where the model is now
-        return head.to(device, torch.float32).eval().requires_grad_(False)
+        return head.to(*placement(self._base_classes[1][self._head])).eval().requires_grad_(False)
 
     def _branch_copy(self, adapter: Adapter, path: str) -> nn.Module:
         """The adapter's copy of the class branch at `path` (check_layers made sure its tensors fit), in eval mode."""
         copy = new_branch(self._branches[path], adapter.nc - len(self._base_classes[0]))
         prefix = f"{path}.{NEW}."
         copy.load_state_dict({k.removeprefix(prefix): v for k, v in adapter.tensors.items() if k.startswith(prefix)})
-        device = next(self._base_classes[1][path].parameters()).device  # where the model is now
-        return copy.to(device, torch.float32).eval().requires_grad_(False)
+        return copy.to(*placement(self._base_classes[1][path])).eval().requires_grad_(False)
 
     def _base_copy(self, path: str) -> nn.Module:
         """A copy of the base's own module at `path` (remembered, before any adapter replaces it), unadapted."""

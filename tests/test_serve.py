@@ -122,6 +122,24 @@ def test_class_set_switches_with_the_adapter(served):
     assert head_output(model.model, X).shape[1] == 4 + 80
 
 
+def test_a_model_cast_before_loading_serves_every_kind_of_adapter_in_its_dtype(base_pt):
+    """Adapters load as fp32 files; a model cast to bf16 first (`.to(torch.bfloat16)`, as a user serving in half
+    precision does) takes each part in its dtype: the LoRA updates, the class layers of a new class set, a head
+    trained in full, and the class branch copies of an add_classes adapter. Outputs agree with the fp32 plain
+    merged model within bf16's rounding (5% of the largest output)."""
+    names = {**load_model(base_pt).names, **{80 + i: n for i, n in NEW.items()}}  # add_classes: the base's, then more
+    for kwargs in (dict(names=NEW), dict(config=LoraConfig(train_head=True), names=NEW),
+                   dict(config=LoraConfig(add_classes="exact"), names=names)):  # fmt: skip
+        trained, adapter = random_adapter(base_pt, seed=3, **kwargs)
+        want = head_output(merge_lora(trained), X)
+        model = AdapterModel(base_pt)
+        model.model.to(torch.bfloat16)
+        model.set_adapter(model.load_adapter(adapter))
+        got = head_output(model.model, X.bfloat16()).float()
+        assert got.shape == want.shape
+        assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
 def test_switch_is_much_faster_than_loading_a_checkpoint(served, base_pt):
     """Medians of 5, side by side; the full number is in scripts/bench_switch.py (README)."""
     model, _ = served

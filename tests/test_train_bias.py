@@ -82,14 +82,15 @@ def test_attached_merged_and_served_agree_and_the_shift_counts(shifted_base, bia
     served.set_adapter("partial")
     want = head_output(attach_adapter(load_model(shifted_base), partial), X)
     assert (head_output(served.model, X) - want).abs().max() < 1e-4
-    # cast before loading: the adapter's shifts (fp32) follow the fused bias's dtype (a train_head adapter's head,
-    # built in fp32 when it is loaded, would not: only the shifts are checked here)
-    trained, shifts_only = random_adapter(shifted_base, LoraConfig(use_dora=True, train_bias=True))
-    cast = AdapterModel(shifted_base)
-    cast.model.to(torch.bfloat16)
-    cast.set_adapter(cast.load_adapter(shifts_only))
-    want = head_output(trained, X)
-    assert (head_output(cast.model, X.bfloat16()).float() - want).abs().max() < 0.05 * want.abs().max()
+    # cast before loading: the adapter's shifts (fp32) follow the fused bias's dtype, and a train_head adapter's head
+    # (built in fp32 when it is loaded) the model's dtype
+    for head in False, True:
+        trained, adapter = random_adapter(shifted_base, LoraConfig(use_dora=True, train_bias=True, train_head=head))
+        cast = AdapterModel(shifted_base)
+        cast.model.to(torch.bfloat16)
+        cast.set_adapter(cast.load_adapter(adapter))
+        want = head_output(trained, X)
+        assert (head_output(cast.model, X.bfloat16()).float() - want).abs().max() < 0.05 * want.abs().max()
 
 
 def test_crafted_shifts_are_refused_in_one_line(shifted_base, bias_adapter):
