@@ -202,8 +202,10 @@ def bn_scales(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """The device `module` is on now and the dtype it computes in (its first floating parameter's): an adapter's
-    layers built to replace it follow the model wherever it was moved or cast after loading (`.to()`, `.half()`)."""
+    """The device `module` is on now and the dtype it computes in (its first floating parameter's). Layers kept
+    outside the model (the base's class layers while an adapter's replace them, other adapters' class layers) miss a
+    `.to()` or `.half()` of the model: they are built where the model is when loaded and moved to where it is when
+    installed."""
     p = next(p for p in module.parameters() if p.is_floating_point())
     return p.device, p.dtype
 
@@ -480,20 +482,25 @@ class AdapterModel:
     def _set_classes(self, names: dict[int, str], modules: dict[str, nn.Module]) -> None:
         """Install a class set: names, head class count, and the class layers (the base's where none is given): the
         base's class branches back first, the class layers into them, then any branch the class set replaces."""
+        where = placement(self.model)  # the model may have been moved or cast since these modules left it
+
+        def install(path: str, module: nn.Module) -> None:
+            replace_module(self.model, path, module.to(*where))
+
         base = self._base_classes[1]
         head = modules.get(self._head, base[self._head])
-        replace_module(self.model, self._head, head)
+        install(self._head, head)
         if head is not base[self._head]:  # a train_head adapter's head holds its own layers
             base = {}
         for path in self._branches:
             if path in base:
-                replace_module(self.model, path, base[path])
+                install(path, base[path])
         for path, base_module in base.items():
             if path not in self._branches and path != self._head:
-                replace_module(self.model, path, modules.get(path, base_module))
+                install(path, modules.get(path, base_module))
         for path in self._branches:
             if path in modules:
-                replace_module(self.model, path, modules[path])
+                install(path, modules[path])
         head = self.model.model[-1]
         if hasattr(head, "reg_max"):  # a Detect head counts its outputs; a Classify head's are its linear layer's
             head.nc, head.no = len(names), len(names) + head.reg_max * 4

@@ -122,11 +122,11 @@ def test_class_set_switches_with_the_adapter(served):
     assert head_output(model.model, X).shape[1] == 4 + 80
 
 
-def test_a_model_cast_before_loading_serves_every_kind_of_adapter_in_its_dtype(base_pt):
-    """Adapters load as fp32 files; a model cast to bf16 first (`.to(torch.bfloat16)`, as a user serving in half
-    precision does) takes each part in its dtype: the LoRA updates, the class layers of a new class set, a head
-    trained in full, and the class branch copies of an add_classes adapter. Outputs agree with the fp32 plain
-    merged model within bf16's rounding (5% of the largest output)."""
+def test_a_model_cast_before_or_after_loading_serves_every_kind_of_adapter_in_its_dtype(base_pt):
+    """Adapters load as fp32 files; a model cast to bf16 before or after loading (`.to(torch.bfloat16)`, as a user
+    serving in half precision does) takes each part in its dtype: the LoRA updates, the class layers of a new class
+    set, a head trained in full, and the class branch copies of an add_classes adapter. Outputs agree with the fp32
+    plain merged model within bf16's rounding (5% of the largest output)."""
     names = {**load_model(base_pt).names, **{80 + i: n for i, n in NEW.items()}}  # add_classes: the base's, then more
     for kwargs in (dict(names=NEW), dict(config=LoraConfig(train_head=True), names=NEW),
                    dict(config=LoraConfig(add_classes="exact"), names=names)):  # fmt: skip
@@ -138,6 +138,26 @@ def test_a_model_cast_before_loading_serves_every_kind_of_adapter_in_its_dtype(b
         got = head_output(model.model, X.bfloat16()).float()
         assert got.shape == want.shape
         assert (got - want).abs().max() < 0.05 * want.abs().max()
+    # cast after loading, with an adapter active: the base's class layers and the other adapter's head were outside
+    # the model then, and switching puts them back in its dtype
+    plain = {None: load_model(base_pt)}
+    model = AdapterModel(base_pt)
+    for name, kwargs in {
+        "classes": dict(names=NEW),
+        "head": dict(config=LoraConfig(train_head=True), names=NEW),
+    }.items():
+        trained, adapter = random_adapter(base_pt, seed=4, **kwargs)
+        plain[name] = merge_lora(trained)
+        model.load_adapter(adapter, name)
+    model.set_adapter("classes")
+    model.model.to(torch.bfloat16)
+    for name in "head", None, "classes":
+        if name:
+            model.set_adapter(name)
+        else:
+            model.disable_adapters()
+        want = head_output(plain[name], X)
+        assert (head_output(model.model, X.bfloat16()).float() - want).abs().max() < 0.05 * want.abs().max()
 
 
 def test_switch_is_much_faster_than_loading_a_checkpoint(served, base_pt):

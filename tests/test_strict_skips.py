@@ -76,6 +76,31 @@ def test_strict_skip_while_collecting_fails_the_run_with_the_reason(pytester, mo
     )
 
 
+def test_strict_skips_hold_when_the_suite_runs_on_xdist_workers(pytester, monkeypatch):
+    """README's test command runs the suite on pytest-xdist workers: a skip in a worker's test, its setup or its
+    collection must still fail the run the controller reports."""
+    monkeypatch.setenv(STRICT_SKIPS, "1")
+    pytester.makeconftest(
+        f"""
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("lora_yolo_tests", {str(ROOT / "tests" / "conftest.py")!r})
+        tests = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tests)
+
+        def pytest_configure(config):
+            config.pluginmanager.register(tests.StrictSkips(), "lora-yolo-strict-skips")
+        """
+    )
+    pytester.makepyfile(
+        test_skips=SKIPS_IN_TESTS, test_collect=SKIPS_WHILE_COLLECTING, test_plain="def test_plain():\n    pass\n"
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=1, errors=1, skipped=1, xfailed=1)  # the skip: the collected module
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*skipped while collecting, a failure under LORA_YOLO_STRICT_SKIPS=1*"])
+
+
 def test_ci_runs_in_strict_mode():
     """CI (`bash .ci/run`) must export the variable before README's test command, or a skipped training test would
     pass unnoticed."""
