@@ -64,6 +64,14 @@ class _LayerAdapter(nn.Module):
         self.register_buffer("magnitude", None if magnitude is None else magnitude.float())
 
 
+def adapted_forward(layer: SwitchableLayer | RepConvLayer, x: torch.Tensor) -> torch.Tensor:
+    """What a fused conv with its active adapter computes, unmerged: the adapted weight, and the adapted bias where
+    the adapter shifts it (train_bias)."""
+    base, shifted = layer.base_layer, layer.adapted_bias()
+    bias = base.bias if shifted is None else shifted
+    return layer_forward(base, x, layer.adapted_weight(base.weight.dtype), bias)
+
+
 class SwitchableLayer(MergeableLayer):
     """A fused base conv (or a linear layer) with any number of named adapters, at most one active, optionally
     merged into the weight."""
@@ -108,11 +116,7 @@ class SwitchableLayer(MergeableLayer):
         return None if shift is None else bias + shift.to(bias.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.active is None or self.merged:
-            return self.base_layer(x)
-        shifted = self.adapted_bias()
-        bias = self.base_layer.bias if shifted is None else shifted
-        return layer_forward(self.base_layer, x, self.adapted_weight(self.base_layer.weight.dtype), bias)
+        return self.base_layer(x) if self.active is None or self.merged else adapted_forward(self, x)
 
     def merge(self) -> None:
         """Write the active adapter into the conv weight; nothing to do when no adapter here is active."""
@@ -164,11 +168,7 @@ class RepConvLayer(MergeableLayer):
         return bias + sum(shifts).to(bias.dtype) if shifts else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.active or self.merged:
-            return self.base_layer(x)
-        shifted = self.adapted_bias()
-        bias = self.base_layer.bias if shifted is None else shifted
-        return layer_forward(self.base_layer, x, self.adapted_weight(self.base_layer.weight.dtype), bias)
+        return self.base_layer(x) if not self.active or self.merged else adapted_forward(self, x)
 
     def merge(self) -> None:
         """Write the active adapter's branches into the fused conv; nothing to do when none is active here."""
@@ -199,15 +199,6 @@ def bn_scales(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, m in model.named_modules()
         if isinstance(m, Conv) and hasattr(m, "bn")
     }
-
-
-def placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """The device `module` is on now and the dtype it computes in (its first floating parameter's). Layers kept
-    outside the model (the base's class layers while an adapter's replace them, other adapters' class layers) miss a
-    `.to()` or `.half()` of the model: they are built where the model is when loaded and moved to where it is when
-    installed."""
-    p = next(p for p in module.parameters() if p.is_floating_point())
-    return p.device, p.dtype
 
 
 class AdapterModel:
@@ -443,8 +434,7 @@ class AdapterModel:
                 continue
             if owner not in modules:
                 modules[owner] = self._base_copy(owner)
-            t = adapter.tensors[key].to(*placement(self._base_classes[1][owner]))
-            setattr(modules[owner], param, nn.Parameter(t, requires_grad=False))
+            setattr(modules[owner], param, nn.Parameter(adapter.tensors[key].float(), requires_grad=False))
         for m in modules.values():
             if isinstance(m, nn.Conv2d):
                 m.out_channels = m.weight.shape[0]
@@ -461,14 +451,14 @@ class AdapterModel:
         if self._kept is not None:
             merged.end2end = self.model.end2end
         head = merged.fuse(verbose=False).model[-1]
-        return head.to(*placement(self._base_classes[1][self._head])).eval().requires_grad_(False)
+        return head.eval().requires_grad_(False)
 
     def _branch_copy(self, adapter: Adapter, path: str) -> nn.Module:
         """The adapter's copy of the class branch at `path` (check_layers made sure its tensors fit), in eval mode."""
         copy = new_branch(self._branches[path], adapter.nc - len(self._base_classes[0]))
         prefix = f"{path}.{NEW}."
         copy.load_state_dict({k.removeprefix(prefix): v for k, v in adapter.tensors.items() if k.startswith(prefix)})
-        return copy.to(*placement(self._base_classes[1][path])).eval().requires_grad_(False)
+        return copy.eval().requires_grad_(False)
 
     def _base_copy(self, path: str) -> nn.Module:
         """A copy of the base's own module at `path` (remembered, before any adapter replaces it), unadapted."""
@@ -482,10 +472,12 @@ class AdapterModel:
     def _set_classes(self, names: dict[int, str], modules: dict[str, nn.Module]) -> None:
         """Install a class set: names, head class count, and the class layers (the base's where none is given): the
         base's class branches back first, the class layers into them, then any branch the class set replaces."""
-        where = placement(self.model)  # the model may have been moved or cast since these modules left it
+        # Modules kept outside the model (an adapter's class layers, built in fp32 on the CPU; the base's while they
+        # are replaced) miss a `.to()` or `.half()` of the model: each goes where the model is now as it goes in
+        where = next(p for p in self.model.parameters() if p.is_floating_point())
 
         def install(path: str, module: nn.Module) -> None:
-            replace_module(self.model, path, module.to(*where))
+            replace_module(self.model, path, module.to(where.device, where.dtype))
 
         base = self._base_classes[1]
         head = modules.get(self._head, base[self._head])
