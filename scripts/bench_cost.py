@@ -6,14 +6,21 @@ recipe's model and measures, on the same random batch with Ultralytics' own loss
   saved   bytes autograd keeps for backward over forward + loss (unique storages, saved_tensors_hooks): deterministic
   held    bytes allocated in forward + loss and still held after it (torch's profiler): what checkpointing changes
   step    median seconds of forward + loss + backward + AdamW step, recipes interleaved round by round
-Ratios are to full fine-tuning in the same run. With `--rss` each recipe also runs alone in a fresh process for its
-peak RSS (yolo11n only by default: one process per recipe). On a CUDA device it adds `torch.cuda.max_memory_allocated`
-and the step time under AMP.
+Ratios are to full fine-tuning in the same run. With `--epochs N` it instead times whole training runs, each in a
+fresh process: Ultralytics' full fine-tuning and `lora-yolo train` with the default preset, in channels-last format
+on the CPU (what it does) and in the standard one (`channels_last=False`), N epochs each on the demo dataset
+(datasets/shapes-b1, 120 training images), rounds interleaved; epoch = wall time per epoch as Ultralytics logs it
+(results.csv), median over the epochs but the first (warm-up) and the last. The runs train with `val=False`, so the
+epochs timed hold no validation: what validation costs depends on how many boxes the half-trained model proposes
+(NMS), not on how it was trained. With `--rss` each
+recipe also runs alone in a fresh process for its peak RSS (yolo11n only by default: one process per recipe). On a
+CUDA device it adds `torch.cuda.max_memory_allocated` and the step time under AMP.
 
     python scripts/bench_cost.py                                   # yolo11n, 320 px, batch 8
     python scripts/bench_cost.py --models yolo11n yolo11s yolo11m yolo26n --imgsz 320 640 --rounds 3
     python scripts/bench_cost.py --rss --json benchmarks/cost.json
     python scripts/bench_cost.py --models yolo11n yolo26n yolo11s yolo11m --backward-macs   # counted, not timed
+    python scripts/bench_cost.py --models yolo11n yolo26n --epochs 3 --rounds 3              # whole epochs
 
 Prints a Markdown table; `--json` also writes the raw numbers (every round's times).
 """
@@ -21,12 +28,14 @@ Prints a Markdown table; `--json` also writes the raw numbers (every round's tim
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,9 +53,12 @@ from lora_yolo.memory import Kept, add_training_forward, pack_saved, remove_trai
 from lora_yolo.presets import resolve_config  # noqa: E402
 from lora_yolo.targets import bias_tensors, head_tensors, select_targets  # noqa: E402
 
-# recipe -> (kind, LoraConfig or None, form): kind is full | freeze | head | lora; form is how a LoRA model trains:
-# "plain" (BatchNorm after the adapted conv), "folded" (frozen BatchNorms folded into the convs), "lean" (folded, and
-# SiLU outputs recomputed in backward: what `lora-yolo train` runs, lora_yolo.memory)
+# recipe -> (kind, LoraConfig or None, form): kind is full | freeze | head | lora | floor; form is how a LoRA model
+# trains: "plain" (BatchNorm after the adapted conv), "folded" (frozen BatchNorms folded into the convs), "lean"
+# (folded, and SiLU outputs recomputed in backward: what `lora-yolo train` runs, lora_yolo.memory); "-nhwc" after a
+# form: in channels-last memory format (what `lora-yolo train` runs on an x86 CPU, and Ultralytics on CUDA). "floor"
+# trains the head in full and every other BatchNorm's shift, no adapter: the least any recipe that trains the head in
+# full and reaches layer 0 computes (forward, input gradients down to layer 1, the head's weight gradients)
 _DEFAULT_CONFIG = resolve_config("default")[0]  # the preset itself, so this measures whatever the benchmark chose
 DEFAULT = f"DoRA r {_DEFAULT_CONFIG.r} + head in full (default)"
 RECIPES = {
@@ -56,6 +68,9 @@ RECIPES = {
     "DoRA all, r 32, unfolded (before folding)": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), "plain"),
     "DoRA all, r 32, folded (before lean)": ("lora", LoraConfig(use_dora=True, r=32, lora_alpha=64), "folded"),
     DEFAULT: ("lora", _DEFAULT_CONFIG, "lean"),
+    f"{DEFAULT}, channels-last": ("lora", _DEFAULT_CONFIG, "lean-nhwc"),
+    "full fine-tuning, channels-last": ("full", None, "plain-nhwc"),
+    "floor: head in full, shifts only": ("floor", None, "lean"),
     "DoRA r 8 + head in full (previous default)": (
         "lora",
         LoraConfig(use_dora=True, r=8, lora_alpha=16, clamp_rank=True, train_head=True),
@@ -101,14 +116,22 @@ def build(model_yaml: str, recipe: str, device: str) -> nn.Module:
         shifts = set(bias_tensors(dict(model.named_modules()), plan)) if config.train_bias else set()
         add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
         set_trainable(model, {n for n, _ in model.named_parameters() if ".lora_" in n or n in head | shifts})
-        if form != "plain":
+        if not form.startswith("plain"):
             fold_batchnorm(model, skip=[model.model[last]] if head else [])
-        if form == "lean":
+        if form.startswith("lean"):
             add_training_forward(model, config.gradient_checkpointing)
+    elif kind == "floor":
+        head = set(head_tensors(model))
+        shifts = {n for n, _ in model.named_parameters() if n.endswith(".bn.bias") and n not in head}
+        set_trainable(model, head | shifts)
+        fold_batchnorm(model, skip=[model.model[last]])
+        add_training_forward(model)
     elif kind in ("freeze", "head"):  # Ultralytics' freeze: requires_grad off for the layers before `first`
         first = n_backbone if kind == "freeze" else last
         set_trainable(model, {n for n, _ in model.named_parameters() if int(n.split(".")[1]) >= first})
     model.to(device).train()
+    if form.endswith("-nhwc"):
+        model.to(memory_format=torch.channels_last)
     for m in model.modules():  # as Ultralytics' _model_train (and LoRA's) do: frozen BatchNorms in eval mode
         if isinstance(m, nn.BatchNorm2d) and not any(p.requires_grad for p in m.parameters()):
             m.eval()
@@ -155,7 +178,7 @@ def saved_bytes(model: nn.Module, data: dict, lean: bool) -> int:
 def is_lean(recipe: str) -> bool:
     """Whether a recipe's layers store SiLU outputs as their inputs (lean and not checkpointed)."""
     _, config, form = RECIPES[recipe]
-    return form == "lean" and not config.gradient_checkpointing
+    return form.startswith("lean") and not (config and config.gradient_checkpointing)
 
 
 def held_bytes(model: nn.Module, data: dict) -> int:
@@ -236,9 +259,11 @@ def peak_rss(model_yaml: str, imgsz: int, size: int, recipe: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def backward_macs(model_yaml: str, imgsz: int) -> tuple[float, float]:
+def backward_macs(model_yaml: str, imgsz: int) -> tuple[float, float, float]:
     """Conv multiply-adds of one training step of the default recipe, today and with a low-rank adapter backward,
-    each as a ratio to full fine-tuning's, for one image (the ratios do not depend on the batch).
+    and the floor of any recipe that trains the head in full and adapts layers from layer 0 (adapter gradients
+    free: forward, input gradients and the head's weight gradients), each as a ratio to full fine-tuning's, for one
+    image (the ratios do not depend on the batch).
 
     Every conv costs C in forward and C for its input gradient (counted for every conv but the first: the image
     needs none; YOLO26's one-to-one branch, whose input is detached, is counted too, a 0.1% overstatement). Full
@@ -262,11 +287,12 @@ def backward_macs(model_yaml: str, imgsz: int) -> tuple[float, float]:
         model.eval()(torch.zeros(1, 3, imgsz, imgsz))
     for hook in hooks:
         hook.remove()
-    full = today = low = 0.0
+    full = today = low = floor = 0.0
     for i, (name, c) in enumerate(macs.items()):
         conv = model.get_submodule(name)
         passes = c + (c if i else 0)  # forward and input gradient
         full += passes + c
+        floor += passes + (c if name in in_full else 0)
         weight = c if name in plan or name in in_full else 0
         r = plan[name][0] if name in plan else 0
         today += passes + weight
@@ -274,7 +300,64 @@ def backward_macs(model_yaml: str, imgsz: int) -> tuple[float, float]:
             low += passes + min(c, 2 * c * r / conv.weight[0].numel() + 2 * c * r / conv.out_channels)
         else:  # frozen, or trained in full
             low += passes + weight
-    return today / full, low / full
+    return today / full, low / full, floor / full
+
+
+# epoch mode: name -> (kind, channels_last); the LoRA runs use the default preset (its optimizer, AdamW, for all)
+EPOCH_RUNS = {
+    "full fine-tuning": ("full", None),
+    "default (channels-last on the CPU)": ("lora", None),
+    "default, standard format": ("lora", False),
+}
+DEMO_DATA = Path(__file__).resolve().parents[1] / "datasets" / "shapes-b1" / "data.yaml"
+
+
+def epoch_seconds(model_yaml: str, imgsz: int, size: int, epochs: int, run: str, out: Path) -> list[float]:
+    """Per-epoch wall times (results.csv) of one training run in a fresh process."""
+    kind, channels_last = EPOCH_RUNS[run]
+    args = dict(
+        data=str(DEMO_DATA), epochs=epochs, imgsz=imgsz, batch=size, nbs=size, device="cpu", workers=2, seed=0,
+        optimizer="AdamW", lr0=1e-3, val=False, plots=False, project=str(out), name="run", exist_ok=True,
+    )  # fmt: skip
+    if kind == "full":
+        code = f"from ultralytics import YOLO; YOLO({model_yaml!r}).train(**{args!r})"
+    else:
+        code = (
+            "from lora_yolo.presets import resolve_config; from lora_yolo.train import train;"
+            f"train(model={model_yaml!r}, config=resolve_config('default')[0], channels_last={channels_last!r},"
+            f"**{args!r})"
+        )
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    with open(out / "run" / "results.csv", encoding="utf-8") as f:
+        times = [float(row["time"]) for row in csv.DictReader(f)]
+    return [b - a for a, b in zip([0.0, *times], times)]
+
+
+def measure_epochs(model_yaml: str, imgsz: int, size: int, epochs: int, rounds: int) -> dict:
+    """Every run of `EPOCH_RUNS`, rounds interleaved (a different one first each round): per run the median epoch
+    time of each round, the first epoch and the last (validated) left out."""
+    out: dict[str, list[float]] = {r: [] for r in EPOCH_RUNS}
+    order = list(EPOCH_RUNS)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(rounds):
+            for r in order[i % len(order) :] + order[: i % len(order)]:
+                times = epoch_seconds(model_yaml, imgsz, size, epochs, r, Path(tmp) / f"{i}-{order.index(r)}")
+                out[r].append(statistics.median(times[1:-1]))
+    return out
+
+
+def epoch_table(results: list[dict]) -> str:
+    rows = ["| model | px | run | epoch s (median of rounds) | vs full fine-tuning (median, rounds' min-max) |"]
+    rows.append("| --- | --- | --- | --- | --- |")
+    for res in results:
+        full = res["runs"]["full fine-tuning"]
+        for run, times in res["runs"].items():
+            ratios = [t / f for t, f in zip(times, full)]
+            rows.append(
+                f"| {res['model']} | {res['imgsz']} | {run} | {statistics.median(times):.2f} | "
+                f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |"
+            )
+    return "\n".join(rows)
 
 
 def table(results: list[dict]) -> str:
@@ -315,14 +398,29 @@ def main() -> None:
     parser.add_argument("--rss", action="store_true", help="also peak RSS, one fresh process per recipe")
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
     parser.add_argument("--backward-macs", action="store_true", help="only count conv MACs of the default's step")
+    parser.add_argument("--epochs", type=int, help="time whole training runs of this many epochs instead of steps")
     args = parser.parse_args()
-    if args.backward_macs:
-        print("| model | px | default today / full FT | with a low-rank adapter backward / full FT |")
-        print("|---|---|---|---|")
+    if args.epochs:
+        if args.epochs < 3:
+            parser.error("--epochs needs at least 3: the first and the last are not timed")
+        results = []
         for model in args.models:
             for imgsz in args.imgsz:
-                today, low = backward_macs(f"{model}.yaml", imgsz)
-                print(f"| {model} | {imgsz} | {today:.3f}x | {low:.3f}x |")
+                runs = measure_epochs(f"{model}.yaml", imgsz, args.batch, args.epochs, max(args.rounds, 1))
+                results.append({"model": model, "imgsz": imgsz, "batch": args.batch, "runs": runs})
+                print(f"{model} {imgsz} px done", file=sys.stderr, flush=True)
+                if args.json:
+                    args.json.write_text(json.dumps({"epochs": args.epochs, "results": results}, indent=1))
+        print(f"CPU, batch {args.batch}, {args.epochs} epochs per run, torch {torch.__version__}")
+        print(epoch_table(results))
+        return
+    if args.backward_macs:
+        print("| model | px | default today / full FT | with a low-rank adapter backward | floor, adapters free |")
+        print("|---|---|---|---|---|")
+        for model in args.models:
+            for imgsz in args.imgsz:
+                today, low, floor = backward_macs(f"{model}.yaml", imgsz)
+                print(f"| {model} | {imgsz} | {today:.3f}x | {low:.3f}x | {floor:.3f}x |")
         return
     if args.recipes:  # the others leave the table; ratios stay to full fine-tuning
         for name in [r for r in RECIPES if r != "full fine-tuning" and r not in args.recipes]:
