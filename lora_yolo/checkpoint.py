@@ -177,9 +177,11 @@ def build_for_classes(base: nn.Module, nc: int, names: dict[int, str]) -> nn.Mod
 def save_checkpoint(model: nn.Module, path: str | Path, train_args: dict | None = None) -> Path:
     """Write `model` (fp32) as a plain Ultralytics checkpoint, atomically.
 
-    fp32 rather than Ultralytics' usual fp16, so base + adapter reproduce the file's weights exactly.
+    fp32 rather than Ultralytics' usual fp16, so base + adapter reproduce the file's weights exactly; in the standard
+    memory format, as Ultralytics writes its own (a model training channels-last may be passed).
     """
     snapshot = remove_training_forward(unfold_batchnorm(deepcopy(model))).float().eval()
+    snapshot.to(memory_format=torch.contiguous_format)
     for p in snapshot.parameters():
         p.requires_grad_(False)
     snapshot.criterion = None  # training-only state

@@ -24,7 +24,7 @@ callbacks, DDP) stays its own; this class changes only what it must, each where 
   its input and recomputed in backward, and with `gradient_checkpointing` each layer's activations are
   (`lora_yolo.memory`); the EMA keeps plain layers.
 - `setup_model` also trains on the CPU in channels-last memory format (`channels_last_on_cpu`), where Ultralytics
-  does so on CUDA only: the same function, about 0.8x the step time on x86 (docs/benchmarks.md).
+  does so on CUDA only: the same function, 0.88-0.97x the step time on x86 at 320 px (docs/benchmarks.md).
 - `_model_train` puts frozen BatchNorm layers in eval mode each epoch (train mode would update their running
   statistics although their weights are frozen) and checks the trainable set has not drifted.
 - `save_model` also writes the EMA's adapter (the weights Ultralytics validates) as safetensors.
@@ -126,11 +126,11 @@ def check_ddp_launcher() -> None:
 
 def channels_last_on_cpu(channels_last: bool | None, device: torch.device) -> bool:
     """Whether to train on the CPU in channels-last format: asked for (`channels_last=True`) or left to the default
-    (None), on an x86 CPU with oneDNN, the CPUs where Ultralytics' own inference turns it on (`AutoBackend`).
+    (None), on an x86 CPU with oneDNN (the CPUs Ultralytics' `AutoBackend` supports it on for inference), not on
+    Windows, where Ultralytics measured channels-last training 3x slower (ultralytics#26105).
 
     Ultralytics' trainer uses channels-last on CUDA only, saying it brings nothing on the CPU; measured here it does
-    for training (oneDNN's convolutions, forward and backward, run faster in it: docs/benchmarks.md). It leaves out
-    Windows, where it measured channels-last training 3x slower (ultralytics#26105).
+    for training (oneDNN's convolutions, forward and backward, run faster in it: docs/benchmarks.md).
     """
     return (
         channels_last is not False

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -71,6 +72,9 @@ RECIPES = {
     f"{DEFAULT}, channels-last": ("lora", _DEFAULT_CONFIG, "lean-nhwc"),
     "full fine-tuning, channels-last": ("full", None, "plain-nhwc"),
     "floor: head in full, shifts only": ("floor", None, "lean"),
+    "floor: head in full, shifts only, channels-last": ("floor", None, "lean-nhwc"),
+    f"{DEFAULT} from layer 4, channels-last": ("lora", replace(_DEFAULT_CONFIG, first_layer=4), "lean-nhwc"),
+    f"{DEFAULT} from layer 6, channels-last": ("lora", replace(_DEFAULT_CONFIG, first_layer=6), "lean-nhwc"),
     "DoRA r 8 + head in full (previous default)": (
         "lora",
         LoraConfig(use_dora=True, r=8, lora_alpha=16, clamp_rank=True, train_head=True),
@@ -327,7 +331,9 @@ def epoch_seconds(model_yaml: str, imgsz: int, size: int, epochs: int, run: str,
             f"train(model={model_yaml!r}, config=resolve_config('default')[0], channels_last={channels_last!r},"
             f"**{args!r})"
         )
-    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{run} on {model_yaml} failed:\n{done.stderr[-3000:]}")
     with open(out / "run" / "results.csv", encoding="utf-8") as f:
         times = [float(row["time"]) for row in csv.DictReader(f)]
     return [b - a for a, b in zip([0.0, *times], times)]
@@ -403,6 +409,8 @@ def main() -> None:
     if args.epochs:
         if args.epochs < 3:
             parser.error("--epochs needs at least 3: the first and the last are not timed")
+        if args.rss or args.recipes or args.backward_macs:
+            parser.error("--epochs times its own runs (EPOCH_RUNS): --rss, --recipes and --backward-macs are per step")
         results = []
         for model in args.models:
             for imgsz in args.imgsz:

@@ -164,8 +164,8 @@ def test_adapters_from_a_later_layer_save_fewer_bytes(base_pt):
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_channels_last_training_form_is_the_same_function(base_pt, kind):
-    # Ultralytics' trainer turns the model channels-last by itself on CUDA (its default there; refused on CPU), so
-    # the folded adapter layers must compute the same in that memory format; the format is the same on any device.
+    # Ultralytics' trainer turns the model channels-last on CUDA (its default there), lora-yolo's also on an x86 CPU
+    # (lora_yolo.trainer.channels_last_on_cpu), so the folded adapter layers must compute the same in that format.
     _, folded = folded_pair(base_pt, CONFIGS[kind])
     nhwc = copy.deepcopy(folded).to(memory_format=torch.channels_last)
     assert nhwc.model[0].conv.base_layer.weight.is_contiguous(memory_format=torch.channels_last)

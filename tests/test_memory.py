@@ -4,6 +4,7 @@ for backward."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 from ultralytics.cfg import get_cfg
+from ultralytics.utils import LOGGER
 
 from lora_yolo import LoraConfig, load_model
 from lora_yolo.adapter import load_adapter
@@ -207,8 +209,9 @@ def test_lean_activations_keep_silu_inputs_in_channels_last_too():
 
 def test_training_runs_channels_last_on_an_x86_cpu_and_writes_standard_checkpoints(shapes, tmp_path):
     """`lora-yolo train` on this CPU trains (and validates the EMA) in channels-last, where Ultralytics alone would
-    not (CUDA only), unless `channels_last=False`; its checkpoints and merged.pt hold standard-format weights
-    (Ultralytics' fuse views each conv weight, which fails on a channels-last 3x3 weight)."""
+    not (CUDA only), unless `channels_last=False`; its checkpoints and merged.pt hold standard-format weights, as
+    Ultralytics writes its own (older Ultralytics releases fuse with `.view`, which fails on channels-last 3x3
+    weights). Ultralytics' warning that it ignores `channels_last=True` on the CPU is not shown: here it applies."""
     if not channels_last_on_cpu(None, torch.device("cpu")):
         pytest.skip("channels-last training needs an x86 CPU with oneDNN (this test's CI has one)")
     formats = {}
@@ -220,15 +223,24 @@ def test_training_runs_channels_last_on_an_x86_cpu_and_writes_standard_checkpoin
         )
         formats[trainer.args.channels_last] = [w.is_contiguous(memory_format=torch.channels_last) for w in weights]
 
-    for flag in (None, False):
-        run = train(shapes, model="yolo11n.yaml", config=LoraConfig(use_dora=True), project=str(tmp_path),
-                    name=str(flag), channels_last=flag, callbacks={"on_train_epoch_end": [record]},
-                    **{**TINY, "epochs": 1})  # fmt: skip
-    assert formats == {None: [True, True], False: [False, False]}
+    lines: list[str] = []
+    seen = logging.Handler()
+    seen.emit = lambda record: lines.append(str(record.msg))
+    LOGGER.addHandler(seen)
+    try:
+        for flag in (None, True, False):
+            run = train(shapes, model="yolo11n.yaml", config=LoraConfig(use_dora=True), project=str(tmp_path),
+                        name=str(flag), channels_last=flag, callbacks={"on_train_epoch_end": [record]},
+                        **{**TINY, "epochs": 1})  # fmt: skip
+    finally:
+        LOGGER.removeHandler(seen)
+    assert formats == {None: [True, True], True: [True, True], False: [False, False]}
+    assert any("LoRA:" in line for line in lines) and not any("'channels_last=True' is only" in line for line in lines)
     run_dir = run.save_dir.parent / "None"
-    ckpt = torch.load(run_dir / "weights" / "last.pt", map_location="cpu", weights_only=False)
-    weights = [p for p in ckpt["model"].parameters() if p.dim() == 4 and p.shape[-1] > 1]
-    assert len(weights) > 50 and all(p.is_contiguous() for p in weights)  # the 3x3 convs, adapters' A among them
+    for name in ("last.pt", "base.pt"):  # base.pt: the YAML-built base, written from the channels-last model
+        ckpt = torch.load(run_dir / "weights" / name, map_location="cpu", weights_only=False)
+        weights = [p for p in ckpt["model"].parameters() if p.dim() == 4 and p.shape[-1] > 1]
+        assert len(weights) > 40 and all(p.is_contiguous() for p in weights), name  # 3x3 convs (last.pt: A's too)
     out = plain_ultralytics(f"""
         import json
         from ultralytics import YOLO
