@@ -225,7 +225,7 @@ class LoraTrainerMixin:
         if config.train_bias:
             full = [*full, *bias_tensors(dict(model.named_modules()), plan)]
         add_lora(model, plan, config.lora_dropout, config.use_rslora, config.use_dora)
-        _training_form(model, config)
+        _training_form(model, config, bool(self.args.compile))
         model.lora_meta = {"config": config.to_dict(), "base": fingerprint(base), "full": full}
         return model
 
@@ -233,7 +233,7 @@ class LoraTrainerMixin:
         """Base weights come from the base file, not from the fp16 checkpoint, so they stay bit-exact."""
         adapter = adapter_of(weights)
         model = attach_adapter(load_model(base_file(adapter)), adapter)
-        _training_form(model, adapter.config)
+        _training_form(model, adapter.config, bool(self.args.compile))
         model.lora_meta = weights.lora_meta
         return model
 
@@ -416,12 +416,20 @@ class LoraTrainerMixin:
         self.epoch -= 1
 
 
-def _training_form(model: nn.Module, config: LoraConfig) -> None:
+def _training_form(model: nn.Module, config: LoraConfig, compiled: bool) -> None:
     """What training computes with, the same function and gradients as the plain model: frozen BatchNorms folded,
-    SiLU outputs recomputed in backward, and with `gradient_checkpointing` each layer recomputed."""
+    SiLU outputs recomputed in backward, and with `gradient_checkpointing` each layer recomputed.
+
+    Under Ultralytics' `compile` the layers run plain (folded): inductor fails to compile the lean activations'
+    saved-tensor hooks (their `as_strided` rebuild, "cannot determine truth value of Relational"), and its own
+    partitioner already recomputes cheap elementwise ops such as SiLU in backward instead of saving them.
+    """
     trained = [m.new for m in model.modules() if isinstance(m, ClassBranch)]  # their BatchNorms train
     fold_batchnorm(model, skip=[*trained, model.model[-1]] if config.train_head else trained)
-    add_training_forward(model, config.gradient_checkpointing)
+    if not compiled:
+        add_training_forward(model, config.gradient_checkpointing)
+    elif config.gradient_checkpointing:
+        raise LoraYoloError("gradient_checkpointing and compile exclude each other: train with one of them")
 
 
 def adapter_of(model: nn.Module) -> Adapter:
