@@ -177,6 +177,7 @@ class LoraTrainerMixin:
         # Only for building the model: once built, the config travels on it (`lora_meta`), which is what a DDP
         # worker gets (Ultralytics rebuilds the trainer there from its arguments, without `lora=`).
         self.lora_config = lora or LoraConfig()
+        self.cpu_channels_last = channels_last_on_cpu(self.args.channels_last, self.device)
 
     def get_model(self, cfg=None, weights: nn.Module | None = None, verbose: bool = True) -> nn.Module:
         """Build the fine-tuning model as Ultralytics' trainer does, add adapters; resume rebuilds base + adapter."""
@@ -192,7 +193,7 @@ class LoraTrainerMixin:
         moves the model to the device (which keeps the format) and copies it for the EMA, so both train and validate
         in it; checkpoints are written in the standard format (Ultralytics' `save_model`), adapters contiguous."""
         ckpt = super().setup_model()
-        if channels_last_on_cpu(self.args.channels_last, self.device):
+        if self.cpu_channels_last:
             self.model.to(memory_format=torch.channels_last)
         return ckpt
 
@@ -239,7 +240,7 @@ class LoraTrainerMixin:
 
     def _setup_train(self):
         """Ultralytics' setup (without its per-parameter freeze log), then the run files and one summary line."""
-        quiet = _DropFreezeLines(channels_last_on_cpu(self.args.channels_last, self.device))
+        quiet = _DropFreezeLines(self.cpu_channels_last)
         LOGGER.addFilter(quiet)
         try:
             super()._setup_train()
