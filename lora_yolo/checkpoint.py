@@ -56,6 +56,11 @@ OPEN_VOCABULARY = "YOLO-World / YOLOE (open-vocabulary)"
 ASSETS = Path(__file__).parent / "assets"  # yolo11n-shapes.pt: the offline demo base (scripts/pretrain_base.py)
 
 
+def is_model_yaml(source: str | Path) -> bool:
+    """Whether `source` names an Ultralytics model YAML (a new, randomly initialised model) rather than a checkpoint."""
+    return str(source).endswith((".yaml", ".yml"))
+
+
 def load_model(source: str | Path) -> nn.Module:
     """A model in fp32 from a `.pt` checkpoint or an Ultralytics model YAML (e.g. `yolo11n.yaml`).
 
@@ -67,7 +72,7 @@ def load_model(source: str | Path) -> nn.Module:
         >>> model = load_model("yolo11n.yaml")
     """
     text = str(source)
-    if text.endswith((".yaml", ".yml")):
+    if is_model_yaml(text):
         try:
             cfg = yaml_model_load(text)
             kind = check_task(model_kind(cfg), text)

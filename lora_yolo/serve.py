@@ -40,7 +40,7 @@ from ultralytics.nn.modules import Conv, RepConv
 
 from lora_yolo.adapter import Adapter, attach_adapter, check_fits, check_layers, fingerprint, load_adapter
 from lora_yolo.branch import NEW, ClassBranch, new_branch
-from lora_yolo.checkpoint import check_task, load_error, load_model, resolve_checkpoint
+from lora_yolo.checkpoint import check_task, is_model_yaml, load_error, load_model, resolve_checkpoint
 from lora_yolo.datacheck import check_dataset
 from lora_yolo.errors import LoraYoloError, first_line
 from lora_yolo.inject import merge_lora, replace_module
@@ -211,7 +211,7 @@ class AdapterModel:
     def __init__(self, base: str | Path, end2end: bool | None = None) -> None:
         """Load and fuse `base`; `end2end` picks a YOLO26 head's branch to keep (True: the NMS-free one-to-one, as
         Ultralytics' `nms=False`; default: the base's own choice, the one-to-many branch for Ultralytics' models)."""
-        if str(base).endswith((".yaml", ".yml")):
+        if is_model_yaml(base):
             raise LoraYoloError(
                 f"serving needs the base checkpoint, not a model YAML ({base}); a run trained from a YAML keeps its "
                 "base as weights/base.pt"

@@ -17,7 +17,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER
 
 from lora_yolo.adapter import load_adapter
 from lora_yolo.branch import check_widenable
-from lora_yolo.checkpoint import RTDETR, load_model, model_kind, resolve_checkpoint
+from lora_yolo.checkpoint import RTDETR, is_model_yaml, load_model, model_kind, resolve_checkpoint
 from lora_yolo.classes import (
     FOLDER,
     PSEUDO_CONF,
@@ -33,7 +33,16 @@ from lora_yolo.errors import LoraYoloError, TrainingInterrupted, first_line
 from lora_yolo.passthrough import check_args
 from lora_yolo.presets import capped_lr0, resolve_config
 from lora_yolo.targets import STATISTICS
-from lora_yolo.trainer import ADAPTER, ADAPTER_LAST, CONFIG_FILE, MERGED, TRAINERS, LoraTrainerMixin, base_file
+from lora_yolo.trainer import (
+    ADAPTER,
+    ADAPTER_LAST,
+    CONFIG_FILE,
+    MERGED,
+    TRAINERS,
+    LoraTrainerMixin,
+    base_file,
+    check_keypoints,
+)
 
 # Train arguments that LoRA owns: passing them would silently fight the adapter setup.
 RESERVED = {
@@ -226,13 +235,15 @@ def train(
         if data is None:
             raise LoraYoloError("DATA is required (a dataset YAML) unless --resume is given")
         if config is not None and config.add_classes:  # before the trainer makes a run folder
-            if str(model).endswith((".yaml", ".yml")):
+            if is_model_yaml(model):
                 raise LoraYoloError("add_classes keeps a trained base's classes: give a .pt checkpoint, not a YAML")
             if not 0 < pseudo_conf <= 1:
                 raise LoraYoloError(f"pseudo_conf must be in (0, 1], got {pseudo_conf}")
         base = load_model(model)
         task, kind = base.task, model_kind(base)
         resolved = check_dataset(data, task)
+        if task == "pose":  # before the trainer makes a run folder
+            check_keypoints(resolved, None if is_model_yaml(model) else base)
         if config is not None and config.add_classes:
             check_add_classes(resolved, base.names, kind, adapted=config.add_classes == "adapted")
             check_widenable(base)
@@ -257,7 +268,7 @@ def train(
             trainer.data = trainer.get_dataset()
         # As Ultralytics' Model.train does: build the model before train(), so the DDP launcher pickles the model
         # with its adapters and each worker trains that very model.
-        trainer.model = trainer.get_model(cfg=base.yaml, weights=None if str(model).endswith(".yaml") else base)
+        trainer.model = trainer.get_model(cfg=base.yaml, weights=None if is_model_yaml(model) else base)
     for event, functions in (callbacks or {}).items():
         for function in functions:
             trainer.add_callback(event, function)

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from torch import distributed as dist
 from torch import nn
+from ultralytics.cfg import cfg2dict
 from ultralytics.models.rtdetr.train import RTDETRTrainer
 from ultralytics.models.rtdetr.val import RTDETRValidator
 from ultralytics.models.yolo.classify import ClassificationTrainer, ClassificationValidator
@@ -82,7 +83,7 @@ from lora_yolo.checkpoint import (
 )
 from lora_yolo.classes import BRANCH_LR
 from lora_yolo.config import LoraConfig
-from lora_yolo.errors import LoraYoloError
+from lora_yolo.errors import LoraYoloError, first_line
 from lora_yolo.fold import fold_batchnorm, unfold_batchnorm
 from lora_yolo.inject import LORA_SUFFIXES, add_lora, lora_layers, set_trainable, unload_lora
 from lora_yolo.memory import add_training_forward, remove_training_forward
@@ -112,6 +113,34 @@ def freeze_list(model: nn.Module) -> list[str]:
     keep = trainable_names(model)
     owners = {n.rpartition(".")[0] for n, _ in model.named_parameters() if n not in keep}
     return sorted(o.removeprefix("model.") for o in owners - {n.rpartition(".")[0] for n in keep})
+
+
+def refuse_unsupported(args: dict, config: LoraConfig) -> None:
+    """Ultralytics training arguments a LoRA run cannot take, each refused in one line. Checked on the arguments as
+    given, before Ultralytics' trainer sets up: its setup makes the run folder, which a refused run would leave
+    behind empty. A resumed run's own arguments passed this check when it started (Ultralytics lets a resume change
+    `distill_model`, which is in `args`, but not `compile`).
+    """
+    if args.get("distill_model") is not None:
+        raise LoraYoloError(
+            "distill_model is not supported: Ultralytics' distillation wraps the model in a DistillationModel, "
+            "which carries no adapters; train without it"
+        )
+    if config.gradient_checkpointing and args.get("compile"):
+        raise LoraYoloError("gradient_checkpointing and compile exclude each other: train with one of them")
+
+
+def check_keypoints(data: dict, base: nn.Module | None) -> None:
+    """A pose dataset states its keypoint layout, and a trained pose base adapts to data with its own layout only:
+    its head's keypoint outputs are sized by it. `base` None: a base built from a model YAML, which takes the
+    dataset's layout."""
+    if data.get("kpt_shape") is None:
+        raise LoraYoloError("a pose dataset needs kpt_shape ([keypoints, 2 or 3]) in its YAML")
+    if base is not None and tuple(base.yaml.get("kpt_shape", ())) != tuple(data["kpt_shape"]):
+        raise LoraYoloError(
+            f"the dataset's kpt_shape {list(data['kpt_shape'])} differs from the base's {base.yaml.get('kpt_shape')}: "
+            "LoRA adapts a pose model to new data with the same keypoints"
+        )
 
 
 def check_ddp_launcher() -> None:
@@ -166,12 +195,8 @@ class LoraTrainerMixin:
     """
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, lora: LoraConfig | None = None):
+        refuse_unsupported({**cfg2dict(cfg), **(overrides or {})}, lora or LoraConfig())
         super().__init__(cfg, overrides, _callbacks)
-        if self.args.distill_model is not None:
-            raise LoraYoloError(
-                "distill_model is not supported: Ultralytics' distillation wraps the model in a DistillationModel, "
-                "which carries no adapters; train without it"
-            )
         if self.ddp:
             check_ddp_launcher()
         # Only for building the model: once built, the config travels on it (`lora_meta`), which is what a DDP
@@ -207,11 +232,8 @@ class LoraTrainerMixin:
             base.pt_path = str(self.wdir / BASE)  # written by _setup_train, see _write_run_files
         else:
             base = weights
-        if kpt and tuple(base.yaml.get("kpt_shape", ())) != kpt["data_kpt_shape"]:
-            raise LoraYoloError(
-                f"the dataset's kpt_shape {list(kpt['data_kpt_shape'])} differs from the base's "
-                f"{base.yaml.get('kpt_shape')}: LoRA adapts a pose model to new data with the same keypoints"
-            )
+        if kpt:
+            check_keypoints(self.data, weights)
         model = build_for_classes(base, self.data["nc"], self.data["names"])
         config = self.lora_config
         if config.add_classes:  # a trained copy of each class branch for the new classes; adapted: adapters elsewhere
@@ -283,7 +305,10 @@ class LoraTrainerMixin:
         trained in full (class layers) keep Muon.
         """
         set_trainable(unwrap_model(model), trainable_names(unwrap_model(model)))  # what freeze_list could not freeze
-        optimizer = super().build_optimizer(model, *args, **kwargs)
+        try:
+            optimizer = super().build_optimizer(model, *args, **kwargs)
+        except NotImplementedError as e:  # an optimizer name Ultralytics does not know
+            raise LoraYoloError(first_line(e)) from None
         meta = unwrap_model(model).lora_meta
         config = LoraConfig.from_dict(meta["config"])
         ratio = config.loraplus_lr_ratio
@@ -427,10 +452,9 @@ def _training_form(model: nn.Module, config: LoraConfig, compiled: bool) -> None
     """
     trained = [m.new for m in model.modules() if isinstance(m, ClassBranch)]  # their BatchNorms train
     fold_batchnorm(model, skip=[*trained, model.model[-1]] if config.train_head else trained)
-    if not compiled:
+    refuse_unsupported({"compile": compiled}, config)  # again: a new run's config is checked before it is built,
+    if not compiled:  # but not that of a run's last.pt given as the base
         add_training_forward(model, config.gradient_checkpointing)
-    elif config.gradient_checkpointing:
-        raise LoraYoloError("gradient_checkpointing and compile exclude each other: train with one of them")
 
 
 def adapter_of(model: nn.Module) -> Adapter:

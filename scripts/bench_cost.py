@@ -12,7 +12,8 @@ on the CPU (what it does) and in the standard one (`channels_last=False`), N epo
 (datasets/shapes-b1, 120 training images), rounds interleaved; epoch = wall time per epoch as Ultralytics logs it
 (results.csv), median over the epochs but the first (warm-up) and the last. The runs train with `val=False`, so the
 epochs timed hold no validation: what validation costs depends on how many boxes the half-trained model proposes
-(NMS), not on how it was trained. With `--rss` each
+(NMS), not on how it was trained. It also times one pass of Ultralytics' CPU data loader alone: on the CPU the
+trainer loads in the training process between steps (`workers=0`), the same seconds in every run. With `--rss` each
 recipe also runs alone in a fresh process for its peak RSS (yolo11n only by default: one process per recipe). On a
 CUDA device it adds `torch.cuda.max_memory_allocated` and the step time under AMP.
 
@@ -46,6 +47,8 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from ultralytics.cfg import get_cfg  # noqa: E402
+from ultralytics.data.build import build_dataloader, build_yolo_dataset  # noqa: E402
+from ultralytics.data.utils import check_det_dataset  # noqa: E402
 
 from lora_yolo import LoraConfig, load_model  # noqa: E402
 from lora_yolo.fold import fold_batchnorm  # noqa: E402
@@ -339,6 +342,23 @@ def epoch_seconds(model_yaml: str, imgsz: int, size: int, epochs: int, run: str,
     return [b - a for a, b in zip([0.0, *times], times)]
 
 
+def loader_seconds(imgsz: int, size: int, passes: int) -> list[float]:
+    """Seconds per pass over the demo training set through Ultralytics' training loader as its trainer runs it on
+    the CPU: `workers=0` (the trainer sets it there), so images are loaded and augmented in the training process,
+    between steps, the same work for every run. Augmentation as in the timed runs (mosaic on: they stop before
+    `close_mosaic`)."""
+    cfg = get_cfg(overrides={"data": str(DEMO_DATA), "imgsz": imgsz, "batch": size, "seed": 0})
+    data = check_det_dataset(str(DEMO_DATA))
+    loader = build_dataloader(build_yolo_dataset(cfg, data["train"], size, data), size, workers=0, shuffle=True)
+    times = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        for _ in loader:
+            pass
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def measure_epochs(model_yaml: str, imgsz: int, size: int, epochs: int, rounds: int) -> dict:
     """Every run of `EPOCH_RUNS`, rounds interleaved (a different one first each round): per run the median epoch
     time of each round, the first epoch and the last (validated) left out."""
@@ -415,12 +435,18 @@ def main() -> None:
         for model in args.models:
             for imgsz in args.imgsz:
                 runs = measure_epochs(f"{model}.yaml", imgsz, args.batch, args.epochs, max(args.rounds, 1))
-                results.append({"model": model, "imgsz": imgsz, "batch": args.batch, "runs": runs})
+                loader = loader_seconds(imgsz, args.batch, args.epochs)
+                results.append({"model": model, "imgsz": imgsz, "batch": args.batch, "runs": runs, "loader": loader})
                 print(f"{model} {imgsz} px done", file=sys.stderr, flush=True)
                 if args.json:
                     args.json.write_text(json.dumps({"epochs": args.epochs, "results": results}, indent=1))
         print(f"CPU, batch {args.batch}, {args.epochs} epochs per run, torch {torch.__version__}")
         print(epoch_table(results))
+        for res in results:
+            print(
+                f"{res['model']} {res['imgsz']} px: loading the epoch's data (Ultralytics' CPU loader, in the "
+                f"training process) takes {statistics.median(res['loader']):.2f} s of it, the same in every run"
+            )
         return
     if args.backward_macs:
         print("| model | px | default today / full FT | with a low-rank adapter backward | floor, adapters free |")

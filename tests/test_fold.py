@@ -138,7 +138,8 @@ def test_training_model_is_folded_and_its_base_file_plain(base_pt, coco8, tmp_pa
     from lora_yolo.inject import unload_lora
     from lora_yolo.trainer import LoraDetectionTrainer
 
-    trainer = LoraDetectionTrainer(overrides={"model": str(base_pt), "data": str(coco8)}, lora=LoraConfig())
+    overrides = {"model": str(base_pt), "data": str(coco8), "project": str(tmp_path / "runs")}
+    trainer = LoraDetectionTrainer(overrides=overrides, lora=LoraConfig())
     base = load_model(base_pt)
     model = trainer.get_model(cfg=base.yaml, weights=base)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in base.modules())

@@ -253,15 +253,16 @@ def test_training_runs_channels_last_on_an_x86_cpu_and_writes_standard_checkpoin
     assert out["standard"], out
 
 
-def test_under_compile_the_layers_train_plain_and_folded(base_pt, coco8):
+def test_under_compile_the_layers_train_plain_and_folded(base_pt, coco8, tmp_path):
     """Ultralytics' `compile=True` with adapters: inductor fails on the lean activations' hooks (measured: "cannot
     determine truth value of Relational" in the first step), so the trainer builds the model without them, still
-    folded; gradient checkpointing (the other training forward) and compile are refused together in one line. A
-    whole compiled run is not in the suite (its compile takes minutes here; docs/training.md has one)."""
+    folded; gradient checkpointing (the other training forward) and compile are refused together in one line,
+    before a run folder is made. A whole compiled run is not in the suite (its compile takes minutes here;
+    docs/training.md has one)."""
     base = load_model(base_pt)
     forms = {}
     for compiled in (False, True):
-        overrides = {"model": str(base_pt), "data": str(coco8), "compile": compiled}
+        overrides = {"model": str(base_pt), "data": str(coco8), "compile": compiled, "project": str(tmp_path / "built")}
         model = LoraDetectionTrainer(overrides=overrides, lora=LoraConfig(use_dora=True)).get_model(
             cfg=base.yaml, weights=copy.deepcopy(base)
         )
@@ -270,7 +271,13 @@ def test_under_compile_the_layers_train_plain_and_folded(base_pt, coco8):
             sum(isinstance(m, FoldedBatchNorm2d) for m in model.modules()),
         )
     assert forms[False] == (len(base.model), forms[True][1]) and forms[True][0] == 0 and forms[True][1] > 50
-    overrides = {"model": str(base_pt), "data": str(coco8), "compile": True}
-    trainer = LoraDetectionTrainer(overrides=overrides, lora=LoraConfig(use_dora=True, gradient_checkpointing=True))
     with pytest.raises(LoraYoloError, match="gradient_checkpointing and compile exclude each other"):
-        trainer.get_model(cfg=base.yaml, weights=copy.deepcopy(base))
+        train(
+            coco8,
+            model=base_pt,
+            config=LoraConfig(gradient_checkpointing=True),
+            compile=True,
+            project=str(tmp_path / "refused"),
+            **TINY,
+        )
+    assert not (tmp_path / "refused").exists()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import ultralytics
+import yaml
 from conftest import TINY, all_outputs, make_base
 from ultralytics import YOLO
 
@@ -114,6 +115,24 @@ def test_pose_data_with_another_keypoint_layout_is_refused(tmp_path):
     base = make_base(tmp_path / "pose17.pt", "yolo11n-pose.yaml")  # 17 keypoints
     with pytest.raises(LoraYoloError, match=r"kpt_shape \[2, 3\] differs from the base's \[17, 3\]"):
         train(data, model=base, project=str(tmp_path / "runs"), **TINY)
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
+
+
+def test_pose_from_a_model_yaml_takes_the_data_keypoints_and_needs_them(tmp_path):
+    """A base built from a model YAML (`.yml` too) takes the dataset's keypoint layout, so a 17-keypoint YAML trains
+    on 2-keypoint data and its base is kept for merge; a pose dataset without kpt_shape is one line, before a run
+    folder is made."""
+    data = make_dataset(tmp_path / "data", "A", n_train=2, n_val=2, imgsz=64, seed=0, task="pose")  # 2 keypoints
+    model = tmp_path / "yolo11n-pose.yml"
+    model.write_text((CFG / "11" / "yolo11-pose.yaml").read_text())  # kpt_shape: [17, 3]
+    result = train(data, model=model, project=str(tmp_path / "runs"), name="yml", **{**TINY, "epochs": 1})
+    assert load_adapter(result.adapter).base["path"] == str((result.save_dir / "weights" / "base.pt").resolve())
+    assert tuple(load_model(result.merged).model[-1].kpt_shape) == (2, 3)
+    spec = yaml.safe_load(data.read_text())
+    data.write_text(yaml.safe_dump({k: v for k, v in spec.items() if k not in ("kpt_shape", "flip_idx")}))
+    with pytest.raises(LoraYoloError, match=r"a pose dataset needs kpt_shape"):
+        train(data, model=model, project=str(tmp_path / "refused"), **TINY)
+    assert not (tmp_path / "refused").exists()
 
 
 def same_rows(got: np.ndarray, want: np.ndarray) -> bool:

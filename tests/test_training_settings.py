@@ -35,7 +35,8 @@ def base_with_names(path: Path, names: dict[int, str]) -> Path:
 
 
 def built_model(base: Path, data: Path, lora: LoraConfig | None = None):
-    trainer = LoraDetectionTrainer(overrides={"model": str(base), "data": str(data)}, lora=lora or LoraConfig(r=4))
+    overrides = {"model": str(base), "data": str(data), "project": str(base.parent / "runs")}  # not Ultralytics' runs
+    trainer = LoraDetectionTrainer(overrides=overrides, lora=lora or LoraConfig(r=4))
     weights = load_model(base)
     return trainer, trainer.get_model(cfg=weights.yaml, weights=weights)
 
@@ -157,6 +158,12 @@ def test_musgd_keeps_adapters_out_of_muon(coco8, tmp_path, name):
 def test_distillation_is_refused_with_one_line(base_pt, coco8, tmp_path):
     with pytest.raises(LoraYoloError, match="distill_model is not supported"):
         train(coco8, model=base_pt, project=str(tmp_path), distill_model=str(base_pt), **TINY)
+    assert not any(tmp_path.iterdir())  # refused before a run folder was made
+
+
+def test_an_optimizer_ultralytics_does_not_know_is_one_line(base_pt, coco8, tmp_path):
+    with pytest.raises(LoraYoloError, match=r"^Optimizer 'Adagrad' not found in list of available optimizers"):
+        train(coco8, model=base_pt, project=str(tmp_path), optimizer="Adagrad", **TINY)
 
 
 def test_resume_keeps_a_base_off_the_fp16_grid_exact(coco8, tmp_path):
