@@ -128,6 +128,11 @@ def refuse_unsupported(args: dict, config: LoraConfig) -> None:
         )
     if config.gradient_checkpointing and args.get("compile"):
         raise LoraYoloError("gradient_checkpointing and compile exclude each other: train with one of them")
+    if str(args.get("quantize")).lower() in {"8", "int8"}:  # Ultralytics' QAT swaps every conv for a quantized one
+        raise LoraYoloError(
+            "quantize=8 (quantization-aware training) is not supported with adapters: train, then quantize "
+            "merged.pt, a plain Ultralytics checkpoint (Ultralytics' QAT or an int8 export)"
+        )
 
 
 def check_keypoints(data: dict, base: nn.Module | None) -> None:

@@ -161,6 +161,15 @@ def test_distillation_is_refused_with_one_line(base_pt, coco8, tmp_path):
     assert not any(tmp_path.iterdir())  # refused before a run folder was made
 
 
+@pytest.mark.parametrize("quantize", [8, "int8"])
+def test_quantization_aware_training_is_refused_with_one_line(base_pt, coco8, tmp_path, quantize):
+    """Ultralytics' QAT swaps every conv for a quantized one (ModelOpt), adapted ones included: untested with
+    adapters, so refused before a run folder is made."""
+    with pytest.raises(LoraYoloError, match=r"^quantize=8 \(quantization-aware training\) is not supported"):
+        train(coco8, model=base_pt, project=str(tmp_path), quantize=quantize, **TINY)
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_optimizer_ultralytics_does_not_know_is_one_line(base_pt, coco8, tmp_path):
     with pytest.raises(LoraYoloError, match=r"^Optimizer 'Adagrad' not found in list of available optimizers"):
         train(coco8, model=base_pt, project=str(tmp_path), optimizer="Adagrad", **TINY)
