@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import signal
 import statistics
 import threading
@@ -251,24 +252,25 @@ def train(
         trainer = _trainer(
             kind, overrides={**overrides, "model": str(model), "data": str(data), "task": task}, lora=config
         )
-        if config is not None and config.add_classes:  # the relabelled copy of the dataset, in the run folder
-            if trainer.ddp:  # Ultralytics' DDP launcher deletes the run folder, and the relabelled copy with it
-                raise LoraYoloError("add_classes trains on one device for now: pass a single --device")
-            adapted = config.add_classes == "adapted"
-            relabelled, pseudo = prepare_dataset(
-                resolved,
-                resolve_checkpoint(model),
-                base.names,
-                trainer.save_dir / FOLDER,
-                pseudo_conf if adapted else None,
-                task,
-            )
-            pseudo_labels = pseudo if adapted else None
-            trainer.args.data = str(relabelled)
-            trainer.data = trainer.get_dataset()
-        # As Ultralytics' Model.train does: build the model before train(), so the DDP launcher pickles the model
-        # with its adapters and each worker trains that very model.
-        trainer.model = trainer.get_model(cfg=base.yaml, weights=None if is_model_yaml(model) else base)
+        with _discarded_on_error(trainer):  # the run folder it just made, if building the run fails
+            if config is not None and config.add_classes:  # the relabelled copy of the dataset, in the run folder
+                if trainer.ddp:  # Ultralytics' DDP launcher deletes the run folder, and the relabelled copy with it
+                    raise LoraYoloError("add_classes trains on one device for now: pass a single --device")
+                adapted = config.add_classes == "adapted"
+                relabelled, pseudo = prepare_dataset(
+                    resolved,
+                    resolve_checkpoint(model),
+                    base.names,
+                    trainer.save_dir / FOLDER,
+                    pseudo_conf if adapted else None,
+                    task,
+                )
+                pseudo_labels = pseudo if adapted else None
+                trainer.args.data = str(relabelled)
+                trainer.data = trainer.get_dataset()
+            # As Ultralytics' Model.train does: build the model before train(), so the DDP launcher pickles the model
+            # with its adapters and each worker trains that very model.
+            trainer.model = trainer.get_model(cfg=base.yaml, weights=None if is_model_yaml(model) else base)
     for event, functions in (callbacks or {}).items():
         for function in functions:
             trainer.add_callback(event, function)
@@ -316,6 +318,21 @@ def train(
         warnings=warnings,
         untouched=best_untouched,
     )
+
+
+@contextmanager
+def _discarded_on_error(trainer: LoraTrainerMixin) -> Iterator[None]:
+    """Remove the run folder the trainer has just made when building the run fails before training starts (a
+    selection that matches nothing, a rank no layer can use, add_classes' relabelling): Ultralytics makes it, with
+    its args.yaml and an empty weights/, when the trainer is built, and left behind it would take the run's name
+    from the next run. Without `exist_ok` Ultralytics picks a name no folder has, so the folder is this call's own;
+    with it the folder may be an earlier run's, and stays."""
+    try:
+        yield
+    except BaseException:
+        if not trainer.args.exist_ok:
+            shutil.rmtree(trainer.save_dir, ignore_errors=True)
+        raise
 
 
 @contextmanager
