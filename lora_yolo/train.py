@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import shutil
 import signal
 import statistics
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ultralytics.utils import DEFAULT_CFG, LOGGER
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 
 from lora_yolo.adapter import load_adapter
 from lora_yolo.branch import check_widenable
@@ -322,16 +321,22 @@ def train(
 
 @contextmanager
 def _discarded_on_error(trainer: LoraTrainerMixin) -> Iterator[None]:
-    """Remove the run folder the trainer has just made when building the run fails before training starts (a
-    selection that matches nothing, a rank no layer can use, add_classes' relabelling): Ultralytics makes it, with
-    its args.yaml and an empty weights/, when the trainer is built, and left behind it would take the run's name
-    from the next run. Without `exist_ok` Ultralytics picks a name no folder has, so the folder is this call's own;
-    with it the folder may be an earlier run's, and stays."""
+    """Take back the run folder the trainer has just made when building the run fails before training starts (a
+    selection that matches nothing, a rank no layer can use): Ultralytics makes it, with its args.yaml and an empty
+    weights/, when the trainer is built, and left behind it would take the run's name from the next run.
+
+    Only what Ultralytics wrote there goes (args.yaml, the empty weights/), then the folder if nothing else is in
+    it: without `exist_ok` the folder is new, but a name such as `x/..` or a second run started at the same moment
+    can reach an existing one. With `exist_ok`, or on a rank other than 0 (a torchrun launch), nothing is touched.
+    """
     try:
         yield
     except BaseException:
-        if not trainer.args.exist_ok:
-            shutil.rmtree(trainer.save_dir, ignore_errors=True)
+        if not trainer.args.exist_ok and RANK in {-1, 0}:
+            (trainer.save_dir / "args.yaml").unlink(missing_ok=True)
+            for folder in (trainer.wdir, trainer.save_dir):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
         raise
 
 

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import distributed as dist
 from torch import nn
-from ultralytics.cfg import cfg2dict
+from ultralytics.cfg import QUANTIZE_ALIASES, cfg2dict
 from ultralytics.models.rtdetr.train import RTDETRTrainer
 from ultralytics.models.rtdetr.val import RTDETRValidator
 from ultralytics.models.yolo.classify import ClassificationTrainer, ClassificationValidator
@@ -128,7 +128,7 @@ def refuse_unsupported(args: dict, config: LoraConfig) -> None:
         )
     if config.gradient_checkpointing and args.get("compile"):
         raise LoraYoloError("gradient_checkpointing and compile exclude each other: train with one of them")
-    if str(args.get("quantize")).lower() in {"8", "int8"}:  # Ultralytics' QAT swaps every conv for a quantized one
+    if QUANTIZE_ALIASES.get(str(args.get("quantize")).lower()) == 8:  # QAT: Ultralytics swaps every conv for its own
         raise LoraYoloError(
             "quantize=8 (quantization-aware training) is not supported with adapters: train, then quantize "
             "merged.pt, a plain Ultralytics checkpoint (Ultralytics' QAT or an int8 export)"

@@ -163,7 +163,8 @@ def test_distillation_is_refused_with_one_line(base_pt, coco8, tmp_path):
 
 def test_a_selection_refused_while_building_the_run_leaves_no_run_folder(base_pt, coco8, tmp_path):
     """Refused after Ultralytics has made the run folder (the selection is made on the model the trainer builds): the
-    folder is this call's own, and is removed; with exist_ok an existing run's folder is kept as it was."""
+    folder is this call's own, and is removed; a folder that holds anything else (an earlier run's, reached with
+    exist_ok or through a name like `x/..`) keeps it."""
     config = LoraConfig(targets=[], include=[r"model\.23\.cv9"])
     with pytest.raises(LoraYoloError, match="matches no trainable conv layer"):
         train(coco8, model=base_pt, config=config, project=str(tmp_path / "new"), **TINY)
@@ -174,9 +175,12 @@ def test_a_selection_refused_while_building_the_run_leaves_no_run_folder(base_pt
     with pytest.raises(LoraYoloError, match="matches no trainable conv layer"):
         train(coco8, model=base_pt, config=config, project=str(earlier.parent), name="run", exist_ok=True, **TINY)
     assert (earlier / "weights" / "last.pt").read_bytes() == b"an earlier run's"
+    with pytest.raises(LoraYoloError, match="matches no trainable conv layer"):
+        train(coco8, model=base_pt, config=config, project=str(earlier.parent), name="nothing/..", **TINY)
+    assert (earlier / "weights" / "last.pt").read_bytes() == b"an earlier run's"
 
 
-@pytest.mark.parametrize("quantize", [8, "int8"])
+@pytest.mark.parametrize("quantize", [8, "int8", "W8A8"])
 def test_quantization_aware_training_is_refused_with_one_line(base_pt, coco8, tmp_path, quantize):
     """Ultralytics' QAT swaps every conv for a quantized one (ModelOpt), adapted ones included: untested with
     adapters, so refused before a run folder is made."""
