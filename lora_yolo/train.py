@@ -52,6 +52,8 @@ RESERVED = {
     "freeze": "--targets/--include/--exclude",
     "task": "(the base model's task)",
     "mode": "(train)",
+    # Ultralytics reads a cfg file in Model.train, not in the trainer this calls: passed through, it would be ignored
+    "cfg": "--config (a lora-yolo YAML holds Ultralytics training arguments under 'train:')",
 }
 
 

@@ -18,9 +18,16 @@ def test_misspelled_passthrough_key_suggests_the_right_one(base_pt, cli_here):
     assert "Traceback" not in out.stderr
 
 
-def test_freeze_is_owned_by_lora(base_pt, cli_here):
-    out = cli_here("train", SHAPES_B1, "--model", base_pt, "freeze=10")
-    assert out.returncode == 2 and "'freeze' cannot be passed through" in out.stderr
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("freeze=10", "'freeze' cannot be passed through"),
+        ("cfg=custom.yaml", "'cfg' cannot be passed through; use --config (a lora-yolo YAML holds Ultralytics"),
+    ],
+)
+def test_arguments_lora_yolo_owns_are_refused(base_pt, cli_here, arg, message):
+    out = cli_here("train", SHAPES_B1, "--model", base_pt, arg)
+    assert out.returncode == 2 and message in out.stderr
 
 
 def test_default_model_offline_says_how_to_pass_a_local_one(tmp_path):
