@@ -208,5 +208,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, train_args: dict | None 
         "train_args": args,
     }
     with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+        try:
+            torch.save(ckpt, tmp)
+        except RuntimeError as e:  # torch reports a failed write (a full disk) as "enforce fail ... unexpected pos"
+            raise LoraYoloError(f"cannot write {path}: {first_line(e)}") from None
     return Path(path)

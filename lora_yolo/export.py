@@ -17,6 +17,7 @@ from ultralytics import RTDETR, YOLO
 from ultralytics.engine.exporter import export_formats
 from ultralytics.utils import DEFAULT_CFG_DICT
 
+from lora_yolo.atomic import refuse_inputs
 from lora_yolo.errors import LoraYoloError, first_line
 from lora_yolo.merge import merge_files, parse_adapter_spec
 
@@ -66,17 +67,23 @@ def export_model(
     if not target.parent.is_dir():
         raise LoraYoloError(f"output folder does not exist: {target.parent}")
     inputs = [p for p in (model, base, *(parse_adapter_spec(a)[0] for a in adapters or [])) if p is not None]
-    if target.resolve() in {Path(p).resolve() for p in inputs}:
-        raise LoraYoloError(f"output {target} would overwrite an input")
+    refuse_inputs(target, inputs)
     if target.is_dir() and any(target.iterdir()):
         raise LoraYoloError(f"{target} already exists and is not empty; remove it or choose another --output")
     precision = {"quantize": 16 if half else None} if "quantize" in DEFAULT_CFG_DICT else {"half": half}
     if nms is not None:
         precision["nms"] = nms
-    with tempfile.TemporaryDirectory(prefix=".lora-yolo-export-", dir=target.parent) as tmp:
+    try:
+        workspace = tempfile.TemporaryDirectory(prefix=".lora-yolo-export-", dir=target.parent)
+    except OSError as e:
+        raise LoraYoloError(f"cannot write to {target.parent}: {e.strerror or e}") from None
+    with workspace as tmp:
         work = Path(tmp) / f"{stem}.pt"
         if model is not None:
-            shutil.copyfile(source, work)  # the exporter writes beside its input: never beside the user's file
+            try:  # the exporter writes beside its input: never beside the user's file
+                shutil.copyfile(source, work)
+            except OSError as e:
+                raise LoraYoloError(f"cannot write to {target.parent}: {e.strerror or e}") from None
         else:
             merge_files(base, adapters, work)
         try:

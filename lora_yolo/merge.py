@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lora_yolo.adapter import Adapter, attach_adapter, check_fits, load_adapter
+from lora_yolo.atomic import refuse_inputs
 from lora_yolo.branch import widen_branches
 from lora_yolo.checkpoint import build_for_classes, load_model, save_checkpoint
 from lora_yolo.errors import LoraYoloError
@@ -94,8 +95,7 @@ def merge_files(
     """
     specs = [parse_adapter_spec(s) for s in adapters]
     output = Path(output)
-    if output.resolve() in {Path(base).resolve(), *(p.resolve() for p, _ in specs)}:
-        raise LoraYoloError(f"output {output} would overwrite an input")
+    refuse_inputs(output, [base, *(p for p, _ in specs)])
     base_model = load_model(base)
     model = merge_adapters(base_model, [(load_adapter(p), w) for p, w in specs], allow_other_weights)
     args = dict(train_args if train_args is not None else getattr(base_model, "args", None) or {})

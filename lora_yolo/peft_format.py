@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lora_yolo.adapter import Adapter, check_tensors, fingerprint, parse_json, parse_metadata, read_safetensors
-from lora_yolo.atomic import atomic_dir
+from lora_yolo.atomic import atomic_dir, refuse_inputs
 from lora_yolo.checkpoint import class_count, model_task
 from lora_yolo.config import LoraConfig
 from lora_yolo.errors import LoraYoloError
@@ -264,7 +264,6 @@ def convert(source: str | Path, output: str | Path, to_format: str | None, base:
 
     if to_format == "peft":
         return to_peft(load_adapter(source), output)
-    if Path(output).resolve() == Path(source).resolve():
-        raise LoraYoloError(f"output {output} would overwrite the input")
+    refuse_inputs(output, [source] if base is None else [source, base])  # the PEFT folder, its files, the base
     adapter = from_peft(source, load_model(base) if base is not None else None)
     return save_adapter(adapter, output, dtype=next(iter(adapter.tensors.values())).dtype)

@@ -28,6 +28,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -518,6 +520,17 @@ def serving_model(
     return model
 
 
+@contextmanager
+def ultralytics_refusals() -> Iterator[None]:
+    """Ultralytics refuses what a user gives it (a value out of range, a device that is not there, a split or a
+    folder with no images, an output folder that cannot be written, a URL offline) with plain Python exceptions:
+    each is one line here."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError) as e:
+        raise LoraYoloError(first_line(e)) from None
+
+
 def predict(
     source: str | Path,
     base: str | Path,
@@ -542,15 +555,13 @@ def predict(
     # Ultralytics' predictor itself, with YOLO.predict's defaults: YOLO.predict takes any program whose name ends in
     # "yolo" (lora-yolo does) for its own CLI, and then returns nothing.
     args = {**model.yolo.overrides, "conf": 0.25, "batch": 1, "rect": True, **overrides, "mode": "predict"}
-    predictor = model.yolo.task_map[model.yolo.task]["predictor"](overrides=args)
-    predictor.setup_model(model=model.model, verbose=False)
     images = boxes = 0
-    try:
+    with ultralytics_refusals():
+        predictor = model.yolo.task_map[model.yolo.task]["predictor"](overrides=args)
+        predictor.setup_model(model=model.model, verbose=False)
         for result in predictor(source=str(source), stream=True):
             images += 1
             boxes += 0 if result.probs is not None else len(result)  # detections (boxes, masks, keypoints or obb)
-    except FileNotFoundError as e:  # a folder with no image in it (Ultralytics does not search subfolders)
-        raise LoraYoloError(first_line(e)) from None
     return Path(predictor.save_dir), images, None if model.yolo.task in ("classify", "semantic", "depth") else boxes
 
 
@@ -573,4 +584,5 @@ def validate(
     nc = check_dataset(data, model.yolo.task)["nc"]
     if nc != len(model.model.names):
         raise LoraYoloError(f"{data} has {nc} classes, the model with this adapter predicts {len(model.model.names)}")
-    return model.val(data=str(data), **overrides)
+    with ultralytics_refusals():
+        return model.val(data=str(data), **overrides)

@@ -275,7 +275,7 @@ def train(
     for event, functions in (callbacks or {}).items():
         for function in functions:
             trainer.add_callback(event, function)
-    with _stop_on_sigterm():
+    with _stop_on_sigterm(), _setup_errors(trainer):
         try:
             trainer.train()
         except KeyboardInterrupt:
@@ -334,12 +334,36 @@ def _discarded_on_error(trainer: LoraTrainerMixin) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if not trainer.args.exist_ok and RANK in {-1, 0}:
-            (trainer.save_dir / "args.yaml").unlink(missing_ok=True)
-            for folder in (trainer.wdir, trainer.save_dir):
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
+        _take_back_run_folder(trainer)
         raise
+
+
+def _take_back_run_folder(trainer: LoraTrainerMixin) -> None:
+    """`_discarded_on_error`'s cleanup, also for a new run refused in Ultralytics' setup (`_setup_errors`)."""
+    if not trainer.args.exist_ok and not trainer.args.resume and RANK in {-1, 0}:
+        (trainer.save_dir / "args.yaml").unlink(missing_ok=True)
+        for folder in (trainer.wdir, trainer.save_dir):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+@contextmanager
+def _setup_errors(trainer: LoraTrainerMixin) -> Iterator[None]:
+    """Ultralytics' setup inside `trainer.train()` refuses what the user gave it (a split with no images, images
+    without labels, a bad `imgsz`, a folder it cannot write) with plain Python exceptions; raised before the first
+    epoch starts, each is one line, and a new run's folder is taken back. Once training has started an error is not
+    the user's input and keeps its traceback; so does a DDP run's, which its workers report."""
+    started = []
+    trainer.add_callback("on_train_start", lambda _: started.append(True))
+    try:
+        yield
+    except (LoraYoloError, ValueError, TypeError, OSError) as e:
+        if started or trainer.ddp:
+            raise
+        _take_back_run_folder(trainer)
+        if isinstance(e, LoraYoloError):  # already one line (an optimizer Ultralytics does not know)
+            raise
+        raise LoraYoloError(first_line(e)) from None
 
 
 @contextmanager
@@ -390,7 +414,7 @@ def _trainer(kind: str, **kwargs: Any) -> LoraTrainerMixin:
     is not there, a bad value) is one line."""
     try:
         return TRAINERS[kind][0](**kwargs)
-    except (ValueError, SyntaxError, TypeError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, SyntaxError, TypeError, OSError, RuntimeError) as e:  # OSError: a folder it cannot write
         raise LoraYoloError(first_line(e)) from None
 
 

@@ -65,3 +65,8 @@ def test_errors_are_one_line(files, demo_base, tmp_path, cli_here):
     assert nosource.returncode == 1 and "source not found" in nosource.stderr
     yaml_base = cli_here("predict", IMAGES, "--model", "yolo11n.yaml")
     assert yaml_base.returncode == 1 and "keeps its base as weights/base.pt" in yaml_base.stderr
+    # what Ultralytics' predictor and validator refuse, each with a plain Python exception
+    conf = cli_here("predict", IMAGES, "--model", demo_base, "--conf", "7", f"project={tmp_path}")
+    assert conf.returncode == 1 and "'conf=7.0' is an invalid value" in conf.stderr and "Traceback" not in conf.stderr
+    batch = cli_here("val", SHAPES_B1, "--model", demo_base, "--batch", "-3", f"project={tmp_path}")
+    assert batch.returncode == 1 and "Traceback" not in batch.stderr and len(batch.stderr.strip().splitlines()) == 1

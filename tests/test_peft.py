@@ -134,6 +134,12 @@ def test_cli_convert_both_ways_and_refusals(base_pt, tmp_path, cli_here):
     save_file(load_file(tmp_path / "peft" / WEIGHTS), str(tmp_path / "peft" / WEIGHTS))  # without our metadata
     out = cli_here("convert", tmp_path / "peft", tmp_path / "z.safetensors", "--from", "peft", "--base", base_pt)
     assert out.returncode == 1 and "bias='lora_only' is not supported in a folder lora-yolo did not" in out.stderr
+    # the output may not be one of the inputs: the base, or a file of the PEFT folder (both would be destroyed)
+    base_bytes, weights_bytes = base_pt.read_bytes(), (tmp_path / "peft" / WEIGHTS).read_bytes()
+    for output in (base_pt, tmp_path / "peft" / WEIGHTS):
+        out = cli_here("convert", tmp_path / "peft", output, "--from", "peft", "--base", base_pt)
+        assert out.returncode == 1 and "would overwrite an input" in out.stderr
+    assert base_pt.read_bytes() == base_bytes and (tmp_path / "peft" / WEIGHTS).read_bytes() == weights_bytes
 
 
 def test_yolo26_adapter_loads_in_peft_with_every_output_equal(tmp_path):

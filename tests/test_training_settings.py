@@ -17,6 +17,7 @@ from conftest import TINY, make_base
 from lora_yolo import LoraConfig, LoraYoloError, load_adapter, load_model, save_checkpoint
 from lora_yolo.errors import TrainingInterrupted
 from lora_yolo.fold import FoldedBatchNorm2d
+from lora_yolo.synth import make_dataset
 from lora_yolo.targets import bias_tensors
 from lora_yolo.train import train
 from lora_yolo.trainer import LoraDetectionTrainer, check_ddp_launcher, trainable_names
@@ -178,6 +179,16 @@ def test_a_selection_refused_while_building_the_run_leaves_no_run_folder(base_pt
     with pytest.raises(LoraYoloError, match="matches no trainable conv layer"):
         train(coco8, model=base_pt, config=config, project=str(earlier.parent), name="nothing/..", **TINY)
     assert (earlier / "weights" / "last.pt").read_bytes() == b"an earlier run's"
+
+
+def test_data_ultralytics_refuses_in_its_setup_is_one_line_and_leaves_no_run_folder(base_pt, tmp_path):
+    """Ultralytics finds a dataset's missing labels in its own setup, inside `trainer.train()`, with a ValueError."""
+    data = make_dataset(tmp_path / "data", "A", n_train=2, n_val=2, imgsz=64, seed=0)
+    for label in (tmp_path / "data" / "labels").rglob("*.txt"):
+        label.unlink()
+    with pytest.raises(LoraYoloError, match=r"^train: No labels found in "):
+        train(data, model=base_pt, project=str(tmp_path / "runs"), **TINY)
+    assert not any((tmp_path / "runs").iterdir())
 
 
 @pytest.mark.parametrize("quantize", [8, "int8", "W8A8"])
