@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -237,6 +238,9 @@ def train(
     resume: Annotated[Optional[str], typer.Option(help="Continue an interrupted run from its weights/last.pt.")] = None,
 ) -> None:
     """Train LoRA adapters on DATA; extra key=value arguments go to Ultralytics' trainer (e.g. mosaic=0.5)."""
+    if resume is not None and data is not None and "=" in data and not Path(data).exists():
+        ctx.args.insert(0, data)  # no DATA with --resume: the first key=value landed in its place
+        data = None
     options = dict(locals())
     if resume is not None:  # the run continues with the LoRA settings it started with (its lora.yaml)
         given = [f"--{k.replace('_', '-')}" for k in LORA_OPTIONS if options[k] not in (None, [])]

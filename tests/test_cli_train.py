@@ -30,6 +30,28 @@ def test_arguments_lora_yolo_owns_are_refused(base_pt, cli_here, arg, message):
     assert out.returncode == 2 and message in out.stderr
 
 
+def test_passthrough_arguments_go_with_resume(monkeypatch, capsys):
+    """With --resume and no DATA, the first key=value is a pass-through argument (Ultralytics lets a resume change
+    workers, device, batch...), not a dataset: what the command hands to `train`."""
+    import sys
+
+    import lora_yolo.train
+    from lora_yolo.cli import run
+
+    seen = {}
+
+    def fake_train(data, **kwargs):
+        seen.update(data=data, **kwargs)
+        raise LoraYoloError("stopped here")
+
+    monkeypatch.setattr(lora_yolo.train, "train", fake_train)
+    monkeypatch.setattr(sys, "argv", ["lora-yolo", "train", "--resume", "last.pt", "workers=0", "device=cpu"])
+    with pytest.raises(SystemExit):
+        run()
+    assert "stopped here" in capsys.readouterr().err
+    assert seen["data"] is None and seen["resume"] == "last.pt" and seen["workers"] == 0 and seen["device"] == "cpu"
+
+
 def test_default_model_offline_says_how_to_pass_a_local_one(tmp_path):
     out = cli("train", SHAPES_B1, cwd=tmp_path)  # yolo11n.pt is not on disk and there is no internet here
     assert out.returncode == 1
