@@ -96,7 +96,9 @@ def export_model(
         except LoraYoloError:
             raise
         except Exception as e:
-            hint = "; install the export extra: pip install 'lora-yolo[export]'" if isinstance(e, ImportError) else ""
+            hint = ""
+            if isinstance(e, ImportError):  # the extra has ONNX's packages; other formats name their own
+                hint = "; pip install 'lora-yolo[export]'" if format == "onnx" else "; install the package it names"
             raise LoraYoloError(f"{format} export failed: {first_line(e)}{hint}") from None
         if Path(exported).is_dir() != target.is_dir() and target.exists():
             kind = "a folder" if Path(exported).is_dir() else "a file"

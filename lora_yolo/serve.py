@@ -562,6 +562,8 @@ def predict(
         for result in predictor(source=str(source), stream=True):
             images += 1
             boxes += 0 if result.probs is not None else len(result)  # detections (boxes, masks, keypoints or obb)
+    if not images:  # Ultralytics skips an image it cannot read with a warning, and finishes with nothing
+        raise LoraYoloError(f"no image or video in {source} could be read")
     return Path(predictor.save_dir), images, None if model.yolo.task in ("classify", "semantic", "depth") else boxes
 
 
