@@ -323,14 +323,8 @@ def train(
 
 @contextmanager
 def _discarded_on_error(trainer: LoraTrainerMixin) -> Iterator[None]:
-    """Take back the run folder the trainer has just made when building the run fails before training starts (a
-    selection that matches nothing, a rank no layer can use): Ultralytics makes it, with its args.yaml and an empty
-    weights/, when the trainer is built, and left behind it would take the run's name from the next run.
-
-    Only what Ultralytics wrote there goes (args.yaml, the empty weights/), then the folder if nothing else is in
-    it: without `exist_ok` the folder is new, but a name such as `x/..` or a second run started at the same moment
-    can reach an existing one. With `exist_ok`, or on a rank other than 0 (a torchrun launch), nothing is touched.
-    """
+    """Take back the run folder the trainer has just made (`_take_back_run_folder`) when building the run fails
+    (a selection that matches nothing, a rank no layer can use)."""
     try:
         yield
     except BaseException:
@@ -339,7 +333,13 @@ def _discarded_on_error(trainer: LoraTrainerMixin) -> Iterator[None]:
 
 
 def _take_back_run_folder(trainer: LoraTrainerMixin) -> None:
-    """`_discarded_on_error`'s cleanup, also for a new run refused in Ultralytics' setup (`_setup_errors`)."""
+    """Undo what Ultralytics' trainer wrote when it was built, for a new run refused before training starts: left
+    behind, its folder (args.yaml and an empty weights/) would take the run's name from the next run.
+
+    Only args.yaml and the empty weights/ go, then the folder if nothing else is in it: without `exist_ok` the
+    folder is new, but a name such as `x/..` or a second run started at the same moment can reach an existing one.
+    With `exist_ok`, on resume, or on a rank other than 0 (a torchrun launch), nothing is touched.
+    """
     if not trainer.args.exist_ok and not trainer.args.resume and RANK in {-1, 0}:
         (trainer.save_dir / "args.yaml").unlink(missing_ok=True)
         for folder in (trainer.wdir, trainer.save_dir):
