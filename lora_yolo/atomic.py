@@ -13,13 +13,11 @@ from lora_yolo.errors import LoraYoloError
 
 
 def refuse_inputs(output: str | Path, inputs: Iterable[str | Path]) -> None:
-    """Refuse an output that is one of the inputs it is made from, or lies inside an input folder: writing it would
-    destroy them (links resolved, so another name for an input is refused too)."""
+    """Refuse an output that is one of the files or folders it is made from: writing it would destroy them (links
+    resolved, so another name for an input is refused too)."""
     out = Path(output).resolve()
-    for source in inputs:
-        path = Path(source).resolve()
-        if out == path or path in out.parents:
-            raise LoraYoloError(f"output {output} would overwrite an input")
+    if any(out == Path(source).resolve() for source in inputs):
+        raise LoraYoloError(f"output {output} would overwrite an input")
 
 
 @contextmanager

@@ -264,6 +264,6 @@ def convert(source: str | Path, output: str | Path, to_format: str | None, base:
 
     if to_format == "peft":
         return to_peft(load_adapter(source), output)
-    refuse_inputs(output, [source] if base is None else [source, base])  # the PEFT folder, its files, the base
+    refuse_inputs(output, [source, Path(source) / CONFIG, Path(source) / WEIGHTS, *([base] if base else [])])
     adapter = from_peft(source, load_model(base) if base is not None else None)
     return save_adapter(adapter, output, dtype=next(iter(adapter.tensors.values())).dtype)

@@ -528,7 +528,7 @@ def ultralytics_refusals() -> Iterator[None]:
     try:
         yield
     except (ValueError, TypeError, OSError) as e:
-        raise LoraYoloError(first_line(e)) from None
+        raise LoraYoloError(first_line(e)) from e  # the cause kept for --debug
 
 
 def predict(
@@ -563,7 +563,7 @@ def predict(
             images += 1
             boxes += 0 if result.probs is not None else len(result)  # detections (boxes, masks, keypoints or obb)
     if not images:  # Ultralytics skips an image it cannot read with a warning, and finishes with nothing
-        raise LoraYoloError(f"no image or video in {source} could be read")
+        raise LoraYoloError(f"no image or video frame was read from {source}")
     return Path(predictor.save_dir), images, None if model.yolo.task in ("classify", "semantic", "depth") else boxes
 
 

@@ -336,14 +336,17 @@ def _take_back_run_folder(trainer: LoraTrainerMixin) -> None:
     """Undo what Ultralytics' trainer wrote when it was built, for a new run refused before training starts: left
     behind, its folder (args.yaml and an empty weights/) would take the run's name from the next run.
 
-    Only args.yaml and the empty weights/ go, then the folder if nothing else is in it: without `exist_ok` the
-    folder is new, but a name such as `x/..` or a second run started at the same moment can reach an existing one.
-    With `exist_ok`, on resume, or on a rank other than 0 (a torchrun launch), nothing is touched.
+    Only a folder that holds nothing else goes: without `exist_ok` the folder is new, but a name such as `x/..` or a
+    second run started at the same moment can reach an existing one, and once setup has written more (labels.jpg)
+    it is left whole. With `exist_ok`, on resume, or on a rank other than 0 (a torchrun launch), nothing is touched.
     """
-    if not trainer.args.exist_ok and not trainer.args.resume and RANK in {-1, 0}:
-        (trainer.save_dir / "args.yaml").unlink(missing_ok=True)
-        for folder in (trainer.wdir, trainer.save_dir):
-            if folder.is_dir() and not any(folder.iterdir()):
+    run, weights = trainer.save_dir, trainer.wdir
+    if trainer.args.exist_ok or trainer.args.resume or RANK not in {-1, 0} or not run.is_dir():
+        return
+    if {p.name for p in run.iterdir()} <= {"args.yaml", weights.name} and not any(weights.glob("*")):
+        (run / "args.yaml").unlink(missing_ok=True)
+        for folder in (weights, run):
+            if folder.is_dir():
                 folder.rmdir()
 
 
@@ -353,8 +356,8 @@ def _setup_errors(trainer: LoraTrainerMixin) -> Iterator[None]:
     without labels, a bad `imgsz`, a folder it cannot write) with plain Python exceptions; raised before the first
     epoch starts, each is one line, and a new run's folder is taken back. Once training has started an error is not
     the user's input and keeps its traceback; so does a DDP run's, which its workers report."""
-    started = []
-    trainer.add_callback("on_train_start", lambda _: started.append(True))
+    started = []  # marked before any other on_train_start callback runs: an error in one is not setup's
+    trainer.callbacks["on_train_start"].insert(0, lambda _: started.append(True))
     try:
         yield
     except (LoraYoloError, ValueError, TypeError, OSError) as e:
@@ -363,7 +366,7 @@ def _setup_errors(trainer: LoraTrainerMixin) -> Iterator[None]:
         _take_back_run_folder(trainer)
         if isinstance(e, LoraYoloError):  # already one line (an optimizer Ultralytics does not know)
             raise
-        raise LoraYoloError(first_line(e)) from None
+        raise LoraYoloError(first_line(e)) from e  # the cause kept for --debug
 
 
 @contextmanager

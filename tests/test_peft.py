@@ -117,6 +117,8 @@ def test_cli_convert_both_ways_and_refusals(base_pt, tmp_path, cli_here):
     back, original = load_adapter(tmp_path / "back.safetensors"), load_adapter(src)
     assert back.metadata() == original.metadata()
     assert all(torch.equal(back.tensors[k], original.tensors[k]) for k in original.tensors)
+    inside = cli_here("convert", tmp_path / "peft", tmp_path / "peft" / "back.safetensors", "--from", "peft")
+    assert inside.returncode == 0, inside.stderr  # a new file in the PEFT folder overwrites nothing
     assert cli_here("convert", src, tmp_path / "x", "--to", "lora").returncode == 2
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "adapter_model.bin").write_bytes(b"\x80\x04pickle")

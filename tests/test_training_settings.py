@@ -191,6 +191,18 @@ def test_data_ultralytics_refuses_in_its_setup_is_one_line_and_leaves_no_run_fol
     assert not any((tmp_path / "runs").iterdir())
 
 
+def test_an_error_once_training_has_started_keeps_its_type_and_the_run_folder(base_pt, coco8, tmp_path):
+    """Only what Ultralytics' setup refuses becomes one line: an error from an on_train_start callback (training has
+    started) is raised as it is, and the run folder stays."""
+
+    def broken(trainer):
+        raise ValueError("a callback's own error")
+
+    with pytest.raises(ValueError, match="a callback's own error"):
+        train(coco8, model=base_pt, project=str(tmp_path), callbacks={"on_train_start": [broken]}, **TINY)
+    assert (tmp_path / "train" / "args.yaml").is_file()
+
+
 @pytest.mark.parametrize("quantize", [8, "int8", "W8A8"])
 def test_quantization_aware_training_is_refused_with_one_line(base_pt, coco8, tmp_path, quantize):
     """Ultralytics' QAT swaps every conv for a quantized one (ModelOpt), adapted ones included: untested with
