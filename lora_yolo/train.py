@@ -253,7 +253,8 @@ def train(
         trainer = _trainer(
             kind, overrides={**overrides, "model": str(model), "data": str(data), "task": task}, lora=config
         )
-        with _discarded_on_error(trainer):  # the run folder it just made, if building the run fails
+    with _refused_before_training(trainer):  # until the first epoch starts
+        if resume is None:
             if config is not None and config.add_classes:  # the relabelled copy of the dataset, in the run folder
                 if trainer.ddp:  # Ultralytics' DDP launcher deletes the run folder, and the relabelled copy with it
                     raise LoraYoloError("add_classes trains on one device for now: pass a single --device")
@@ -272,14 +273,14 @@ def train(
             # As Ultralytics' Model.train does: build the model before train(), so the DDP launcher pickles the model
             # with its adapters and each worker trains that very model.
             trainer.model = trainer.get_model(cfg=base.yaml, weights=None if is_model_yaml(model) else base)
-    for event, functions in (callbacks or {}).items():
-        for function in functions:
-            trainer.add_callback(event, function)
-    with _stop_on_sigterm(), _setup_errors(trainer):
-        try:
-            trainer.train()
-        except KeyboardInterrupt:
-            raise TrainingInterrupted(trainer.last) from None
+        for event, functions in (callbacks or {}).items():
+            for function in functions:
+                trainer.add_callback(event, function)
+        with _stop_on_sigterm():
+            try:
+                trainer.train()
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(trainer.last) from None
 
     adapter = load_adapter(trainer.save_dir / ADAPTER)
     base = base_file(adapter)
@@ -321,17 +322,6 @@ def train(
     )
 
 
-@contextmanager
-def _discarded_on_error(trainer: LoraTrainerMixin) -> Iterator[None]:
-    """Take back the run folder the trainer has just made (`_take_back_run_folder`) when building the run fails
-    (a selection that matches nothing, a rank no layer can use)."""
-    try:
-        yield
-    except BaseException:
-        _take_back_run_folder(trainer)
-        raise
-
-
 def _take_back_run_folder(trainer: LoraTrainerMixin) -> None:
     """Undo what Ultralytics' trainer wrote when it was built, for a new run refused before training starts: left
     behind, its folder (args.yaml and an empty weights/) would take the run's name from the next run.
@@ -351,22 +341,23 @@ def _take_back_run_folder(trainer: LoraTrainerMixin) -> None:
 
 
 @contextmanager
-def _setup_errors(trainer: LoraTrainerMixin) -> Iterator[None]:
-    """Ultralytics' setup inside `trainer.train()` refuses what the user gave it (a split with no images, images
-    without labels, a bad `imgsz`, a folder it cannot write) with plain Python exceptions; raised before the first
-    epoch starts, each is one line, and a new run's folder is taken back. Once training has started an error is not
-    the user's input and keeps its traceback; so does a DDP run's, which its workers report."""
+def _refused_before_training(trainer: LoraTrainerMixin) -> Iterator[None]:
+    """A new run refused before its first epoch starts, while its model is built (a selection that matches nothing,
+    a rank no layer can use) or in Ultralytics' setup inside `trainer.train()` (a split with no images, images
+    without labels, a bad `imgsz`, a folder it cannot write): the run folder Ultralytics made is taken back
+    (`_take_back_run_folder`), and Ultralytics' plain Python exceptions become one line. Once training has started
+    an error is not the user's input and keeps its traceback; so does a DDP run's, which its workers report."""
     started = []  # marked before any other on_train_start callback runs: an error in one is not setup's
     trainer.callbacks["on_train_start"].insert(0, lambda _: started.append(True))
     try:
         yield
-    except (LoraYoloError, ValueError, TypeError, OSError) as e:
-        if started or trainer.ddp:
+    except BaseException as e:
+        if started:
             raise
         _take_back_run_folder(trainer)
-        if isinstance(e, LoraYoloError):  # already one line (an optimizer Ultralytics does not know)
-            raise
-        raise LoraYoloError(first_line(e)) from e  # the cause kept for --debug
+        if isinstance(e, (ValueError, TypeError, OSError)) and not trainer.ddp:
+            raise LoraYoloError(first_line(e)) from e  # the cause kept for --debug
+        raise
 
 
 @contextmanager
